@@ -1,0 +1,30 @@
+"""ckptavg: streaming, exact checkpoint averaging for PyTorch.
+
+Average saved checkpoints (uniform SWA, EMA, power EMA, explicit weights, any selection
+of epochs or steps) tensor by tensor with bounded memory, recalibrate BatchNorm
+statistics, and write one model file.
+
+Example::
+
+    import ckptavg
+
+    report = ckptavg.merge("runs/", "swa.safetensors", epochs="10:")
+    print(report.summary())
+    state_dict = ckptavg.average(["a.pt", "b.pt"], method="ema", decay=0.9)
+"""
+
+from ._version import __version__
+from .api import MergeReport, average, merge, plan
+from .errors import CkptavgError, CkptavgWarning
+from .plan import MergePlan
+
+__all__ = [
+    "__version__",
+    "merge",
+    "average",
+    "plan",
+    "MergeReport",
+    "MergePlan",
+    "CkptavgError",
+    "CkptavgWarning",
+]

@@ -1,0 +1,211 @@
+"""The Python API: :func:`merge`, :func:`average` and :func:`plan`.
+
+Each function takes the inputs (paths, globs, folders) and the same keyword options as
+the ``ckptavg merge`` command (see :class:`~ckptavg.plan.MergeOptions`).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .engine import resolve_device, run
+from .errors import OptionError
+from .plan import MergeOptions, MergePlan, build_plan
+from .writers import open_writer, save_state_dict
+
+__all__ = ["merge", "average", "plan", "MergeReport"]
+
+PathLike = str | os.PathLike[str]
+Inputs = PathLike | Sequence[PathLike]
+
+_TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pth.tar", ".tar")
+
+
+@dataclass
+class MergeReport:
+    """What a merge did: the plan (files, weights), the output and the cost.
+
+    ``files`` and ``weights`` list the selected checkpoints in training order.
+    """
+
+    plan: MergePlan
+    output: Path | None
+    bytes_written: int = 0
+    bytes_read: int = 0
+    seconds: float = 0.0
+    dry_run: bool = False
+    bn: Any = None  # BN recalibration report, when a spec was given
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def files(self) -> list[Path]:
+        return self.plan.paths
+
+    @property
+    def weights(self) -> list[float]:
+        return [i.weight for i in self.plan.inputs]
+
+    @property
+    def method(self) -> str:
+        return self.plan.method
+
+    def summary(self) -> str:
+        """One line for the end of a run."""
+        n = len(self.plan.inputs)
+        what = f"{n} checkpoint{'s' if n != 1 else ''} ({self.plan.method})"
+        if self.dry_run:
+            return f"dry run: would average {what} into {self.output}; no tensor data read"
+        mb = self.bytes_written / 1e6
+        line = f"wrote {self.output}: {what}, {len(self.plan.tensors)} tensors, {mb:.1f} MB in {self.seconds:.1f} s"
+        if self.bn is not None:
+            line += f"; {self.bn.summary()}"
+        return line
+
+    def to_dict(self) -> dict[str, Any]:
+        d = self.plan.to_dict()
+        d.update(bytes_written=self.bytes_written, bytes_read=self.bytes_read, seconds=round(self.seconds, 3),
+                 dry_run=self.dry_run)
+        return d
+
+
+def _options(kwargs: dict[str, Any]) -> MergeOptions:
+    names = {f.name for f in fields(MergeOptions)}
+    unknown = sorted(set(kwargs) - names)
+    if unknown:
+        raise TypeError(f"unknown option(s): {', '.join(unknown)}")
+    return MergeOptions(**kwargs)
+
+
+def _output_path(output: PathLike) -> tuple[Path, str]:
+    p = Path(output)
+    name = os.fspath(output).lower()
+    if name.endswith(".safetensors"):
+        return p, "safetensors"
+    if any(name.endswith(s) for s in _TORCH_SUFFIXES):
+        return p, "torch"
+    raise OptionError(
+        f"{output}: the output must end in .safetensors or .pt/.pth/.bin/.ckpt (the extension picks the format)"
+    )
+
+
+def plan(inputs: Inputs, output: PathLike | None = None, **options: Any) -> MergePlan:
+    """Build and validate a merge plan without reading tensor data.
+
+    Example::
+
+        p = ckptavg.plan("runs/", epochs="10:", method="ema", decay=0.9)
+        print(p.format())
+        for item in p.inputs:
+            print(item.path, item.epoch, item.weight)
+    """
+    opts = _options(options)
+    out, fmt = _output_path(output) if output is not None else (None, None)
+    return build_plan(inputs, opts, out, fmt)
+
+
+def merge(
+    inputs: Inputs,
+    output: PathLike,
+    *,
+    dry_run: bool = False,
+    progress: bool = False,
+    bn_spec: PathLike | None = None,
+    bn_mode: str = "precise",
+    **options: Any,
+) -> MergeReport:
+    """Average checkpoints into one model file, streaming tensor by tensor.
+
+    ``inputs`` are checkpoint files, globs or folders; ``output`` ends in ``.safetensors``
+    or ``.pt``/``.pth``. Options (all keyword): ``method`` ("uniform", "ema",
+    "power-ema"), ``decay``, ``decay_per_step``, ``weights``, ``gamma``, ``sigma_rel``,
+    selection (``epochs``, ``steps``, ``last``, ``every``, ``best``, ``metric``,
+    ``lower_is_better``), ``order``, ``key``, ``strip_prefix``, ``dtype``,
+    ``accumulate``, ``device``, ``trust_pickle``, ``allow_nonfinite``. With ``bn_spec``
+    the averaged model's BatchNorm statistics are recalibrated before writing.
+
+    Returns a :class:`MergeReport` (files, weights, output, bytes, seconds).
+
+    Example::
+
+        import ckptavg
+        report = ckptavg.merge("runs/", "swa.safetensors", epochs="12:20")
+        report = ckptavg.merge(["a.pt", "b.pt"], "ema.pt", method="ema", decay=0.9)
+        print(report.summary(), report.weights)
+    """
+    t0 = time.perf_counter()
+    opts = _options(options)
+    out, fmt = _output_path(output)
+    resolve_device(opts.device)
+    p = build_plan(inputs, opts, out, fmt)
+    try:
+        if dry_run:
+            return MergeReport(plan=p, output=out, dry_run=True, seconds=time.perf_counter() - t0)
+        if bn_spec is not None:
+            return _merge_with_bn(p, out, bn_spec, bn_mode, progress, opts, t0)
+        from .writers import Entry
+
+        entries = [Entry(t.name, t.out_dtype, t.shape, t.alias_of) for t in p.tensors]
+        writer = open_writer(out, entries, p.provenance(), fmt)
+        try:
+            stats = run(p, writer, device=opts.device, progress=progress, allow_nonfinite=opts.allow_nonfinite)
+            writer.commit()
+        except BaseException:
+            writer.abort()
+            raise
+        return MergeReport(plan=p, output=out, bytes_written=writer.bytes_written, bytes_read=stats.bytes_read,
+                           seconds=time.perf_counter() - t0)
+    finally:
+        for i in p.inputs:
+            i.checkpoint.close()
+
+
+def _merge_with_bn(p: MergePlan, out: Path, bn_spec: PathLike, bn_mode: str, progress: bool,
+                   opts: MergeOptions, t0: float) -> MergeReport:
+    from .bn import recalibrate_state_dict
+    from .spec import load_spec
+
+    spec = load_spec(bn_spec)
+    sd, stats = _average_plan(p, opts, progress)
+    new_sd, bn_report = recalibrate_state_dict(sd, spec, mode=bn_mode, device=None, progress=progress)
+    written = save_state_dict(new_sd, out, p.provenance() if p.output_format == "safetensors" else None)
+    return MergeReport(plan=p, output=out, bytes_written=written, bytes_read=stats.bytes_read,
+                       seconds=time.perf_counter() - t0, bn=bn_report)
+
+
+def _average_plan(p: MergePlan, opts: MergeOptions, progress: bool) -> tuple[dict[str, torch.Tensor], Any]:
+    from .writers import Entry, MemoryWriter
+
+    entries = [Entry(t.name, t.out_dtype, t.shape, t.alias_of) for t in p.tensors]
+    writer = MemoryWriter(entries)
+    stats = run(p, writer, device=opts.device, progress=progress, allow_nonfinite=opts.allow_nonfinite)
+    writer.commit()
+    return writer.result, stats
+
+
+def average(inputs: Inputs, *, progress: bool = False, **options: Any) -> dict[str, torch.Tensor]:
+    """Average checkpoints and return the result as an in-memory state dict (CPU tensors).
+
+    Takes the same options as :func:`merge`; meant for models that fit in memory.
+    Tied tensors come back as one tensor under each of their names.
+
+    Example::
+
+        sd = ckptavg.average(["ep8.pt", "ep9.pt", "ep10.pt"])
+        model.load_state_dict(sd)
+    """
+    opts = _options(options)
+    resolve_device(opts.device)
+    p = build_plan(inputs, opts)
+    try:
+        sd, _ = _average_plan(p, opts, progress)
+    finally:
+        for i in p.inputs:
+            i.checkpoint.close()
+    return sd

@@ -1,0 +1,169 @@
+"""The ``ckptavg`` command line: a thin click layer over :mod:`ckptavg.api`.
+
+Errors a user can cause are printed as one line (``ckptavg: error: ...``) without a
+traceback; the exit status is 1, or 2 for usage errors. ``--debug`` shows tracebacks.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import warnings
+from typing import Any
+
+import click
+
+from ._version import __version__
+from .errors import CkptavgError, CkptavgWarning
+
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+
+class _Terminated(BaseException):
+    """Raised from the SIGTERM handler so that cleanup (removing temporary files) runs."""
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    raise _Terminated()
+
+
+def _show_warning(message: Any, category: type, filename: str, lineno: int, file: Any = None,
+                  line: Any = None) -> None:
+    if issubclass(category, CkptavgWarning):
+        click.echo(f"ckptavg: warning: {message}", err=True)
+    else:
+        _default_showwarning(message, category, filename, lineno, file, line)
+
+
+_default_showwarning = warnings.showwarning
+
+
+class _Group(click.Group):
+    def invoke(self, ctx: click.Context) -> Any:
+        debug = bool(ctx.params.get("debug")) or os.environ.get("CKPTAVG_DEBUG") == "1"
+        try:
+            return super().invoke(ctx)
+        except CkptavgError as e:
+            if debug:
+                raise
+            click.echo(f"ckptavg: error: {e}", err=True)
+            ctx.exit(e.exit_code)
+        except KeyboardInterrupt:
+            if debug:
+                raise
+            click.echo("ckptavg: interrupted; nothing was written", err=True)
+            ctx.exit(130)
+        except _Terminated:
+            if debug:
+                raise
+            click.echo("ckptavg: terminated; nothing was written", err=True)
+            ctx.exit(143)
+
+
+def _progress(quiet: bool) -> bool:
+    return not quiet and sys.stderr.isatty()
+
+
+@click.group(cls=_Group, context_settings=CONTEXT)
+@click.version_option(__version__, "-V", "--version", prog_name="ckptavg")
+@click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")
+def cli(debug: bool) -> None:
+    """Average PyTorch checkpoints (SWA, EMA, selections), streaming, and recalibrate BatchNorm.
+
+    \b
+    Examples:
+      ckptavg merge runs/*.pt -o swa.pt
+      ckptavg merge runs/ -o swa.safetensors --epochs 12:20
+      ckptavg merge runs/ -o ema.pt --method ema --decay 0.9
+      ckptavg merge runs/ -o x.pt --dry-run
+    """
+
+
+@cli.command(context_settings=CONTEXT)
+@click.argument("inputs", nargs=-1, required=True, metavar="CHECKPOINTS...")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
+              help="Output file: .safetensors, or .pt/.pth for a torch state dict.")
+@click.option("--method", type=click.Choice(["uniform", "ema", "power-ema"]), default="uniform",
+              show_default=True, help="Averaging method (each is a weight vector over the checkpoints).")
+@click.option("--decay", type=float, help="EMA decay per checkpoint (with --method ema).")
+@click.option("--decay-per-step", type=float,
+              help="EMA decay per training step; uses the step gaps between checkpoints (with --method ema).")
+@click.option("--weights", help="Explicit weights, comma separated, in checkpoint order (normalised to sum 1).")
+@click.option("--gamma", type=float, help="Power-EMA exponent (with --method power-ema).")
+@click.option("--sigma-rel", type=float, help="Power-EMA relative width, instead of --gamma (e.g. 0.05).")
+@click.option("--epochs", metavar="A:B", help="Keep checkpoints with epoch in A..B (inclusive; A: or :B open).")
+@click.option("--steps", metavar="A:B", help="Keep checkpoints with step in A..B (inclusive; A: or :B open).")
+@click.option("--last", type=int, metavar="N", help="Keep the N newest checkpoints.")
+@click.option("--every", type=int, metavar="K", help="Keep every K-th checkpoint, counted back from the newest.")
+@click.option("--best", type=int, metavar="N", help="Keep the N best by --metric.")
+@click.option("--metric", metavar="NAME", help="Scalar stored in the checkpoints (top level or in 'metrics').")
+@click.option("--lower-is-better", is_flag=True, help="For --best: lower metric values are better (losses).")
+@click.option("--order", type=click.Choice(["auto", "given", "step", "epoch", "name"]), default="auto",
+              show_default=True, help="How to order checkpoints; auto: recorded step, epoch, then file names.")
+@click.option("--key", metavar="PATH", help="Where the weights are inside a torch checkpoint (dotted, e.g. model_ema).")
+@click.option("--strip-prefix", multiple=True, metavar="P", help="Remove prefix P from tensor names (repeatable).")
+@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16", "float64"]),
+              help="Output dtype of floating tensors (default: as in the inputs).")
+@click.option("--accumulate", type=click.Choice(["float32", "float64"]), default="float32", show_default=True,
+              help="Accumulator precision.")
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
+@click.option("--bn-spec", type=click.Path(dir_okay=False),
+              help="Recalibrate BatchNorm statistics with this spec (TOML) before writing.")
+@click.option("--bn-mode", type=click.Choice(["precise", "torch"]), default="precise", show_default=True,
+              help="BatchNorm recalibration mode (with --bn-spec).")
+@click.option("--allow-nonfinite", is_flag=True, help="Average even if an input holds NaN or Inf.")
+@click.option("--trust-pickle", is_flag=True,
+              help="Allow full unpickling (can run code from the file!) for checkpoints weights_only refuses.")
+@click.option("--dry-run", is_flag=True, help="Print the plan (files, epochs/steps, weights) and read no tensor data.")
+@click.option("--json", "as_json", is_flag=True, help="Print the plan/report as JSON on stdout.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary line.")
+def merge(inputs: tuple[str, ...], output: str, quiet: bool, dry_run: bool, as_json: bool, weights: str | None,
+          strip_prefix: tuple[str, ...], bn_spec: str | None, bn_mode: str, **opts: Any) -> None:
+    """Average CHECKPOINTS (files, globs or folders) into one model file.
+
+    \b
+    Examples:
+      ckptavg merge runs/*.pt -o swa.pt
+      ckptavg merge runs/ -o swa.safetensors --epochs 12:20
+      ckptavg merge runs/*.pt -o ema.pt --method ema --decay 0.9
+      ckptavg merge runs/*.pt -o ema.pt --method ema --decay-per-step 0.9999
+      ckptavg merge a.pt b.pt c.pt -o out.pt --weights 0.5,0.3,0.2
+      ckptavg merge runs/ -o last5.pt --last 5
+      ckptavg merge runs/ -o best3.pt --best 3 --metric val_acc
+      ckptavg merge runs/ -o x.pt --dry-run
+      ckptavg merge runs/ -o swa.pt --epochs 150: --bn-spec bn.toml
+
+    Floating tensors are averaged in float32 (or float64) and cast once to the output
+    dtype; integer and bool tensors (e.g. num_batches_tracked) come from the last
+    selected checkpoint. Checkpoints are loaded with weights_only=True.
+    """
+    from . import api
+
+    report = api.merge(list(inputs), output, dry_run=dry_run, progress=_progress(quiet),
+                       weights=weights, strip_prefix=list(strip_prefix) or None,
+                       bn_spec=bn_spec, bn_mode=bn_mode, **opts)
+    if as_json:
+        click.echo(json.dumps(report.to_dict(), indent=2, default=str))
+    elif dry_run:
+        click.echo(report.plan.format())
+    else:
+        for note in report.plan.notes:
+            click.echo(f"ckptavg: note: {note}", err=True)
+        if not quiet:
+            click.echo(report.summary(), err=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry point."""
+    warnings.showwarning = _show_warning
+    try:
+        signal.signal(signal.SIGTERM, _on_sigterm)
+    except ValueError:  # not in the main thread
+        pass
+    cli.main(args=argv, prog_name="ckptavg")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

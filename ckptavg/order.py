@@ -1,0 +1,199 @@
+"""Order and select: put checkpoints in training order, then keep the ones asked for.
+
+Ordering (``order="auto"``): by the step every checkpoint records, else by the epoch
+every checkpoint records, else by the numbers in the file names (natural sort), else
+as given. ``order="given"`` keeps the command-line order; ``"step"``, ``"epoch"`` and
+``"name"`` force one rule.
+
+Selection options combine, applied in this order:
+
+1. ``epochs=(A, B)`` and ``steps=(A, B)``: inclusive ranges, either end open;
+2. ``last=N``: the N newest;
+3. ``every=K``: every K-th, counted back from the newest (so the newest stays);
+4. ``best=N`` with ``metric``: the N with the highest value of the metric (lowest with
+   ``lower_is_better``), kept in training order.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from .discover import natural_key
+from .errors import OptionError, SelectionError
+from .readers import Checkpoint
+
+__all__ = ["Selection", "order_checkpoints", "select", "parse_range", "ORDER_RULES"]
+
+ORDER_RULES = ("auto", "given", "step", "epoch", "name")
+Range = tuple[int | None, int | None]
+
+
+def parse_range(value: str | Sequence[int | None] | range | None, option: str = "range") -> Range | None:
+    """Parse ``"12:20"``, ``"150:"``, ``":20"``, ``"7"``, a ``(lo, hi)`` pair or a ``range``."""
+    if value is None:
+        return None
+    if isinstance(value, range):
+        if value.step != 1 or len(value) == 0:
+            raise OptionError(f"{option}: a range must be non-empty with step 1")
+        return (value.start, value.stop - 1)
+    if isinstance(value, str):
+        s = value.strip()
+        try:
+            if ":" in s:
+                lo_s, hi_s = s.split(":", 1)
+                lo = int(lo_s) if lo_s.strip() else None
+                hi = int(hi_s) if hi_s.strip() else None
+            else:
+                lo = hi = int(s)
+        except ValueError:
+            raise OptionError(f"{option}: expected A:B, A:, :B or N with integers, got {value!r}") from None
+    else:
+        try:
+            lo, hi = value  # type: ignore[misc]
+        except (TypeError, ValueError):
+            raise OptionError(f"{option}: expected a (low, high) pair, got {value!r}") from None
+    if lo is not None and hi is not None and lo > hi:
+        raise OptionError(f"{option}: empty range {lo}:{hi} (the first number must not exceed the second)")
+    return (lo, hi)
+
+
+@dataclass
+class Selection:
+    """Which checkpoints to keep; see the module docstring for the order of application."""
+
+    epochs: Range | None = None
+    steps: Range | None = None
+    last: int | None = None
+    every: int | None = None
+    best: int | None = None
+    metric: str | None = None
+    lower_is_better: bool = False
+
+    def validate(self) -> None:
+        for name in ("last", "every", "best"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, int) or v < 1):
+                raise OptionError(f"--{name} must be a positive integer, got {v!r}")
+        if self.best is not None and not self.metric:
+            raise OptionError("--best needs --metric NAME (a scalar stored in the checkpoints)")
+        if self.metric and self.best is None:
+            raise OptionError("--metric is only used with --best N")
+
+    def describe(self) -> str:
+        parts = []
+        if self.epochs:
+            parts.append(f"epochs {_fmt_range(self.epochs)}")
+        if self.steps:
+            parts.append(f"steps {_fmt_range(self.steps)}")
+        if self.last:
+            parts.append(f"last {self.last}")
+        if self.every:
+            parts.append(f"every {self.every}")
+        if self.best:
+            better = "lower" if self.lower_is_better else "higher"
+            parts.append(f"best {self.best} by {self.metric} ({better} is better)")
+        return ", ".join(parts) or "all"
+
+
+def _fmt_range(r: Range) -> str:
+    lo, hi = r
+    return f"{'' if lo is None else lo}:{'' if hi is None else hi}"
+
+
+def order_checkpoints(ckpts: Sequence[Checkpoint], order: str = "auto") -> tuple[list[Checkpoint], str]:
+    """Sort checkpoints into training order; returns them and the rule used (for the plan)."""
+    if order not in ORDER_RULES:
+        raise OptionError(f"--order must be one of {', '.join(ORDER_RULES)}, got {order!r}")
+    items = list(ckpts)
+    if order == "given" or len(items) <= 1:
+        return items, "as given"
+
+    def name_key(c: Checkpoint) -> tuple:
+        return natural_key(str(c.path))
+
+    steps_known = all(c.meta.step is not None for c in items)
+    epochs_known = all(c.meta.epoch is not None for c in items)
+    names_numbered = all(c.meta.name_numbers for c in items)
+
+    def src(attr: str) -> str:
+        froms = {getattr(c.meta, attr + "_from") for c in items}
+        if froms == {"recorded"}:
+            return "recorded"
+        return "from file names" if froms == {"name"} else "recorded/file names"
+
+    if order == "step" or (order == "auto" and steps_known):
+        if not steps_known:
+            missing = next(c for c in items if c.meta.step is None)
+            raise SelectionError(f"{missing.path}: records no step (and its name has none); --order step needs one")
+        items.sort(key=lambda c: (c.meta.step, c.meta.epoch if c.meta.epoch is not None else -1, name_key(c)))
+        return items, f"by step ({src('step')})"
+    if order == "epoch" or (order == "auto" and epochs_known):
+        if not epochs_known:
+            missing = next(c for c in items if c.meta.epoch is None)
+            raise SelectionError(f"{missing.path}: records no epoch (and its name has none); --order epoch needs one")
+        items.sort(key=lambda c: (c.meta.epoch, c.meta.step if c.meta.step is not None else -1, name_key(c)))
+        return items, f"by epoch ({src('epoch')})"
+    if order == "name" or (order == "auto" and names_numbered):
+        items.sort(key=name_key)
+        return items, "by the numbers in file names (natural sort)"
+    return items, "as given (no step, epoch or number in every checkpoint)"
+
+
+def _available(items: Sequence[Checkpoint], attr: str) -> str:
+    vals = [getattr(c.meta, attr) for c in items]
+    known = sorted(v for v in vals if v is not None)
+    if not known:
+        return f"no checkpoint records a {attr}"
+    shown = ", ".join(map(str, known[:12])) + (", ..." if len(known) > 12 else "")
+    return f"available {attr}s: {shown}"
+
+
+def _in_range(v: int, r: Range) -> bool:
+    lo, hi = r
+    return (lo is None or v >= lo) and (hi is None or v <= hi)
+
+
+def metric_value(c: Checkpoint, metric: str) -> float:
+    """The value of ``metric`` stored in checkpoint ``c`` (top level or in ``metrics``)."""
+    v = c.meta.metrics.get(metric)
+    if v is None:
+        have = ", ".join(sorted(c.meta.metrics)) or "none"
+        raise SelectionError(f"{c.path}: has no scalar {metric!r} (metrics found: {have})")
+    return float(v)
+
+
+def select(items: Sequence[Checkpoint], sel: Selection) -> list[Checkpoint]:
+    """Apply the selection to checkpoints already in training order."""
+    sel.validate()
+    out = list(items)
+    for attr, rng in (("epoch", sel.epochs), ("step", sel.steps)):
+        if rng is None:
+            continue
+        for c in out:
+            if getattr(c.meta, attr) is None:
+                raise SelectionError(
+                    f"{c.path}: records no {attr} and its file name has none; --{attr}s needs one for every checkpoint"
+                )
+        kept = [c for c in out if _in_range(getattr(c.meta, attr), rng)]
+        if not kept:
+            raise SelectionError(
+                f"--{attr}s {_fmt_range(rng)} matches no checkpoint ({_available(out, attr)})"
+            )
+        out = kept
+    if sel.last is not None:
+        out = out[-sel.last :]
+    if sel.every is not None:
+        n = len(out)
+        out = [c for i, c in enumerate(out) if (n - 1 - i) % sel.every == 0]
+    if sel.best is not None:
+        assert sel.metric is not None
+        worst = math.inf if sel.lower_is_better else -math.inf
+        vals = {id(c): (v if not math.isnan(v := metric_value(c, sel.metric)) else worst) for c in out}
+        ranked = sorted(out, key=lambda c: vals[id(c)], reverse=not sel.lower_is_better)
+        keep = {id(c) for c in ranked[: sel.best]}
+        out = [c for c in out if id(c) in keep]
+    if not out:
+        raise SelectionError(f"the selection ({sel.describe()}) keeps no checkpoint of the {len(items)} given")
+    return out

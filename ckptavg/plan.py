@@ -1,0 +1,423 @@
+"""The merge plan: what will be read, with which weight, and what will be written.
+
+The plan is built and validated before any tensor data is read: the files in order with
+their epoch/step and weight, and per output tensor its shape, output dtype and whether it
+is averaged (floating tensors) or copied from the last selected checkpoint (integer and
+bool tensors). Inputs that disagree on names, shapes or dtype kinds fail here, naming
+the file and the tensor. ``--dry-run`` prints :meth:`MergePlan.format`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ._version import __version__
+from .discover import discover
+from .errors import MismatchError, OptionError
+from .order import Selection, order_checkpoints, parse_range, select
+from .readers import Checkpoint, TensorRef, open_checkpoint
+from .weights import METHODS, Weights, ema, ema_per_step, explicit, power_ema, uniform
+
+__all__ = ["MergeOptions", "MergePlan", "PlannedInput", "PlannedTensor", "build_plan", "parse_dtype"]
+
+_DTYPE_NAMES = {
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float64": torch.float64, "fp64": torch.float64, "double": torch.float64,
+}
+
+
+def parse_dtype(value: str | torch.dtype | None, option: str = "--dtype") -> torch.dtype | None:
+    """``"bf16"``/``"bfloat16"``/``torch.bfloat16`` -> ``torch.bfloat16`` (None stays None)."""
+    if value is None or isinstance(value, torch.dtype):
+        return value
+    dt = _DTYPE_NAMES.get(str(value).lower().removeprefix("torch."))
+    if dt is None:
+        raise OptionError(f"{option} must be one of float32, float16, bfloat16, float64; got {value!r}")
+    return dt
+
+
+@dataclass
+class MergeOptions:
+    """Every option of ``merge``/``average``; the CLI maps its flags one to one onto these."""
+
+    method: str = "uniform"
+    decay: float | None = None
+    decay_per_step: float | None = None
+    weights: Sequence[float] | str | None = None
+    gamma: float | None = None
+    sigma_rel: float | None = None
+    epochs: Any = None
+    steps: Any = None
+    last: int | None = None
+    every: int | None = None
+    best: int | None = None
+    metric: str | None = None
+    lower_is_better: bool = False
+    order: str = "auto"
+    key: str | None = None
+    strip_prefix: str | Sequence[str] | None = None
+    dtype: str | torch.dtype | None = None
+    accumulate: str | torch.dtype = "float32"
+    device: str | torch.device = "cpu"
+    trust_pickle: bool = False
+    allow_nonfinite: bool = False
+
+    def selection(self) -> Selection:
+        return Selection(
+            epochs=parse_range(self.epochs, "--epochs"),
+            steps=parse_range(self.steps, "--steps"),
+            last=self.last,
+            every=self.every,
+            best=self.best,
+            metric=self.metric,
+            lower_is_better=self.lower_is_better,
+        )
+
+
+@dataclass
+class PlannedInput:
+    """One selected checkpoint and its weight."""
+
+    path: Path
+    format: str
+    weight: float
+    epoch: int | None
+    step: int | None
+    metrics: dict[str, float]
+    weights_key: str | None
+    size: int
+    checkpoint: Checkpoint = field(repr=False)
+
+
+@dataclass
+class PlannedTensor:
+    """One output tensor: averaged over the inputs, or copied from the last one."""
+
+    name: str
+    shape: tuple[int, ...]
+    out_dtype: torch.dtype
+    kind: str  # "average" | "copy"
+    refs: list[TensorRef] = field(repr=False)
+    acc_dtype: torch.dtype | None = None
+    alias_of: int | None = None
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.out_dtype.itemsize
+
+
+@dataclass
+class MergePlan:
+    """Everything a merge will do, decided before any tensor data is read."""
+
+    inputs: list[PlannedInput]
+    tensors: list[PlannedTensor]
+    weights: Weights
+    order_rule: str
+    selection: str
+    candidates: int
+    options: MergeOptions
+    notes: list[str] = field(default_factory=list)
+    output: Path | None = None
+    output_format: str | None = None
+
+    @property
+    def paths(self) -> list[Path]:
+        return [i.path for i in self.inputs]
+
+    @property
+    def method(self) -> str:
+        return self.weights.description
+
+    @property
+    def read_bytes(self) -> int:
+        """Tensor bytes the merge reads (inputs with weight 0 are not read)."""
+        total = 0
+        for t in self.tensors:
+            if t.alias_of is not None:
+                continue
+            if t.kind == "copy":
+                total += t.refs[-1].nbytes
+            else:
+                total += sum(r.nbytes for r, c in zip(t.refs, self.weights.coeffs) if c != 0)
+        return total
+
+    @property
+    def output_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors)
+
+    @property
+    def largest_tensor_bytes(self) -> int:
+        return max((max(r.nbytes for r in t.refs) for t in self.tensors), default=0)
+
+    def provenance(self) -> dict[str, str]:
+        """String metadata recorded in the output (safetensors ``__metadata__``)."""
+        files = [
+            {"file": os.fspath(i.path), "weight": i.weight, "epoch": i.epoch, "step": i.step}
+            for i in self.inputs
+        ]
+        meta = {
+            "format": "pt",
+            "ckptavg_version": __version__,
+            "ckptavg_method": self.weights.description,
+            "ckptavg_inputs": json.dumps(files, separators=(",", ":")),
+        }
+        last = self.inputs[-1]
+        if last.step is not None:
+            meta["step"] = str(last.step)
+        if last.epoch is not None:
+            meta["epoch"] = str(last.epoch)
+        return meta
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready description of the plan."""
+        return {
+            "method": self.weights.description,
+            "order": self.order_rule,
+            "selection": self.selection,
+            "candidates": self.candidates,
+            "inputs": [
+                {"path": os.fspath(i.path), "format": i.format, "weights_key": i.weights_key, "epoch": i.epoch,
+                 "step": i.step, "weight": i.weight, "metrics": i.metrics, "bytes": i.size}
+                for i in self.inputs
+            ],
+            "tensors": len(self.tensors),
+            "averaged": sum(t.kind == "average" for t in self.tensors),
+            "copied_from_last": sum(t.kind == "copy" for t in self.tensors),
+            "tied": sum(t.alias_of is not None for t in self.tensors),
+            "output": os.fspath(self.output) if self.output else None,
+            "output_bytes": self.output_bytes,
+            "read_bytes": self.read_bytes,
+            "notes": self.notes,
+        }
+
+    def format(self) -> str:
+        """The human-readable plan printed by ``--dry-run``."""
+        lines = [
+            f"method:    {self.weights.description}",
+            f"order:     {self.order_rule}",
+            f"selection: {self.selection} -> {len(self.inputs)} of {self.candidates} checkpoints",
+        ]
+        metric = self.options.metric
+        head = f"  {'#':>3}  {'epoch':>6}  {'step':>9}  {'weight':>10}"
+        if metric:
+            head += f"  {metric:>10}"
+        lines.append(head + "  file")
+        for k, i in enumerate(self.inputs, 1):
+            row = f"  {k:>3}  {_fmt(i.epoch):>6}  {_fmt(i.step):>9}  {i.weight:>10.6f}"
+            if metric:
+                row += f"  {_fmt(i.metrics.get(metric)):>10}"
+            where = f" [{i.weights_key}]" if i.weights_key else ""
+            lines.append(row + f"  {i.path}{where}")
+        n_avg = sum(t.kind == "average" for t in self.tensors)
+        n_copy = sum(t.kind == "copy" for t in self.tensors)
+        n_tied = sum(t.alias_of is not None for t in self.tensors)
+        dts = sorted({str(t.out_dtype).removeprefix("torch.") for t in self.tensors if t.kind == "average"})
+        acc = sorted({str(t.acc_dtype).removeprefix("torch.") for t in self.tensors if t.acc_dtype})
+        lines.append(
+            f"tensors:   {len(self.tensors)} ({n_avg} averaged as {'/'.join(dts) or '-'} with "
+            f"{'/'.join(acc) or '-'} accumulation, {n_copy} integer/bool copied from the last checkpoint"
+            + (f", {n_tied} tied" if n_tied else "")
+            + ")"
+        )
+        lines.append(f"reads:     {_human(self.read_bytes)}; largest tensor {_human(self.largest_tensor_bytes)}")
+        if self.output is not None:
+            lines.append(f"output:    {self.output} ({self.output_format}, {_human(self.output_bytes)})")
+        for n in self.notes:
+            lines.append(f"note:      {n}")
+        return "\n".join(lines)
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000.0
+    return f"{n:.1f} TB"
+
+
+def _kind(dt: torch.dtype) -> str:
+    if dt.is_complex:
+        return "complex"
+    if dt.is_floating_point:
+        return "float"
+    if dt == torch.bool:
+        return "bool"
+    return "integer"
+
+
+def _weights_for(opts: MergeOptions, chosen: list[Checkpoint]) -> Weights:
+    n = len(chosen)
+    method = opts.method.lower().replace("_", "-")
+    if method not in METHODS:
+        raise OptionError(f"--method must be one of {', '.join(METHODS)}, got {opts.method!r}")
+    if opts.weights is not None:
+        if method != "uniform" or opts.decay is not None or opts.decay_per_step is not None:
+            raise OptionError("--weights cannot be combined with --method ema/power-ema or a decay")
+        ws = opts.weights
+        if isinstance(ws, str):
+            try:
+                ws = [float(x) for x in ws.replace(" ", "").split(",") if x != ""]
+            except ValueError:
+                raise OptionError(f"--weights must be comma-separated numbers, got {opts.weights!r}") from None
+        return explicit(list(ws), n)
+
+    def steps() -> list[int]:
+        missing = [c for c in chosen if c.meta.step is None]
+        if missing:
+            raise OptionError(
+                f"{missing[0].path}: records no step (and its file name has none); "
+                f"{'--decay-per-step' if method == 'ema' else 'power-ema'} needs the step of every checkpoint"
+            )
+        return [int(c.meta.step) for c in chosen]  # type: ignore[arg-type]
+
+    if method == "uniform":
+        if opts.decay is not None or opts.decay_per_step is not None:
+            raise OptionError("--decay/--decay-per-step need --method ema")
+        return uniform(n)
+    if method == "ema":
+        if (opts.decay is None) == (opts.decay_per_step is None):
+            raise OptionError("--method ema needs exactly one of --decay D (per checkpoint) or --decay-per-step d")
+        if opts.decay is not None:
+            return ema(n, float(opts.decay))
+        return ema_per_step(steps(), float(opts.decay_per_step))  # type: ignore[arg-type]
+    if opts.decay is not None or opts.decay_per_step is not None:
+        raise OptionError("--decay/--decay-per-step belong to --method ema")
+    return power_ema(steps(), gamma=opts.gamma, sigma_rel=opts.sigma_rel)
+
+
+def build_plan(
+    inputs: Sequence[str | os.PathLike[str]] | str | os.PathLike[str],
+    options: MergeOptions,
+    output: Path | None = None,
+    output_format: str | None = None,
+) -> MergePlan:
+    """Discover, open (headers only), order, select, weight and validate."""
+    paths, notes = discover(inputs)  # type: ignore[arg-type]
+    sel = options.selection()
+    sel.validate()
+    accumulate = parse_dtype(options.accumulate, "--accumulate")
+    if accumulate not in (torch.float32, torch.float64):
+        raise OptionError("--accumulate must be float32 or float64")
+    out_dtype = parse_dtype(options.dtype)
+    if output is not None:
+        _check_output_not_input(output, paths)
+
+    opened: list[Checkpoint] = []
+    try:
+        for p in paths:
+            opened.append(open_checkpoint(p, key=options.key, strip_prefix=options.strip_prefix,
+                                          trust_pickle=options.trust_pickle))
+        ordered, rule = order_checkpoints(opened, options.order)
+        chosen = select(ordered, sel)
+        weights = _weights_for(options, chosen)
+        for c in opened:
+            if c not in chosen:
+                c.close()
+        tensors = _plan_tensors(chosen, out_dtype, accumulate)
+    except BaseException:
+        for c in opened:
+            c.close()
+        raise
+
+    top = max(weights.values, key=abs)
+    if len(chosen) > 1 and abs(top) > 0.9:
+        k = weights.values.index(top)
+        notes.append(f"{chosen[k].path} gets {top:.1%} of the weight; the average is close to that one checkpoint")
+    planned = [
+        PlannedInput(path=c.path, format=c.format, weight=w, epoch=c.meta.epoch, step=c.meta.step,
+                     metrics=dict(c.meta.metrics), weights_key=c.weights_key, size=c.size, checkpoint=c)
+        for c, w in zip(chosen, weights.values)
+    ]
+    return MergePlan(inputs=planned, tensors=tensors, weights=weights, order_rule=rule,
+                     selection=sel.describe(), candidates=len(opened), options=options, notes=notes,
+                     output=output, output_format=output_format)
+
+
+def _check_output_not_input(output: Path, inputs: Sequence[Path]) -> None:
+    out_res = output.resolve()
+    for p in inputs:
+        same = False
+        try:
+            same = output.exists() and os.path.samefile(output, p)
+        except OSError:
+            same = False
+        if same or p.resolve() == out_res:
+            raise OptionError(f"{output}: the output is also an input; choose another output path")
+
+
+def _plan_tensors(chosen: list[Checkpoint], out_dtype: torch.dtype | None,
+                  accumulate: torch.dtype) -> list[PlannedTensor]:
+    ref_ckpt = chosen[-1]
+    names = list(ref_ckpt.tensors)
+    name_set = set(names)
+    for c in chosen[:-1]:
+        if set(c.tensors) != name_set:
+            missing = [n for n in names if n not in c.tensors]
+            extra = [n for n in c.tensors if n not in name_set]
+            if missing:
+                more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+                raise MismatchError(f"{c.path}: tensor {missing[0]!r}{more} missing (present in {ref_ckpt.path})")
+            more = f" and {len(extra) - 1} more" if len(extra) > 1 else ""
+            raise MismatchError(f"{c.path}: has tensor {extra[0]!r}{more} that {ref_ckpt.path} lacks")
+    planned: list[PlannedTensor] = []
+    alias_index: dict[tuple, int] = {}
+    for name in names:
+        refs = [c.tensors[name] for c in chosen]
+        last = refs[-1]
+        for c, r in zip(chosen, refs):
+            if r.shape != last.shape:
+                raise MismatchError(
+                    f"{c.path}: tensor {name!r} has shape {list(r.shape)} but {ref_ckpt.path} has {list(last.shape)}"
+                )
+            if _kind(r.dtype) != _kind(last.dtype):
+                raise MismatchError(
+                    f"{c.path}: tensor {name!r} is {str(r.dtype).removeprefix('torch.')} but {ref_ckpt.path} "
+                    f"has {str(last.dtype).removeprefix('torch.')} (a different kind of number)"
+                )
+        kind = _kind(last.dtype)
+        if kind in ("float", "complex"):
+            if kind == "float":
+                odt = out_dtype or last.dtype
+                acc = torch.float64 if (accumulate == torch.float64 or
+                                        any(r.dtype == torch.float64 for r in refs)) else torch.float32
+            else:
+                odt = last.dtype
+                acc = torch.complex128 if (accumulate == torch.float64 or
+                                           any(r.dtype == torch.complex128 for r in refs)) else torch.complex64
+            pt = PlannedTensor(name, last.shape, odt, "average", refs, acc)
+        else:
+            pt = PlannedTensor(name, last.shape, last.dtype, "copy", refs)
+        keys = tuple(r.alias_key for r in refs)
+        if all(k is not None for k in keys) and pt.numel > 0:
+            akey = (keys, pt.out_dtype)
+            if akey in alias_index:
+                pt.alias_of = alias_index[akey]
+            else:
+                alias_index[akey] = len(planned)
+        planned.append(pt)
+    return planned
