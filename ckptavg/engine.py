@@ -38,8 +38,10 @@ from .writers import tensor_memoryview
 
 __all__ = ["run", "EngineStats", "DEFAULT_CHUNK_ELEMS", "resolve_device"]
 
-#: elements per chunk (float32: 8 MB per buffer); override with CKPTAVG_CHUNK_ELEMS
+#: elements per chunk at most (float32: 8 MB per buffer); override with CKPTAVG_CHUNK_ELEMS
 DEFAULT_CHUNK_ELEMS = 1 << 21
+#: elements per block for dtype conversions (fits in a core's cache)
+SUB = 1 << 16
 
 
 @dataclass
@@ -89,6 +91,13 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return dev
 
 
+def _auto_chunk(plan: MergePlan) -> int:
+    """Half the largest averaged tensor (so buffers stay ~2x the largest tensor), at least
+    256K elements (so per-chunk overhead stays negligible) and at most 2M elements."""
+    largest = max((t.numel for t in plan.tensors if t.kind == "average"), default=1)
+    return min(DEFAULT_CHUNK_ELEMS, max(1 << 18, -(-largest // 2)))
+
+
 def _schedule(plan: MergePlan, chunk: int, copy_chunk: int) -> Iterator[_Step]:
     coeffs = plan.weights.coeffs
     active = [i for i, c in enumerate(coeffs) if c != 0]
@@ -111,7 +120,8 @@ def _schedule(plan: MergePlan, chunk: int, copy_chunk: int) -> Iterator[_Step]:
 
 
 class _Buffers:
-    """Reused buffers: two host read buffers, accumulators, scratch and an output buffer."""
+    """Reused buffers: two host read buffers and one accumulator per dtype, all of one
+    chunk, plus small scratch blocks for dtype conversion (allocated on first use)."""
 
     def __init__(self, plan: MergePlan, device: torch.device, chunk: int) -> None:
         self.device = device
@@ -128,32 +138,36 @@ class _Buffers:
         self.events = [torch.cuda.Event() if cuda else None for _ in range(2)]
         self.max_elems = max(max_elems, 1)
         self._acc: dict[torch.dtype, torch.Tensor] = {}
-        self._conv: dict[torch.dtype, torch.Tensor] = {}
-        self._f64: torch.Tensor | None = None
-        max_out = max((t.out_dtype.itemsize for t in avg), default=1)
-        self.out_host = torch.empty(self.max_elems * max_out, dtype=torch.uint8, pin_memory=cuda)
+        self._scratch: dict[torch.dtype, torch.Tensor] = {}
+        self._out: torch.Tensor | None = None
+        self.cuda = cuda
 
     def acc(self, dt: torch.dtype) -> torch.Tensor:
         if dt not in self._acc:
             self._acc[dt] = torch.empty(self.max_elems, dtype=dt, device=self.device)
         return self._acc[dt]
 
-    def conv(self, dt: torch.dtype) -> torch.Tensor:
-        if dt not in self._conv:
-            self._conv[dt] = torch.empty(self.max_elems, dtype=dt, device=self.device)
-        return self._conv[dt]
+    def scratch(self, dt: torch.dtype) -> torch.Tensor:
+        """A block of ``SUB`` elements for conversions (stays in cache)."""
+        if dt not in self._scratch:
+            self._scratch[dt] = torch.empty(min(SUB, self.max_elems), dtype=dt, device=self.device)
+        return self._scratch[dt]
 
-    def f64(self) -> torch.Tensor:
-        if self._f64 is None:
-            self._f64 = torch.empty(self.max_elems, dtype=torch.float64, device=self.device)
-        return self._f64
+    def out(self, b: int, nbytes: int) -> torch.Tensor:
+        """Host bytes for a finished chunk: the just-consumed read buffer when it is large
+        enough (it always is unless the output dtype is wider than every input)."""
+        if nbytes <= self.host[b].numel():
+            return self.host[b][:nbytes]
+        if self._out is None or self._out.numel() < nbytes:
+            self._out = torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.cuda)
+        return self._out[:nbytes]
 
 
 def run(plan: MergePlan, writer: Any, *, device: str | torch.device = "cpu", progress: bool = False,
         allow_nonfinite: bool = False, chunk_elems: int | None = None) -> EngineStats:
     """Average the plan's tensors into ``writer`` (which must already be open)."""
     dev = resolve_device(device)
-    chunk = int(chunk_elems or os.environ.get("CKPTAVG_CHUNK_ELEMS", DEFAULT_CHUNK_ELEMS))
+    chunk = int(chunk_elems or os.environ.get("CKPTAVG_CHUNK_ELEMS", 0)) or _auto_chunk(plan)
     if chunk < 1:
         raise OptionError("chunk size must be positive")
     t0 = time.perf_counter()
@@ -176,6 +190,12 @@ def run(plan: MergePlan, writer: Any, *, device: str | torch.device = "cpu", pro
 
     steps = _schedule(plan, chunk, bufs.copy_chunk)
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckptavg-read")
+    # The reader thread keeps one core busy copying file data; torch's own worker
+    # threads would then compete for the same cores and (spin-waiting in OpenMP) slow
+    # every operation down several-fold. Chunk arithmetic is memory-bound: one thread.
+    threads = torch.get_num_threads()
+    if not cuda:
+        torch.set_num_threads(1)
     try:
         nxt = next(steps, None)
         fut = pool.submit(read, nxt, 0) if nxt is not None else None
@@ -202,6 +222,7 @@ def run(plan: MergePlan, writer: Any, *, device: str | torch.device = "cpu", pro
         raise
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+        torch.set_num_threads(threads)
         if bar is not None:
             bar.close()
         for pt in plan.tensors:
@@ -239,28 +260,36 @@ def _process(step: _Step, b: int, bufs: _Buffers, writer: Any, coeffs: list[floa
     assert acc_dt is not None
     a = bufs.acc(acc_dt)[:n]
     c = coeffs[step.input]
-    if step.first:
-        if c != 1.0 and x.dtype == acc_dt:
-            torch.mul(x, c, out=a)
+    if x.dtype == acc_dt:
+        if step.first:
+            if c == 1.0:
+                a.copy_(x)
+            else:
+                torch.mul(x, c, out=a)
         else:
-            a.copy_(x)
-            if c != 1.0:
-                a.mul_(c)
-    elif x.dtype == acc_dt:
-        a.add_(x, alpha=c)
+            a.add_(x, alpha=c)
     else:
-        tmp = bufs.conv(acc_dt)[:n]
-        tmp.copy_(x)
-        a.add_(tmp, alpha=c)
+        # convert in cache-sized blocks: no chunk-sized temporary
+        tmp = bufs.scratch(acc_dt)
+        for s0 in range(0, n, SUB):
+            m = min(SUB, n - s0)
+            if step.first:
+                blk = a[s0 : s0 + m]
+                blk.copy_(x[s0 : s0 + m])
+                if c != 1.0:
+                    blk.mul_(c)
+            else:
+                tmp[:m].copy_(x[s0 : s0 + m])
+                a[s0 : s0 + m].add_(tmp[:m], alpha=c)
     if step.last:
-        _finish_chunk(step, a, bufs, writer, divisor, allow_nonfinite)
+        _finish_chunk(step, b, a, bufs, writer, divisor, allow_nonfinite)
         if step.tensor_done:
             stats.tensors_averaged += 1
             for r in pt.refs:
                 r.release()
 
 
-def _finish_chunk(step: _Step, a: torch.Tensor, bufs: _Buffers, writer: Any, divisor: float,
+def _finish_chunk(step: _Step, b: int, a: torch.Tensor, bufs: _Buffers, writer: Any, divisor: float,
                   allow_nonfinite: bool) -> None:
     pt = step.pt
     n = step.count
@@ -269,26 +298,26 @@ def _finish_chunk(step: _Step, a: torch.Tensor, bufs: _Buffers, writer: Any, div
         if not math.isfinite(float(s.real if s.is_complex() else s)):
             _explain_nonfinite(step, a)
     od = pt.out_dtype
-    src = a
-    if divisor != 1.0:
-        if a.dtype == torch.float32 and od.itemsize < 4 and not od.is_complex:
-            # exact sum of 16/8-bit values in float32; divide in float64 so the final
-            # cast is the only rounding (correctly rounded mean)
-            f = bufs.f64()[:n]
-            f.copy_(a)
-            f.div_(divisor)
-            src = f
-        else:
-            a.div_(divisor)
-    nbytes = n * od.itemsize
-    if src.dtype == od and src.device.type == "cpu":
-        writer.write(tensor_memoryview(src))
+    exact16 = divisor != 1.0 and a.dtype == torch.float32 and od.itemsize < 4 and not od.is_complex
+    if divisor != 1.0 and not exact16:
+        a.div_(divisor)
+    if a.dtype == od and not bufs.cuda:
+        writer.write(tensor_memoryview(a))
         return
-    out = bufs.out_host[:nbytes].view(od)
-    if src.device.type == "cpu":
-        out.copy_(src)
+    out = bufs.out(b, n * od.itemsize).view(od)
+    if exact16:
+        # The float32 sum of 16/8-bit values is exact; divide in float64 so that the cast
+        # to the output dtype is the only rounding (the correctly rounded mean).
+        f = bufs.scratch(torch.float64)
+        for s0 in range(0, n, SUB):
+            m = min(SUB, n - s0)
+            f[:m].copy_(a[s0 : s0 + m])
+            f[:m].div_(divisor)
+            out[s0 : s0 + m].copy_(f[:m])
+    elif bufs.cuda:
+        out.copy_(a.to(od) if a.dtype != od else a)  # cast on the device, synchronous copy to host
     else:
-        out.copy_(src.to(od))  # cast on the device, then a synchronous copy to host
+        out.copy_(a)
     writer.write(tensor_memoryview(out))
 
 

@@ -401,12 +401,17 @@ class TorchWriter(_StreamWriter):
         try:
             self._record("version", b"3\n")
             self.zf.close()
-        except OSError as e:
-            self.out.abort()
-            raise OutputError(f"{self.dest}: write failed: {e.strerror}") from None
+        except BaseException:
+            self.abort()
+            raise
         self.out.commit()
 
     def abort(self) -> None:
+        # Drop the half-written archive without finishing it (and stop ZipFile.__del__
+        # from trying to close it later).
+        self._w = None
+        self.zf._writing = False
+        self.zf.fp = None
         self.out.abort()
 
 

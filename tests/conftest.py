@@ -1,0 +1,94 @@
+"""Shared helpers: tests build their own checkpoints in temporary folders."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import hypothesis  # noqa: F401  (imported early: a late import inside pytest hits a CPython 3.11.7 AST bug)
+import pytest
+import torch
+from click.testing import CliRunner
+
+from ckptavg.cli import cli
+
+
+def make_state_dicts(n: int, *, seed: int = 0, dtype: torch.dtype = torch.float32, drift: float = 0.05):
+    """``n`` state dicts of a small conv net, as a training run would drift them."""
+    g = torch.Generator().manual_seed(seed)
+    base = {
+        "conv.weight": torch.randn(8, 3, 3, 3, generator=g),
+        "conv.bias": torch.randn(8, generator=g),
+        "bn.weight": torch.rand(8, generator=g) + 0.5,
+        "bn.bias": torch.randn(8, generator=g),
+        "bn.running_mean": torch.randn(8, generator=g),
+        "bn.running_var": torch.rand(8, generator=g) + 0.5,
+        "fc.weight": torch.randn(10, 8, generator=g),
+        "fc.bias": torch.randn(10, generator=g),
+    }
+    out = []
+    for i in range(n):
+        sd = {}
+        for k, v in base.items():
+            sd[k] = (v + drift * i * torch.randn(v.shape, generator=g)).to(dtype)
+        sd["bn.num_batches_tracked"] = torch.tensor(100 * (i + 1), dtype=torch.int64)
+        out.append(sd)
+    return out
+
+
+class SmallNet(torch.nn.Module):
+    """The module whose state dicts :func:`make_state_dicts` produces."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 3)
+        self.bn = torch.nn.BatchNorm2d(8)
+        self.fc = torch.nn.Linear(8, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.bn(self.conv(x)).mean((2, 3)))
+
+
+@pytest.fixture
+def run_cli():
+    """Invoke the CLI in-process; returns (exit code, stdout, stderr)."""
+    runner = CliRunner()
+
+    def _run(*args: str):
+        res = runner.invoke(cli, [str(a) for a in args], catch_exceptions=False)
+        return res.exit_code, res.stdout, res.stderr
+
+    return _run
+
+
+def console_script() -> list[str]:
+    exe = shutil.which("ckptavg", path=os.path.dirname(sys.executable)) or shutil.which("ckptavg")
+    if exe is None:
+        pytest.skip("the ckptavg console script is not installed")
+    return [exe]
+
+
+@pytest.fixture
+def run_script():
+    """Run the installed console script as a subprocess; returns CompletedProcess."""
+
+    def _run(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: float = 120):
+        return subprocess.run(console_script() + [str(a) for a in args], capture_output=True, text=True,
+                              cwd=cwd, env=env, timeout=timeout)
+
+    return _run
+
+
+def fp64_mean(tensors, weights=None):
+    ts = [t.double() for t in tensors]
+    if weights is None:
+        return sum(ts) / len(ts)
+    return sum(w * t for w, t in zip(weights, ts))
+
+
+def assert_close32(got, ref):
+    """``got`` (float32 accumulation) equals the fp64 reference within float32 rounding."""
+    torch.testing.assert_close(got.double(), ref.double(), rtol=4e-6, atol=2e-6)

@@ -1,0 +1,66 @@
+"""Peak memory stays bounded by a few times the largest tensor, whatever the input count."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+# Imports first, then reset the kernel's peak-RSS mark (VmHWM) and measure the merge alone:
+# the import of torch has a transient peak of its own that would hide the merge's cost.
+_PROBE = """
+import sys
+import torch, ckptavg
+import ckptavg.engine, ckptavg.writers, ckptavg.readers
+
+def status(key):
+    for line in open("/proc/self/status"):
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) * 1024
+
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")
+base = status("VmRSS")
+ckptavg.merge(sys.argv[2:], sys.argv[1])
+print(status("VmHWM") - base)
+"""
+
+
+def _above_baseline(out, paths) -> int:
+    res = subprocess.run([sys.executable, "-c", _PROBE, str(out), *paths], capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0, res.stderr
+    return int(res.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
+@pytest.mark.parametrize("fmt", ["pt", "safetensors"])
+def test_peak_rss_bounded_by_largest_tensor(tmp_path, fmt):
+    largest = 4 << 20  # elements: 16 MB float32
+    n_inputs = 6
+    g = torch.Generator().manual_seed(0)
+    base = {"big.a": torch.randn(largest, generator=g), "big.b": torch.randn(largest // 2, generator=g)}
+    for i in range(200):
+        base[f"small.{i}"] = torch.randn(64, 33, generator=g)
+    paths = []
+    for k in range(n_inputs):
+        sd = {n: t + 0.01 * k for n, t in base.items()}
+        p = tmp_path / f"ck{k}.{fmt}"
+        if fmt == "pt":
+            torch.save(sd, p)
+        else:
+            save_file(sd, str(p))
+        paths.append(str(p))
+    total_input = sum((tmp_path / f"ck{k}.{fmt}").stat().st_size for k in range(n_inputs))
+    out = tmp_path / f"out.{fmt}"
+    above = _above_baseline(out, paths)
+    largest_bytes = largest * 4
+    assert out.exists()
+    # the whole input set is ~6x the model; loading it would cost far more than this bound
+    assert total_input > 8 * largest_bytes
+    print(f"peak RSS above import: {above / 2**20:.1f} MiB (largest tensor {largest_bytes / 2**20:.0f} MiB)")
+    assert above <= 4 * largest_bytes
