@@ -363,8 +363,12 @@ def open_checkpoint(
                 ckpt = _open_safetensors(f, key)
             elif head[:4] == b"PK\x03\x04":
                 ckpt = _open_torch_zip(f, key, trust_pickle)
-            else:
+            elif head[:1] == b"\x80":  # a pickle: the legacy (pre-1.6) torch format
                 ckpt = _open_torch_legacy(f, key, trust_pickle)
+            else:
+                raise CheckpointReadError(
+                    f"{p}: not a checkpoint (neither a torch zip file, a legacy torch file nor safetensors)"
+                )
         except BaseException:
             f.close()
             raise
@@ -509,10 +513,10 @@ class _ZipIndex:
             with open(f.path, "rb") as fh:
                 zf = zipfile.ZipFile(fh)
                 self.infos = {i.filename: i for i in zf.infolist()}
-        except zipfile.BadZipFile as e:
-            raise CheckpointReadError(f"{f.path}: not a valid torch checkpoint (damaged zip: {e})") from None
-        except (OSError, ValueError, struct.error, EOFError) as e:
-            raise CheckpointReadError(f"{f.path}: not a valid torch checkpoint (damaged zip: {e})") from None
+        except Exception as e:  # zipfile raises many types on damaged directories
+            raise CheckpointReadError(
+                f"{f.path}: damaged or truncated torch checkpoint (its zip directory is unreadable: {_short(e)})"
+            ) from None
         pkls = [n for n in self.infos if n.endswith("/data.pkl") and n.count("/") == 1]
         if not pkls:
             if any(n.endswith("constants.pkl") for n in self.infos):
