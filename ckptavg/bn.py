@@ -1,0 +1,708 @@
+"""Recompute BatchNorm statistics after averaging weights.
+
+Averaged weights come with stale BatchNorm statistics; they must be recomputed from data.
+Two modes:
+
+``precise`` (default)
+    For every BatchNorm-like layer, the exact per-channel mean and variance of *all* the
+    inputs the layer saw over the pass (the population statistics). Each forward call
+    contributes its count ``n_b``, mean ``m_b`` and biased variance ``v_b``; they are
+    combined with the law of total variance (Chan's pairwise update, in float64), so the
+    result does not depend on how the data was split into batches. The rest of the model
+    runs in eval mode (dropout off) while the BN layers run in train mode: each normalises
+    with its batch statistics, as during training, so deeper layers see the inputs they
+    saw in training. At the end ``running_mean`` gets the population mean and
+    ``running_var`` the population variance with Bessel's correction, ``M2 / (N - 1)``
+    where ``N`` is the number of values per channel over the whole pass -- the same
+    unbiased convention torch uses for ``running_var`` (so a one-batch pass gives exactly
+    what torch's ``update_bn`` gives). ``num_batches_tracked`` is set to the number of
+    forward calls the layer received.
+
+``torch``
+    What :func:`torch.optim.swa_utils.update_bn` does: reset the statistics, set
+    ``momentum=None`` (cumulative average over forward calls) and run the whole model in
+    train mode (dropout on). The per-batch variances are averaged, so the between-batch
+    part of the variance is missed. Differences from ``update_bn``: dict batches, ``input``
+    and ``call`` are supported; each module's own training flag is restored afterwards
+    (``update_bn`` sets every module to the top module's flag); a layer that never ran
+    keeps its previous statistics (``update_bn`` leaves it reset to 0 / 1); InstanceNorm
+    layers with ``track_running_stats=True`` are averaged cumulatively too (``update_bn``
+    leaves them alone, and torch's InstanceNorm ignores ``momentum=None``).
+
+Layers covered ("BatchNorm-like"): every ``_NormBase`` with ``track_running_stats=True``:
+BatchNorm1d/2d/3d, LazyBatchNorm1d/2d/3d (initialised by the first batch), SyncBatchNorm
+and InstanceNorm1d/2d/3d. SyncBatchNorm needs no conversion: without an initialised
+process group torch runs it as a plain BatchNorm on any device, which is what a
+single-process recalibration wants (with an initialised process group, ``torch`` mode
+would synchronise normalisation across ranks while ``precise`` statistics are always this
+process's own). For InstanceNorm, ``precise`` pools every instance and position of a
+channel like BatchNorm does (the statistics of everything the layer saw), whereas torch's
+own tracking (``torch`` mode) averages per-instance means and variances.
+
+A layer called several times per forward (a shared module) accumulates every call: in
+``precise`` mode all the inputs of all its calls form one population; in ``torch`` mode
+each call is one step of the cumulative average, exactly as torch does it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import sys
+import time
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from .errors import CkptavgError, CkptavgWarning, MismatchError, OptionError
+
+if TYPE_CHECKING:
+    from .spec import BNSpec
+
+__all__ = [
+    "BNReport",
+    "BN_STAT_NAMES",
+    "MODES",
+    "is_bn_like",
+    "recalibrate_bn",
+    "recalibrate_state_dict",
+]
+
+#: The buffers recalibration rewrites; every other tensor of a state dict is left alone.
+BN_STAT_NAMES = ("running_mean", "running_var", "num_batches_tracked")
+MODES = ("precise", "torch")
+
+Feed = Callable[[nn.Module, Any, "torch.device | None"], "int | None"]
+
+
+def is_bn_like(module: nn.Module) -> bool:
+    """True for layers whose running statistics recalibration updates.
+
+    BatchNorm*, LazyBatchNorm*, SyncBatchNorm and InstanceNorm* (every ``_NormBase``)
+    with ``track_running_stats=True``.
+    """
+    return isinstance(module, nn.modules.batchnorm._NormBase) and bool(module.track_running_stats)
+
+
+@dataclass
+class BNReport:
+    """What a recalibration did.
+
+    Attributes:
+        mode: ``"precise"`` or ``"torch"``.
+        layers: qualified names of the layers whose statistics were updated.
+        batches: batches fed to the model.
+        samples: samples seen (first dimension of the model input, best effort).
+        seconds: wall time of the pass.
+        skipped: True when the model has no BatchNorm-like layer (no data pass was run).
+        unused: BatchNorm-like layers that never ran during the pass (their statistics are unchanged).
+    """
+
+    mode: str
+    layers: list[str]
+    batches: int
+    samples: int
+    seconds: float
+    skipped: bool
+    unused: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        """One line for logs and the CLI."""
+        if self.skipped:
+            return "BN recalibration skipped: the model has no BatchNorm-like layer (no data pass run)"
+        n = len(self.layers)
+        text = (
+            f"BN recalibrated ({self.mode}): {n} layer{'s' if n != 1 else ''} over {self.batches} "
+            f"batch{'es' if self.batches != 1 else ''} / {self.samples} samples in {self.seconds:.1f} s"
+        )
+        if self.unused:
+            text += f"; {len(self.unused)} layer(s) never ran and kept their statistics"
+        return text
+
+
+# -- feeding batches -----------------------------------------------------------------------
+
+
+def _to_device(obj: Any, device: torch.device | None) -> Any:
+    """Move tensors to ``device`` recursively through tuples, lists and mappings."""
+    if device is None:
+        return obj
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, Mapping):
+        items = {k: _to_device(v, device) for k, v in obj.items()}
+        try:
+            return type(obj)(items)
+        except Exception:
+            return items
+    if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # namedtuple
+        return type(obj)(*(_to_device(v, device) for v in obj))
+    if isinstance(obj, list | tuple):
+        return type(obj)(_to_device(v, device) for v in obj)
+    return obj
+
+
+def _leading_dim(obj: Any) -> int | None:
+    """First dimension of the first tensor found in ``obj`` (the batch size, best effort)."""
+    if isinstance(obj, torch.Tensor):
+        return int(obj.shape[0]) if obj.dim() >= 1 else None
+    if isinstance(obj, Mapping):
+        values: Iterable[Any] = obj.values()
+    elif isinstance(obj, list | tuple):
+        values = obj
+    else:
+        return None
+    for value in values:
+        n = _leading_dim(value)
+        if n is not None:
+            return n
+    return None
+
+
+def _describe_batch(batch: Any) -> str:
+    if isinstance(batch, torch.Tensor):
+        return "a tensor"
+    if isinstance(batch, Mapping):
+        keys = ", ".join(repr(k) for k in list(batch)[:10])
+        return f"a dict with keys {keys}" if keys else "an empty dict"
+    if isinstance(batch, list | tuple):
+        return f"a {type(batch).__name__} of {len(batch)}"
+    return f"a {type(batch).__name__}"
+
+
+def _model_arguments(batch: Any, input: int | str | None) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """The positional and keyword arguments a batch gives the model (see :func:`recalibrate_bn`)."""
+    if input is not None:
+        if isinstance(batch, Mapping):
+            if input not in batch:
+                raise OptionError(f"input={input!r}: the batch is {_describe_batch(batch)}; no key {input!r}")
+            return (batch[input],), {}
+        if isinstance(batch, list | tuple):
+            if not isinstance(input, int) or not -len(batch) <= input < len(batch):
+                raise OptionError(f"input={input!r}: the batch is {_describe_batch(batch)}")
+            return (batch[input],), {}
+        raise OptionError(f"input={input!r}: the batch is {_describe_batch(batch)}, which cannot be indexed")
+    if isinstance(batch, Mapping):
+        bad = [k for k in batch if not isinstance(k, str)]
+        if bad:
+            raise OptionError(f"a dict batch is passed as keyword arguments but has non-string keys {bad[:5]!r}")
+        return (), dict(batch)
+    if isinstance(batch, list | tuple):
+        if not batch:
+            raise OptionError("an empty list/tuple batch has no model input")
+        return (batch[0],), {}
+    return (batch,), {}
+
+
+def _make_feed(call: Callable[[nn.Module, Any], Any] | None, input: int | str | None) -> Feed:
+    if call is not None:
+
+        def feed_call(model: nn.Module, batch: Any, device: torch.device | None) -> int | None:
+            batch = _to_device(batch, device)
+            call(model, batch)
+            return _leading_dim(batch)
+
+        return feed_call
+
+    def feed(model: nn.Module, batch: Any, device: torch.device | None) -> int | None:
+        args, kwargs = _model_arguments(batch, input)
+        args, kwargs = _to_device(args, device), _to_device(kwargs, device)
+        model(*args, **kwargs)
+        return _leading_dim((args, kwargs))
+
+    return feed
+
+
+# -- statistics ----------------------------------------------------------------------------
+
+
+class _Moments:
+    """Per-channel count, mean and sum of squared deviations of everything a layer saw (float64)."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+        self.count = 0
+        self.calls = 0
+        self.mean: torch.Tensor | None = None
+        self.m2: torch.Tensor | None = None
+
+    def __call__(self, module: nn.Module, args: tuple[Any, ...]) -> None:
+        x = args[0]
+        self.calls += 1
+        if not isinstance(x, torch.Tensor) or x.numel() == 0:
+            return
+        channel_dim = 1
+        if isinstance(module, nn.modules.instancenorm._InstanceNorm) and x.dim() == module._get_no_batch_dim():
+            channel_dim = 0  # unbatched InstanceNorm input (C, *)
+        dims = [d for d in range(x.dim()) if d != channel_dim]
+        channels = x.shape[channel_dim]
+        n = x.numel() // channels
+        with torch.no_grad():
+            xs = x.detach()
+            if xs.dtype not in (torch.float32, torch.float64):
+                xs = xs.float()
+            if dims:
+                var, mean = torch.var_mean(xs, dim=dims, correction=0)
+            else:
+                mean, var = xs, torch.zeros_like(xs)
+            acc_device = mean.device if mean.device.type != "mps" else torch.device("cpu")  # no float64 on MPS
+            mean_b = mean.to(acc_device, torch.float64)
+            m2_b = var.to(acc_device, torch.float64) * n
+            if self.mean is None or self.m2 is None:
+                self.mean, self.m2 = mean_b, m2_b
+            else:  # Chan et al.: combine two (count, mean, M2) summaries exactly
+                total = self.count + n
+                delta = mean_b - self.mean
+                self.mean = self.mean + delta * (n / total)
+                self.m2 = self.m2 + m2_b + delta.square() * (self.count * n / total)
+            self.count += n
+
+    def population(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean, variance with Bessel's correction ``M2 / (N - 1)``), float64."""
+        assert self.mean is not None and self.m2 is not None
+        var = self.m2 / (self.count - 1) if self.count > 1 else torch.zeros_like(self.m2)
+        return self.mean, var
+
+
+class _CallCounter:
+    """Counts forward calls; for InstanceNorm in ``torch`` mode, sets the cumulative-average momentum."""
+
+    def __init__(self, cumulative: bool) -> None:
+        self.calls = 0
+        self.cumulative = cumulative
+
+    def __call__(self, module: nn.Module, args: tuple[Any, ...]) -> None:
+        self.calls += 1
+        if self.cumulative:
+            module.momentum = 1.0 / self.calls  # running <- running + (batch - running) / k
+
+
+def _single_device(model: nn.Module) -> torch.device | None:
+    devices = {t.device for t in itertools.chain(model.parameters(), model.buffers())}
+    return devices.pop() if len(devices) == 1 else None
+
+
+def _initialised(t: Any) -> bool:
+    return isinstance(t, torch.Tensor) and not isinstance(t, nn.parameter.UninitializedBuffer)
+
+
+def _snapshot(module: nn.Module) -> dict[str, torch.Tensor]:
+    out = {}
+    for name in BN_STAT_NAMES:
+        t = getattr(module, name, None)
+        if _initialised(t):
+            out[name] = t.detach().clone()
+    return out
+
+
+def _restore(module: nn.Module, saved: dict[str, torch.Tensor]) -> None:
+    with torch.no_grad():
+        for name, value in saved.items():
+            t = getattr(module, name, None)
+            if _initialised(t) and t.shape == value.shape:
+                t.copy_(value)
+
+
+def _check_args(mode: str, max_batches: int | None) -> None:
+    if mode not in MODES:
+        raise OptionError(f"mode {mode!r}: expected one of {', '.join(MODES)}")
+    if max_batches is not None and (
+        isinstance(max_batches, bool) or not isinstance(max_batches, int) or max_batches < 1
+    ):
+        raise OptionError(f"max_batches {max_batches!r}: expected a positive integer or None")
+
+
+def _total(loader: Any, max_batches: int | None) -> int | None:
+    try:
+        n: int | None = len(loader)
+    except Exception:
+        n = None
+    if max_batches is not None:
+        n = max_batches if n is None else min(n, max_batches)
+    return n
+
+
+def _recalibrate(
+    model: nn.Module,
+    batches: Iterable[Any],
+    *,
+    feed: Feed,
+    mode: str,
+    device: torch.device | str | None,
+    max_batches: int | None,
+    progress: bool,
+    total: int | None,
+) -> tuple[BNReport, dict[nn.Module, tuple[torch.Tensor, torch.Tensor]]]:
+    """The pass itself; returns the report and, in precise mode, the float64 (mean, var) per layer."""
+    _check_args(mode, max_batches)
+    named = [(name, m) for name, m in model.named_modules() if is_bn_like(m)]
+    if not named:
+        return BNReport(mode, [], 0, 0, 0.0, skipped=True), {}
+
+    start = time.perf_counter()
+    if device is not None:
+        dev: torch.device | None = torch.device(device)
+        model.to(dev)
+    else:
+        dev = _single_device(model)
+
+    flags = {m: m.training for m in model.modules()}
+    momenta = {m: m.momentum for _, m in named}
+    saved = {m: _snapshot(m) for _, m in named}
+    hooks = []
+    moments: dict[nn.Module, _Moments] = {}
+    counters: dict[nn.Module, _CallCounter] = {}
+    batches_seen = samples = 0
+    bar = None
+    try:
+        if mode == "torch":
+            model.train()
+            for _, m in named:
+                if _initialised(m.running_mean):  # a lazy layer resets itself when it materialises
+                    m.reset_running_stats()
+                m.momentum = None
+                counter = _CallCounter(cumulative=isinstance(m, nn.modules.instancenorm._InstanceNorm))
+                counters[m] = counter
+                hooks.append(m.register_forward_pre_hook(counter))
+        else:
+            model.eval()
+            for _, m in named:
+                m.train()  # normalise with batch statistics, as in training
+                moments[m] = _Moments(m)
+                hooks.append(m.register_forward_pre_hook(moments[m]))
+
+        from tqdm import tqdm
+
+        bar = tqdm(
+            total=total,
+            desc=f"BN recalibration ({mode})",
+            unit="batch",
+            file=sys.stderr,
+            disable=not progress,
+        )
+        with torch.no_grad():
+            iterator: Iterator[Any] = iter(batches)
+            while max_batches is None or batches_seen < max_batches:
+                try:
+                    batch = next(iterator)
+                except StopIteration:
+                    break
+                n = feed(model, batch, dev)
+                batches_seen += 1
+                samples += n or 0
+                bar.update(1)
+        if batches_seen == 0:
+            raise OptionError("the loader yielded no batches: BatchNorm statistics left unchanged")
+
+        calls = {m: (moments[m].calls if mode == "precise" else counters[m].calls) for _, m in named}
+        precise_stats: dict[nn.Module, tuple[torch.Tensor, torch.Tensor]] = {}
+        with torch.no_grad():
+            for _, m in named:
+                if calls[m] == 0:
+                    _restore(m, saved[m])
+                    continue
+                if mode == "precise":
+                    acc = moments[m]
+                    if acc.mean is None:  # only empty inputs: nothing to estimate from
+                        _restore(m, saved[m])
+                        continue
+                    mean, var = acc.population()
+                    precise_stats[m] = (mean, var)
+                    m.running_mean.copy_(mean.to(m.running_mean.device, m.running_mean.dtype))
+                    m.running_var.copy_(var.to(m.running_var.device, m.running_var.dtype))
+                if m.num_batches_tracked is not None:
+                    m.num_batches_tracked.fill_(calls[m])
+        updated = [name for name, m in named if calls[m] > 0 and (mode == "torch" or m in precise_stats)]
+        unused = [name for name, m in named if name not in set(updated)]
+    except BaseException:
+        for _, m in named:
+            _restore(m, saved[m])
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+        for h in hooks:
+            h.remove()
+        for m, momentum in momenta.items():
+            m.momentum = momentum
+        for m, flag in flags.items():
+            m.training = flag
+
+    if unused:
+        shown = ", ".join(unused[:8]) + (f" and {len(unused) - 8} more" if len(unused) > 8 else "")
+        warnings.warn(
+            f"{len(unused)} BatchNorm-like layer(s) never ran during recalibration and kept their statistics: {shown}",
+            CkptavgWarning,
+            stacklevel=3,
+        )
+    report = BNReport(
+        mode=mode,
+        layers=updated,
+        batches=batches_seen,
+        samples=samples,
+        seconds=time.perf_counter() - start,
+        skipped=False,
+        unused=unused,
+    )
+    return report, precise_stats
+
+
+def recalibrate_bn(
+    model: nn.Module,
+    loader: Iterable[Any],
+    *,
+    mode: str = "precise",
+    device: torch.device | str | None = None,
+    max_batches: int | None = None,
+    call: Callable[[nn.Module, Any], Any] | None = None,
+    input: int | str | None = None,
+    progress: bool = False,
+) -> BNReport:
+    """Recompute the BatchNorm statistics of ``model`` in place from the batches of ``loader``.
+
+    Args:
+        model: any module; its BatchNorm-like layers (BatchNorm*, LazyBatchNorm*, SyncBatchNorm,
+            InstanceNorm* with ``track_running_stats=True``) get new ``running_mean``,
+            ``running_var`` and ``num_batches_tracked``. Nothing else changes; every module's
+            training flag and every layer's momentum are restored afterwards.
+        loader: any iterable of batches (a DataLoader, a list, a generator).
+        mode: ``"precise"`` (exact population statistics, model in eval mode but BN layers
+            normalising with batch statistics) or ``"torch"`` (what
+            ``torch.optim.swa_utils.update_bn`` does). See the module documentation.
+        device: run there: the model is moved (in place, like ``Module.to``) and batches are
+            moved recursively through tuples, lists and dicts. ``None``: the model stays where
+            it is and batches go to its device when all its tensors are on one device.
+        max_batches: stop after this many batches (the next one is never fetched).
+        call: ``call(model, batch)`` runs the forward pass itself, for batches the default
+            rules do not cover.
+        input: which part of each batch is the model input: an index into a tuple/list batch
+            or a key of a dict batch, passed as the single positional argument.
+            Default rules: a tensor batch is the input; a tuple/list batch feeds its first
+            element; a dict batch is passed as keyword arguments.
+        progress: show a tqdm progress bar over batches on stderr.
+
+    Returns:
+        A :class:`BNReport` (layers updated, batches and samples seen, time). A model without
+        BatchNorm-like layers is left alone, the loader is not read and ``skipped`` is True.
+
+    Raises:
+        OptionError: bad ``mode``/``max_batches``/``input``, both ``call`` and ``input``, or
+            a loader that yields no batch. On any error the statistics are left as they were.
+
+    No gradients are computed. Layers that never run keep their statistics (with a
+    :class:`~ckptavg.errors.CkptavgWarning`).
+
+    Example::
+
+        >>> import torch, torchvision
+        >>> from ckptavg import recalibrate_bn
+        >>> model = torchvision.models.resnet18(weights=None, num_classes=10)
+        >>> data = torch.utils.data.TensorDataset(torch.randn(64, 3, 32, 32), torch.zeros(64))
+        >>> loader = torch.utils.data.DataLoader(data, batch_size=16)
+        >>> report = recalibrate_bn(model, loader, mode="precise")   # (images, labels) -> images
+        >>> print(report.summary())                                  # doctest: +ELLIPSIS
+        BN recalibrated (precise): 20 layers over 4 batches / 64 samples in ... s
+    """
+    if call is not None and input is not None:
+        raise OptionError("give either call or input, not both")
+    if input is not None and (isinstance(input, bool) or not isinstance(input, int | str)):
+        raise OptionError(f"input={input!r}: expected an index (int) or a dict key (str)")
+    report, _ = _recalibrate(
+        model,
+        loader,
+        feed=_make_feed(call, input),
+        mode=mode,
+        device=device,
+        max_batches=max_batches,
+        progress=progress,
+        total=_total(loader, max_batches),
+    )
+    return report
+
+
+# -- from a state dict and a spec -----------------------------------------------------------
+
+
+def _guarded_batches(loader: Iterable[Any], spec: BNSpec) -> Iterator[Any]:
+    """Iterate ``loader``, turning its exceptions into one-line SpecErrors naming the data entry."""
+    entry = spec.data_entry
+    ref = spec.loader if spec.loader is not None else spec.dataset
+    try:
+        iterator = iter(loader)
+    except Exception as exc:
+        raise spec.error(entry, f"cannot iterate over what {ref!r} gave: {_short(exc)}") from exc
+    index = 0
+    while True:
+        try:
+            batch = next(iterator)
+        except StopIteration:
+            return
+        except Exception as exc:
+            raise spec.error(entry, f"{ref!r} failed producing batch {index}: {_short(exc)}") from exc
+        yield batch
+        index += 1
+
+
+def _short(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    if len(text) > 300:
+        text = text[:297] + "..."
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _spec_feed(spec: BNSpec) -> Feed:
+    call = spec.call_function
+    inner = _make_feed(call, spec.input)
+    if call is not None:
+        entry, what = "[data].call", f"{spec.call!r}"
+    elif spec.input is not None:
+        entry, what = "[data].input", f"the forward pass of the model (input = {spec.input!r})"
+    else:
+        entry, what = "[model].factory", f"the forward pass of the model from {spec.factory!r}"
+    counter = itertools.count()
+
+    def feed(model: nn.Module, batch: Any, device: torch.device | None) -> int | None:
+        index = next(counter)
+        try:
+            return inner(model, batch, device)
+        except CkptavgError as exc:
+            raise spec.error("[data].input" if call is None else entry, str(exc)) from exc
+        except Exception as exc:
+            raise spec.error(entry, f"{what} failed on batch {index}: {_short(exc)}") from exc
+
+    return feed
+
+
+def _list_keys(keys: list[str], limit: int = 8) -> str:
+    shown = ", ".join(keys[:limit])
+    return shown + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
+
+
+def _prefix_hint(state_dict: Mapping[str, Any], missing: list[str], spec: BNSpec) -> str:
+    """Guess the key prefix that would make the checkpoint fit the model."""
+    votes: dict[str, int] = {}
+    keys = list(state_dict)
+    for m in missing[:64]:
+        for k in keys:
+            if k != m and k.endswith(m) and k[: -len(m)].endswith("."):
+                votes[k[: -len(m)]] = votes.get(k[: -len(m)], 0) + 1
+    if votes:
+        best = max(votes, key=lambda p: votes[p])
+        return f'hint: set prefix = "{best}" in [model] of the spec'
+    if spec.prefix:
+        return f"hint: check [model].prefix ({spec.prefix!r}) and [model].factory"
+    return (
+        "hint: if the model's keys carry a prefix (Lightning 'model.', DDP 'module.', torch.compile "
+        "'_orig_mod.'), set prefix in [model] of the spec"
+    )
+
+
+def _load_strictly(model: nn.Module, state_dict: Mapping[str, Any], spec: BNSpec) -> dict[str, str]:
+    """Load the (prefix-stripped) state dict into ``model``; returns model key -> input key."""
+    prefix = spec.prefix
+    if prefix:
+        mapping = {k[len(prefix) :]: k for k in state_dict if k.startswith(prefix)}
+        if not mapping:
+            sample = ", ".join(list(state_dict)[:3])
+            raise MismatchError(
+                f"{spec.path}: [model].prefix: no key of the checkpoint starts with {prefix!r} "
+                f"(keys look like {sample})"
+            )
+    else:
+        mapping = {k: k for k in state_dict}
+    sub = {mk: state_dict[k] for mk, k in mapping.items()}
+    where = f"{spec.path}: the checkpoint does not fit [model].factory {spec.factory!r}"
+    try:
+        result = model.load_state_dict(sub, strict=False)
+    except Exception as exc:  # shape mismatches raise even with strict=False
+        raise MismatchError(f"{where}: {_short(exc)}") from exc
+    missing, unexpected = list(result.missing_keys), list(result.unexpected_keys)
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing key(s): {_list_keys(missing)}")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected key(s): {_list_keys([mapping[k] for k in unexpected])}")
+        raise MismatchError(f"{where}: {'; '.join(parts)}; {_prefix_hint(state_dict, missing, spec)}")
+    return mapping
+
+
+def recalibrate_state_dict(
+    state_dict: Mapping[str, torch.Tensor],
+    spec: BNSpec,
+    *,
+    mode: str = "precise",
+    device: torch.device | str | None = None,
+    progress: bool = False,
+    max_batches: int | None = None,
+) -> tuple[dict[str, torch.Tensor], BNReport]:
+    """Recalibrate the BatchNorm statistics of a state dict with the model and data a spec names.
+
+    Builds ``spec``'s model, strips ``spec.prefix`` from the keys that carry it (the keys that
+    do not are passed through untouched), loads the result strictly, builds the loader and
+    runs :func:`recalibrate_bn`.
+
+    Args:
+        state_dict: name -> tensor, e.g. the output of an average.
+        spec: a :class:`~ckptavg.spec.BNSpec` from :func:`~ckptavg.spec.load_spec`.
+        mode: ``"precise"`` or ``"torch"`` (see :func:`recalibrate_bn`).
+        device: overrides the spec's ``[run].device`` (default CPU).
+        progress: tqdm progress bar on stderr.
+        max_batches: overrides the spec's ``[data].max_batches``.
+
+    Returns:
+        ``(new_state_dict, report)``. The new dict has exactly the input's keys in the input's
+        order. Only ``running_mean``, ``running_var`` and ``num_batches_tracked`` of updated
+        layers differ, in the input's dtype and on the input's device; every other value is the
+        very same tensor object as in the input. In precise mode the float64 statistics are
+        rounded once, to the input's dtype.
+
+    Raises:
+        SpecError: the spec's code failed (factory, loader, forward/call), naming the entry.
+        MismatchError: missing/unexpected keys or wrong shapes when loading, listed on one line
+            with a hint about ``prefix``.
+        OptionError: a bad ``mode``, ``device`` or ``max_batches``.
+    """
+    _check_args(mode, max_batches)
+    dev = spec.resolve_device(device)
+    if max_batches is None:
+        max_batches = spec.max_batches
+    model = spec.build_model()
+    mapping = _load_strictly(model, state_dict, spec)
+    model.to(dev)
+    loader = spec.build_loader()
+    try:
+        report, precise = _recalibrate(
+            model,
+            _guarded_batches(loader, spec),
+            feed=_spec_feed(spec),
+            mode=mode,
+            device=dev,
+            max_batches=max_batches,
+            progress=progress,
+            total=_total(loader, max_batches),
+        )
+    except OptionError as exc:
+        raise spec.error(spec.data_entry, str(exc)) from exc
+    out = dict(state_dict)
+    if report.skipped:
+        return out, report
+    updated = {model.get_submodule(name) for name in report.layers}
+    with torch.no_grad():
+        for name, buf in model.named_buffers(remove_duplicate=False):
+            owner, _, stat = name.rpartition(".")
+            key = mapping.get(name)
+            if stat not in BN_STAT_NAMES or key is None:
+                continue
+            module = model.get_submodule(owner)
+            if module not in updated:
+                continue
+            value: torch.Tensor = buf
+            if module in precise and stat != "num_batches_tracked":
+                value = precise[module][0 if stat == "running_mean" else 1]
+            original = state_dict[key]
+            out[key] = value.detach().to(device=original.device, dtype=original.dtype).reshape(original.shape)
+    return out, report
