@@ -14,7 +14,8 @@ Example::
 """
 
 from ._version import __version__
-from .api import MergeReport, average, merge, plan
+from .api import BNFileReport, MergeReport, average, merge, plan, recalibrate_file
+from .bn import BNReport, recalibrate_bn
 from .errors import CkptavgError, CkptavgWarning
 from .plan import MergePlan
 
@@ -23,7 +24,11 @@ __all__ = [
     "merge",
     "average",
     "plan",
+    "recalibrate_bn",
+    "recalibrate_file",
     "MergeReport",
+    "BNReport",
+    "BNFileReport",
     "MergePlan",
     "CkptavgError",
     "CkptavgWarning",

@@ -6,6 +6,7 @@ the ``ckptavg merge`` command (see :class:`~ckptavg.plan.MergeOptions`).
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections.abc import Sequence
@@ -20,7 +21,7 @@ from .errors import OptionError
 from .plan import MergeOptions, MergePlan, build_plan
 from .writers import open_writer, save_state_dict
 
-__all__ = ["merge", "average", "plan", "MergeReport"]
+__all__ = ["merge", "average", "plan", "recalibrate_file", "MergeReport", "BNFileReport"]
 
 PathLike = str | os.PathLike[str]
 Inputs = PathLike | Sequence[PathLike]
@@ -174,7 +175,7 @@ def _merge_with_bn(p: MergePlan, out: Path, bn_spec: PathLike, bn_mode: str, pro
     spec = load_spec(bn_spec)
     sd, stats = _average_plan(p, opts, progress)
     new_sd, bn_report = recalibrate_state_dict(sd, spec, mode=bn_mode, device=None, progress=progress)
-    written = save_state_dict(new_sd, out, p.provenance() if p.output_format == "safetensors" else None)
+    written = save_state_dict(new_sd, out, p.provenance())
     return MergeReport(plan=p, output=out, bytes_written=written, bytes_read=stats.bytes_read,
                        seconds=time.perf_counter() - t0, bn=bn_report)
 
@@ -209,3 +210,79 @@ def average(inputs: Inputs, *, progress: bool = False, **options: Any) -> dict[s
         for i in p.inputs:
             i.checkpoint.close()
     return sd
+
+
+@dataclass
+class BNFileReport:
+    """What :func:`recalibrate_file` did."""
+
+    input: Path
+    output: Path
+    bn: Any
+    bytes_written: int
+    seconds: float
+
+    def summary(self) -> str:
+        return f"wrote {self.output}: {self.bn.summary()}"
+
+
+def recalibrate_file(
+    model_file: PathLike,
+    spec: PathLike,
+    output: PathLike,
+    *,
+    mode: str = "precise",
+    device: str | torch.device | None = None,
+    max_batches: int | None = None,
+    key: str | None = None,
+    trust_pickle: bool = False,
+    progress: bool = False,
+) -> BNFileReport:
+    """Recalibrate the BatchNorm statistics of a model file and write the result.
+
+    ``spec`` is a BN spec (TOML) naming the model factory and the data. Key names are
+    kept and only BN statistics change; the output format follows ``output``'s extension.
+    ``key`` picks the weights inside a torch checkpoint, as in :func:`merge`.
+
+    Example::
+
+        report = ckptavg.recalibrate_file("swa.pt", "bn.toml", "swa_bn.pt", mode="precise")
+        print(report.summary())
+    """
+    from .bn import recalibrate_state_dict
+    from .readers import open_checkpoint
+    from .spec import load_spec
+
+    t0 = time.perf_counter()
+    out, _fmt = _output_path(output)
+    src = Path(model_file)
+    try:
+        if out.exists() and src.exists() and os.path.samefile(out, src):
+            raise OptionError(f"{out}: the output is also the input; choose another output path")
+    except OSError:
+        pass
+    loaded_spec = load_spec(spec)
+    ckpt = open_checkpoint(src, key=key, trust_pickle=trust_pickle)
+    try:
+        shared: dict[tuple, torch.Tensor] = {}
+        sd: dict[str, torch.Tensor] = {}
+        for name, ref in ckpt.tensors.items():
+            if ref.alias_key is not None and ref.alias_key in shared:
+                sd[name] = shared[ref.alias_key]  # tied weights stay one tensor
+                continue
+            t = ref.materialize()
+            ref.release()
+            sd[name] = t
+            if ref.alias_key is not None:
+                shared[ref.alias_key] = t
+        metadata = dict(ckpt.st_metadata or {})
+    finally:
+        ckpt.close()
+    new_sd, bn_report = recalibrate_state_dict(sd, loaded_spec, mode=mode, device=device, progress=progress,
+                                               max_batches=max_batches)
+    metadata["ckptavg_bn"] = json.dumps({"mode": mode, "layers": len(bn_report.layers),
+                                         "batches": bn_report.batches, "samples": bn_report.samples})
+    metadata.setdefault("format", "pt")
+    written = save_state_dict(new_sd, out, metadata)
+    return BNFileReport(input=src, output=out, bn=bn_report, bytes_written=written,
+                        seconds=time.perf_counter() - t0)

@@ -155,6 +155,41 @@ def merge(inputs: tuple[str, ...], output: str, quiet: bool, dry_run: bool, as_j
             click.echo(report.summary(), err=True)
 
 
+@cli.command(context_settings=CONTEXT)
+@click.argument("model_file", metavar="MODEL")
+@click.option("--spec", "spec", required=True, type=click.Path(dir_okay=False),
+              help="BN spec (TOML): model factory, data, device.")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
+              help="Output file: .safetensors, or .pt/.pth for a torch state dict.")
+@click.option("--mode", type=click.Choice(["precise", "torch"]), default="precise", show_default=True,
+              help="precise: exact population statistics; torch: what torch.optim.swa_utils.update_bn does.")
+@click.option("--device", help="Device for the data pass (overrides the spec's [run].device).")
+@click.option("--max-batches", type=int, metavar="N", help="Use at most N batches (overrides the spec).")
+@click.option("--key", metavar="PATH", help="Where the weights are inside a torch checkpoint (dotted).")
+@click.option("--trust-pickle", is_flag=True,
+              help="Allow full unpickling (can run code from the file!) if weights_only refuses it.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary line.")
+def bn(model_file: str, spec: str, output: str, mode: str, device: str | None, max_batches: int | None,
+       key: str | None, trust_pickle: bool, quiet: bool) -> None:
+    """Recalibrate the BatchNorm statistics of MODEL (a model file) with a spec's data.
+
+    \b
+    Examples:
+      ckptavg bn swa.pt --spec bn.toml -o swa_bn.pt
+      ckptavg bn swa.safetensors --spec bn.toml -o swa_bn.safetensors --mode torch --device cuda
+
+    Only running_mean, running_var and num_batches_tracked change; every other tensor is
+    bit-identical and key names are kept. The spec imports and runs your model and data
+    code (that is its purpose).
+    """
+    from . import api
+
+    report = api.recalibrate_file(model_file, spec, output, mode=mode, device=device, max_batches=max_batches,
+                                  key=key, trust_pickle=trust_pickle, progress=_progress(quiet))
+    if not quiet:
+        click.echo(report.summary(), err=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point."""
     warnings.showwarning = _show_warning

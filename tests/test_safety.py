@@ -10,7 +10,6 @@ import resource
 import signal
 import struct
 import subprocess
-import sys
 import time
 import zipfile
 
