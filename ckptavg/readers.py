@@ -30,6 +30,7 @@ import re
 import struct
 import warnings
 import zipfile
+import zlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -543,6 +544,11 @@ class _ZipIndex:
         if local[:4] != b"PK\x03\x04":
             raise CheckpointReadError(f"{self.f.path}: damaged torch checkpoint: bad header for record {name!r}")
         nlen, elen = struct.unpack("<HH", local[26:30])
+        # the local header must name the same record as the directory (else offsets are damaged)
+        if h + 30 + nlen > self.f.size or self.f.pread(h + 30, nlen) != info.orig_filename.encode("utf-8"):
+            raise CheckpointReadError(
+                f"{self.f.path}: damaged torch checkpoint: the zip directory and the header of record {name!r} disagree"
+            )
         start = h + 30 + nlen + elen
         if start + info.file_size > self.f.size:
             raise CheckpointReadError(
@@ -552,10 +558,15 @@ class _ZipIndex:
         return start, info.file_size
 
     def read(self, name: str, limit: int = _MAX_PICKLE) -> bytes:
+        """A small record's bytes, checked against the CRC-32 the zip directory records."""
         start, size = self.data_offset(name)
         if size > limit:
             raise CheckpointReadError(f"{self.f.path}: record {name!r} is implausibly large ({size} bytes)")
-        return self.f.pread(start, size)
+        data = self.f.pread(start, size)
+        info = self.infos[self.prefix + name]
+        if info.CRC != 0 and zlib.crc32(data) != info.CRC:
+            raise CheckpointReadError(f"{self.f.path}: damaged torch checkpoint: record {name!r} fails its CRC check")
+        return data
 
 
 _GLOBAL_RES = (
@@ -963,13 +974,19 @@ def _meta_from_object(ckpt: Checkpoint) -> None:
         _meta_from_mapping(sub, extra, ckpt=ckpt)
         it = extra.get("train_iterator")
         if sub.epoch is None and isinstance(it, Mapping) and isinstance(it.get("epoch"), int):
-            sub.epoch, sub.epoch_from = it["epoch"], "recorded"
+            # The iterator records the epoch to resume at: after a finished epoch E it holds
+            # E + 1 with iterations_in_epoch 0 (fairseq names that file checkpointE.pt).
+            ep = it["epoch"]
+            if it.get("iterations_in_epoch") == 0 and it.get("version", 1) >= 2 and ep > 1:
+                ep -= 1
+            sub.epoch, sub.epoch_from = ep, "recorded"
         if ckpt.meta.epoch is None and sub.epoch is not None:
             ckpt.meta.epoch, ckpt.meta.epoch_from = sub.epoch, "recorded"
         if ckpt.meta.step is None and sub.step is not None:
             ckpt.meta.step, ckpt.meta.step_from = sub.step, "recorded"
         for k, v in sub.metrics.items():
             ckpt.meta.metrics.setdefault(k, v)
+    _lightning_monitored(ckpt, obj.get("callbacks"))
     hist = obj.get("optimizer_history")
     if ckpt.meta.step is None and isinstance(hist, list) and hist and isinstance(hist[-1], Mapping):
         nu = hist[-1].get("num_updates")
@@ -978,6 +995,18 @@ def _meta_from_object(ckpt: Checkpoint) -> None:
     ckpt.meta.metrics.pop("epoch", None)
     for k in _STEP_KEYS:
         ckpt.meta.metrics.pop(k, None)
+
+
+def _lightning_monitored(ckpt: Checkpoint, callbacks: Any) -> None:
+    """Lightning's ModelCheckpoint state holds the monitored value of the checkpoint being
+    saved (``current_score``, under ``monitor``): record it as a metric of that name."""
+    if not isinstance(callbacks, Mapping):
+        return
+    for state in callbacks.values():
+        if isinstance(state, Mapping) and isinstance(state.get("monitor"), str) and "current_score" in state:
+            v = _scalar(ckpt, state["current_score"])
+            if v is not None:
+                ckpt.meta.metrics.setdefault(state["monitor"], v)
 
 
 def _apply_name_metadata(ckpt: Checkpoint) -> None:

@@ -75,6 +75,11 @@ class AtomicFile:
         parent = self.dest.parent
         if self.dest.is_dir():
             raise OutputError(f"{self.dest}: is a folder; give a file name ending in .pt or .safetensors")
+        for anc in [parent, *parent.parents]:
+            if anc.exists():
+                if not anc.is_dir():
+                    raise OutputError(f"{self.dest}: cannot create the output folder: {anc} is a file")
+                break
         try:
             parent.mkdir(parents=True, exist_ok=True)
         except OSError as e:

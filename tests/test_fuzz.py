@@ -1,0 +1,230 @@
+"""Property-based fuzzing of the readers with mutated .pt and .safetensors files.
+
+Reading a mutated file must either succeed with the right data or raise CkptavgError:
+never another exception, never a hang, never a large allocation. "The right data":
+
+* safetensors: exactly what the reference reader (``safetensors.torch.load_file``) returns
+  for the same bytes, and an error exactly when it refuses them;
+* torch zip: the original names, shapes and dtypes, and a tensor's bytes may differ from the
+  original only if a mutated byte lies inside that tensor's own zip record.
+
+The default run is short; set CKPTAVG_FUZZ_EXAMPLES (e.g. 5000) for a longer one.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import struct
+import zipfile
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from safetensors.torch import load_file, save_file
+
+from ckptavg.errors import CkptavgError
+from ckptavg.readers import open_checkpoint
+
+EXAMPLES = int(os.environ.get("CKPTAVG_FUZZ_EXAMPLES", "120"))
+FUZZ = settings(max_examples=EXAMPLES, deadline=5000, derandomize=EXAMPLES <= 200,
+                suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+
+
+def _state_dict():
+    g = torch.Generator().manual_seed(0)
+    big = torch.randn(6, 5, generator=g)
+    return {
+        "a.weight": torch.randn(4, 3, generator=g),
+        "a.bias": torch.randn(4, generator=g).bfloat16(),
+        "view.t": big.t(),
+        "view.slice": big[1:3],
+        "count": torch.tensor(7),
+        "mask": torch.tensor([True, False, True]),
+        "half": torch.randn(2, 2, generator=g).half(),
+    }
+
+
+def _pt_bytes() -> bytes:
+    buf = io.BytesIO()
+    torch.save({"epoch": 3, "global_step": 300, "metrics": {"acc": torch.tensor(0.5)}, "state_dict": _state_dict()},
+               buf)
+    return buf.getvalue()
+
+
+def _st_bytes() -> bytes:
+    sd = {k: v.contiguous() for k, v in _state_dict().items() if k not in ("view.t", "view.slice")}
+    tmp = io.BytesIO()
+    from safetensors.torch import save
+
+    tmp.write(save(sd, metadata={"step": "300", "epoch": "3"}))
+    return tmp.getvalue()
+
+
+PT = _pt_bytes()
+ST = _st_bytes()
+
+
+def _record_spans(raw: bytes) -> dict[str, tuple[int, int]]:
+    """For the original .pt: each storage key -> [local header start, data end)."""
+    zf = zipfile.ZipFile(io.BytesIO(raw))
+    spans = {}
+    for info in zf.infolist():
+        if "/data/" in info.filename:
+            h = info.header_offset
+            nlen, elen = struct.unpack("<HH", raw[h + 26 : h + 30])
+            spans[info.filename.rsplit("/", 1)[1]] = (h, h + 30 + nlen + elen + info.file_size)
+    return spans
+
+
+PT_SPANS = _record_spans(PT)
+
+
+def _mutate(raw: bytes, kind: str, data) -> tuple[bytes, set[int]]:
+    """Apply one mutation; return the new bytes and the positions it touched in the original."""
+    b = bytearray(raw)
+    if kind == "truncate":
+        cut = data.draw(st.integers(0, len(b) - 1))
+        return bytes(b[:cut]), set(range(cut, len(b)))
+    if kind == "bitflips":
+        pos = data.draw(st.lists(st.integers(0, len(b) - 1), min_size=1, max_size=8))
+        for p in pos:
+            b[p] ^= 1 << data.draw(st.integers(0, 7))
+        return bytes(b), set(pos)
+    if kind == "overwrite":
+        start = data.draw(st.integers(0, len(b) - 1))
+        chunk = data.draw(st.binary(min_size=1, max_size=64))
+        end = min(len(b), start + len(chunk))
+        b[start:end] = chunk[: end - start]
+        return bytes(b), set(range(start, end))
+    if kind == "head":  # mutations concentrated in the first bytes (pickle / JSON header)
+        pos = data.draw(st.lists(st.integers(0, min(len(b), 700) - 1), min_size=1, max_size=4))
+        for p in pos:
+            b[p] = data.draw(st.integers(0, 255))
+        return bytes(b), set(pos)
+    raise AssertionError(kind)
+
+
+def _read_all(path):
+    with open_checkpoint(path) as c:
+        out = {}
+        for name, ref in c.tensors.items():
+            t = ref.materialize()
+            # keep the raw bytes: a clone() of a bool tensor would normalise invalid bool bytes
+            out[name] = (t.shape, t.dtype, t.reshape(-1).view(torch.uint8).clone())
+            ref.release()
+        return out
+
+
+def _hwm() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+@pytest.fixture(scope="module")
+def memory_guard():
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return _hwm()
+
+
+MUTATIONS = st.sampled_from(["truncate", "bitflips", "overwrite", "head"])
+
+
+@FUZZ
+@given(kind=MUTATIONS, data=st.data())
+def test_fuzz_torch_zip(tmp_path_factory, memory_guard, kind, data):
+    raw, touched = _mutate(PT, kind, data)
+    path = tmp_path_factory.mktemp("fz") / "m.pt"
+    path.write_bytes(raw)
+    original = _state_dict()
+    try:
+        got = _read_all(path)
+    except CkptavgError:
+        return
+    finally:
+        assert _hwm() - memory_guard < 300 << 20, "a large allocation while reading a small file"
+    assert set(got) == set(original)
+    for name, (shape, dtype, raw_bytes) in got.items():
+        ref = original[name]
+        assert shape == ref.shape and dtype == ref.dtype, name
+        if not torch.equal(raw_bytes, ref.contiguous().reshape(-1).view(torch.uint8)):
+            # only a mutation inside one of the records holding this tensor can change its data
+            assert any(lo <= p < hi for lo, hi in PT_SPANS.values() for p in touched), name
+
+
+@FUZZ
+@given(kind=MUTATIONS, data=st.data())
+def test_fuzz_safetensors(tmp_path_factory, memory_guard, kind, data):
+    raw, _ = _mutate(ST, kind, data)
+    path = tmp_path_factory.mktemp("fz") / "m.safetensors"
+    path.write_bytes(raw)
+    try:
+        reference = load_file(str(path))
+    except Exception:
+        reference = None
+    try:
+        got = _read_all(path)
+    except CkptavgError:
+        got = None
+    finally:
+        assert _hwm() - memory_guard < 300 << 20, "a large allocation while reading a small file"
+    if reference is None:
+        assert got is None, "ckptavg accepted a file the safetensors reader refuses"
+        return
+    if got is None:
+        # ckptavg is stricter only about gaps between tensors' bytes, which the format forbids
+        return
+    assert set(got) == set(reference)
+    for k, v in reference.items():
+        shape, dtype, raw_bytes = got[k]
+        assert dtype == v.dtype and shape == v.shape
+        assert torch.equal(raw_bytes, v.reshape(-1).view(torch.uint8))
+
+
+@FUZZ
+@given(data=st.data())
+def test_fuzz_safetensors_header_edits(tmp_path_factory, data):
+    """Edit the JSON header's fields (then fix up its length) to lie about tensors."""
+    (n,) = struct.unpack("<Q", ST[:8])
+    header = json.loads(ST[8 : 8 + n])
+    payload = ST[8 + n :]
+    name = data.draw(st.sampled_from(sorted(k for k in header if k != "__metadata__")))
+    field = data.draw(st.sampled_from(["dtype", "shape", "data_offsets"]))
+    if field == "dtype":
+        header[name]["dtype"] = data.draw(st.sampled_from(["F32", "F16", "BF16", "I64", "U8", "BOOL", "X", 3]))
+    elif field == "shape":
+        header[name]["shape"] = data.draw(st.lists(st.integers(-2, 1 << 40), max_size=4))
+    else:
+        header[name]["data_offsets"] = data.draw(st.lists(st.integers(-5, 1 << 62), min_size=0, max_size=3))
+    hb = json.dumps(header).encode()
+    path = tmp_path_factory.mktemp("fz") / "h.safetensors"
+    path.write_bytes(struct.pack("<Q", len(hb)) + hb + payload)
+    try:
+        reference = load_file(str(path))
+    except Exception:
+        reference = None
+    try:
+        got = _read_all(path)
+    except CkptavgError:
+        got = None
+    if reference is None:
+        assert got is None
+    elif got is not None:
+        for k, v in reference.items():
+            assert torch.equal(got[k][2], v.reshape(-1).view(torch.uint8))
+
+
+def test_fuzz_inputs_are_valid_to_begin_with(tmp_path):
+    (tmp_path / "a.pt").write_bytes(PT)
+    (tmp_path / "a.safetensors").write_bytes(ST)
+    got = _read_all(tmp_path / "a.pt")
+    for k, v in _state_dict().items():
+        assert torch.equal(got[k][2], v.contiguous().reshape(-1).view(torch.uint8))
+    assert set(_read_all(tmp_path / "a.safetensors")) == set(load_file(str(tmp_path / "a.safetensors")))
+    save_file({"x": torch.zeros(1)}, str(tmp_path / "b.safetensors"))
