@@ -147,3 +147,11 @@ def test_console_script_subprocess(run_dir, tmp_path, run_script):
 def test_python_dash_m(tmp_path):
     res = subprocess.run([sys.executable, "-m", "ckptavg", "--version"], capture_output=True, text=True)
     assert res.returncode == 0 and "ckptavg" in res.stdout
+
+
+def test_cuda_device_without_gpu_is_a_usage_error(run_dir, tmp_path, run_cli):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    runs, _ = run_dir
+    code, _, err = run_cli("merge", runs, "-o", tmp_path / "o.pt", "--device", "cuda")
+    assert code == 2 and "CUDA is not available" in err
