@@ -67,12 +67,15 @@ class MergeReport:
         line = f"wrote {self.output}: {what}, {len(self.plan.tensors)} tensors, {mb:.1f} MB in {self.seconds:.1f} s"
         if self.bn is not None:
             line += f"; {self.bn.summary()}"
+        for note in self.extra.get("output_notes", []):
+            line += f"; {note}"
         return line
 
     def to_dict(self) -> dict[str, Any]:
         d = self.plan.to_dict()
         d.update(bytes_written=self.bytes_written, bytes_read=self.bytes_read, seconds=round(self.seconds, 3),
                  dry_run=self.dry_run)
+        d.update(self.extra)  # folder output / keep-structure details
         return d
 
 
@@ -96,6 +99,72 @@ def _output_path(output: PathLike) -> tuple[Path, str]:
     )
 
 
+def _merge_output_path(output: PathLike) -> tuple[Path, str]:
+    """Like :func:`_output_path`, plus folders (Hugging Face sharded safetensors output)."""
+    from .hf import is_folder_output
+
+    if is_folder_output(output):
+        return Path(output), "hf-folder"
+    try:
+        return _output_path(output)
+    except OptionError as e:
+        raise OptionError(f"{e}, or name a folder (ending in /) for Hugging Face sharded safetensors") from None
+
+
+def _check_output_options(out: Path, fmt: str, keep_structure: bool, keep_optimizer: bool,
+                          shard_size: int | str | None, bn_spec: PathLike | None) -> int:
+    """Validate the output options together (before anything is read); returns the shard size."""
+    from .hf import parse_size
+
+    if keep_optimizer and not keep_structure:
+        raise OptionError("--keep-optimizer only applies with --keep-structure")
+    if keep_structure and fmt != "torch":
+        raise OptionError(
+            f"{out}: --keep-structure writes a torch checkpoint like its inputs: give an output ending in "
+            ".ckpt/.pt/.pth/.bin"
+        )
+    if shard_size is not None and fmt != "hf-folder":
+        raise OptionError(f"{out}: --shard-size applies to folder output (-o DIR/), not to a single file")
+    if bn_spec is not None and (keep_structure or fmt == "hf-folder"):
+        raise OptionError(
+            "--bn-spec cannot be combined with --keep-structure or folder output yet; merge to a .pt/.safetensors "
+            "file with --bn-spec instead"
+        )
+    return parse_size(shard_size)
+
+
+def _merge_special(p: MergePlan, out: Path, opts: MergeOptions, t0: float, *, dry_run: bool, progress: bool,
+                   keep_structure: bool, keep_optimizer: bool, shard_size: int) -> MergeReport:
+    """Folder output (:mod:`ckptavg.hf`) and ``keep_structure`` (:mod:`ckptavg.structure`)."""
+    if keep_structure:
+        from . import structure
+
+        so = structure.prepare(p, keep_optimizer=keep_optimizer)
+        extra: dict[str, Any] = {"structure_of": os.fspath(so.base), "averaged_weight_sets": so.averaged,
+                                 "dropped": so.dropped, "output_notes": so.summary_notes()}
+        if dry_run:
+            so.plan.notes.extend(so.summary_notes())
+            return MergeReport(plan=so.plan, output=out, dry_run=True, seconds=time.perf_counter() - t0, extra=extra)
+        written, stats = structure.write(so, out, device=opts.device, progress=progress,
+                                         allow_nonfinite=opts.allow_nonfinite)
+        return MergeReport(plan=so.plan, output=out, bytes_written=written, bytes_read=stats.bytes_read,
+                           seconds=time.perf_counter() - t0, extra=extra)
+    from . import hf
+
+    hf.check_destination(out)  # refuse a folder of other files before reading any data
+    if dry_run:
+        return MergeReport(plan=p, output=out, dry_run=True, seconds=time.perf_counter() - t0)
+    writer = hf.folder_writer(p, out, shard_size)
+    try:
+        stats = run(p, writer, device=opts.device, progress=progress, allow_nonfinite=opts.allow_nonfinite)
+        writer.commit()
+    except BaseException:
+        writer.abort()
+        raise
+    return MergeReport(plan=p, output=out, bytes_written=writer.bytes_written, bytes_read=stats.bytes_read,
+                       seconds=time.perf_counter() - t0, extra=writer.report())
+
+
 def plan(inputs: Inputs, output: PathLike | None = None, **options: Any) -> MergePlan:
     """Build and validate a merge plan without reading tensor data.
 
@@ -107,7 +176,7 @@ def plan(inputs: Inputs, output: PathLike | None = None, **options: Any) -> Merg
             print(item.path, item.epoch, item.weight)
     """
     opts = _options(options)
-    out, fmt = _output_path(output) if output is not None else (None, None)
+    out, fmt = _merge_output_path(output) if output is not None else (None, None)
     return build_plan(inputs, opts, out, fmt)
 
 
@@ -119,6 +188,9 @@ def merge(
     progress: bool = False,
     bn_spec: PathLike | None = None,
     bn_mode: str = "precise",
+    keep_structure: bool = False,
+    keep_optimizer: bool = False,
+    shard_size: int | str | None = None,
     **options: Any,
 ) -> MergeReport:
     """Average checkpoints into one model file, streaming tensor by tensor.
@@ -131,6 +203,14 @@ def merge(
     ``accumulate``, ``device``, ``trust_pickle``, ``allow_nonfinite``. With ``bn_spec``
     the averaged model's BatchNorm statistics are recalibrated before writing.
 
+    ``output`` may also be a folder (ending in ``/``, an existing folder, or a name
+    without a file extension): a Hugging Face model folder of safetensors shards of at
+    most ``shard_size`` (default ``"5GB"``; KB/MB/GB) with ``model.safetensors.index.json``
+    and the last input model folder's config and tokenizer files (see :mod:`ckptavg.hf`).
+    ``keep_structure=True`` writes the last selected checkpoint with its weights replaced
+    by the average, so Lightning, timm and fairseq load it as their own; its optimizer and
+    scheduler states are dropped unless ``keep_optimizer=True`` (see :mod:`ckptavg.structure`).
+
     Returns a :class:`MergeReport` (files, weights, output, bytes, seconds).
 
     Example::
@@ -138,14 +218,20 @@ def merge(
         import ckptavg
         report = ckptavg.merge("runs/", "swa.safetensors", epochs="12:20")
         report = ckptavg.merge(["a.pt", "b.pt"], "ema.pt", method="ema", decay=0.9)
+        report = ckptavg.merge(["ft1/", "ft2/", "ft3/"], "soup/", shard_size="2GB")
+        report = ckptavg.merge("lightning_logs/", "swa.ckpt", epochs="10:", keep_structure=True)
         print(report.summary(), report.weights)
     """
     t0 = time.perf_counter()
     opts = _options(options)
-    out, fmt = _output_path(output)
+    out, fmt = _merge_output_path(output)
+    shard = _check_output_options(out, fmt, keep_structure, keep_optimizer, shard_size, bn_spec)
     resolve_device(opts.device)
     p = build_plan(inputs, opts, out, fmt)
     try:
+        if keep_structure or fmt == "hf-folder":
+            return _merge_special(p, out, opts, t0, dry_run=dry_run, progress=progress,
+                                  keep_structure=keep_structure, keep_optimizer=keep_optimizer, shard_size=shard)
         if dry_run:
             return MergeReport(plan=p, output=out, dry_run=True, seconds=time.perf_counter() - t0)
         if bn_spec is not None:

@@ -78,13 +78,16 @@ def cli(debug: bool) -> None:
       ckptavg merge runs/ -o swa.safetensors --epochs 12:20
       ckptavg merge runs/ -o ema.pt --method ema --decay 0.9
       ckptavg merge runs/ -o x.pt --dry-run
+      ckptavg merge ft1/ ft2/ ft3/ -o soup/
+      ckptavg inspect runs/
     """
 
 
 @cli.command(context_settings=CONTEXT)
 @click.argument("inputs", nargs=-1, required=True, metavar="CHECKPOINTS...")
-@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
-              help="Output file: .safetensors, or .pt/.pth for a torch state dict.")
+@click.option("-o", "--output", required=True, type=click.Path(),
+              help="Output: .safetensors, .pt/.pth for a torch state dict, or a folder (DIR/) for Hugging Face "
+                   "sharded safetensors.")
 @click.option("--method", type=click.Choice(["uniform", "ema", "power-ema"]), default="uniform",
               show_default=True, help="Averaging method (each is a weight vector over the checkpoints).")
 @click.option("--decay", type=float, help="EMA decay per checkpoint (with --method ema).")
@@ -116,6 +119,12 @@ def cli(debug: bool) -> None:
 @click.option("--allow-nonfinite", is_flag=True, help="Average even if an input holds NaN or Inf.")
 @click.option("--trust-pickle", is_flag=True,
               help="Allow full unpickling (can run code from the file!) for checkpoints weights_only refuses.")
+@click.option("--keep-structure", is_flag=True,
+              help="Write the last selected checkpoint with its weights replaced by the average (Lightning, timm, "
+                   "fairseq loaders accept it); its optimizer/scheduler states are dropped.")
+@click.option("--keep-optimizer", is_flag=True, help="With --keep-structure: keep optimizer and scheduler states.")
+@click.option("--shard-size", metavar="SIZE",
+              help="Folder output: largest shard, e.g. 5GB (default), 500MB, 100KB.")
 @click.option("--dry-run", is_flag=True, help="Print the plan (files, epochs/steps, weights) and read no tensor data.")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan/report as JSON on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary line.")
@@ -134,6 +143,9 @@ def merge(inputs: tuple[str, ...], output: str, quiet: bool, dry_run: bool, as_j
       ckptavg merge runs/ -o best3.pt --best 3 --metric val_acc
       ckptavg merge runs/ -o x.pt --dry-run
       ckptavg merge runs/ -o swa.pt --epochs 150: --bn-spec bn.toml
+      ckptavg merge ft1/ ft2/ ft3/ -o soup/ --shard-size 2GB
+      ckptavg merge lightning_logs/ -o swa.ckpt --epochs 10: --keep-structure
+      ckptavg merge runs/ -o ema.pth.tar --key state_dict_ema --strip-prefix module.
 
     Floating tensors are averaged in float32 (or float64) and cast once to the output
     dtype; integer and bool tensors (e.g. num_batches_tracked) come from the last
@@ -188,6 +200,45 @@ def bn(model_file: str, spec: str, output: str, mode: str, device: str | None, m
                                   key=key, trust_pickle=trust_pickle, progress=_progress(quiet))
     if not quiet:
         click.echo(report.summary(), err=True)
+
+
+@cli.command("inspect", context_settings=CONTEXT)
+@click.argument("inputs", nargs=-1, required=True, metavar="CHECKPOINTS...")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
+@click.option("--key", metavar="PATH", help="Where the weights are inside a torch checkpoint (dotted, e.g. model_ema).")
+@click.option("--strip-prefix", multiple=True, metavar="P", help="Remove prefix P from tensor names (repeatable).")
+@click.option("--order", type=click.Choice(["auto", "given", "step", "epoch", "name"]), default="auto",
+              show_default=True, help="Row order; auto: the training order merge uses.")
+@click.option("--trust-pickle", is_flag=True,
+              help="Allow full unpickling (can run code from the file!) for checkpoints weights_only refuses.")
+def inspect_cmd(inputs: tuple[str, ...], as_json: bool, key: str | None, strip_prefix: tuple[str, ...], order: str,
+                trust_pickle: bool) -> None:
+    """Describe CHECKPOINTS (files, globs or folders) and how they differ, reading headers only.
+
+    \b
+    Examples:
+      ckptavg inspect runs/
+      ckptavg inspect ft1/ ft2/ ft3/
+      ckptavg inspect timm/*.pth.tar --key state_dict_ema --json
+
+    One row per checkpoint: file, format, where the weights were found, epoch, step,
+    tensor and parameter counts, dtypes, size and stored metrics; then the differences
+    (missing tensor names, shape or dtype differences). Exit status 1 if a checkpoint
+    cannot be read.
+    """
+    from .errors import CheckpointReadError
+    from .inspect import inspect as do_inspect
+
+    report = do_inspect(list(inputs), key=key, strip_prefix=list(strip_prefix) or None, trust_pickle=trust_pickle,
+                        order=order)
+    if as_json:
+        click.echo(json.dumps(report.to_dict(), indent=2, default=str))
+    else:
+        click.echo(report.format())
+    if report.errors:
+        bad = report.errors[0]
+        more = f" (and {len(report.errors) - 1} more unreadable)" if len(report.errors) > 1 else ""
+        raise CheckpointReadError(f"{bad.error}{more}")
 
 
 def main(argv: list[str] | None = None) -> None:

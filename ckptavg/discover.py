@@ -12,6 +12,13 @@ A path argument is one of:
   Trainer run). Files named like aliases of another checkpoint (``last.ckpt``,
   ``checkpoint_last.pt``, ``checkpoint_best.pt``, ``model_best.pth.tar``) are skipped
   there, since they duplicate a numbered checkpoint; name them explicitly to use them.
+  So are trainers' training-state files (``training_args.bin``, ``optimizer.pt``,
+  ``scheduler.pt``, ``scaler.pt``, ``rng_state*.pth``).
+
+A folder that is a model folder is always one checkpoint, even if it also holds model
+sub-folders (a Hugging Face Trainer ``output_dir`` after ``save_model`` holds the final
+model and its ``checkpoint-N/`` folders): the plan then notes the sub-folders, and
+``run/*/`` (or ``run/checkpoint-*``) averages those instead.
 """
 
 from __future__ import annotations
@@ -30,6 +37,12 @@ __all__ = ["discover", "is_model_folder", "open_model_folder", "CHECKPOINT_SUFFI
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".ckpt", ".bin", ".pth.tar", ".tar")
 _ALIAS_RE = re.compile(r"^(?:checkpoint[_-]?|model[_-]?)?(?:last|best)(?:-v\d+)?$", re.IGNORECASE)
+# training-state files that trainers (Hugging Face Trainer, accelerate) keep beside checkpoints
+_TRAINING_STATE_RE = re.compile(
+    r"^(?:training_args\.bin|optimizer(?:_\d+)?\.(?:pt|bin)|scheduler\.(?:pt|bin)|scaler\.(?:pt|bin)"
+    r"|rng_state(?:_\d+)?\.pth|random_states_\d+\.pkl)$",
+    re.IGNORECASE,
+)
 _HF_SINGLE = ("model.safetensors", "pytorch_model.bin")
 _HF_INDEX = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 
@@ -78,10 +91,19 @@ def discover(inputs: Sequence[str | os.PathLike[str]]) -> tuple[list[Path], list
                     )
                 if skipped:
                     notes.append(
-                        f"{p}: skipped {', '.join(skipped)} (aliases of numbered checkpoints; name them to include)"
+                        f"{p}: skipped {', '.join(skipped)} (aliases of numbered checkpoints or training state; "
+                        "name them to include)"
                     )
                 out.extend(found)
             else:
+                if p.is_dir():
+                    subs = _model_subfolders(p)
+                    if subs:
+                        notes.append(
+                            f"{p}: is a model folder, used as one checkpoint; it also holds model folders "
+                            f"({', '.join(subs[:3])}{', ...' if len(subs) > 3 else ''}): to average those, pass "
+                            f"{p / subs[0]} ... or a pattern such as {p / '*'}/"
+                        )
                 out.append(p)
         elif glob.has_magic(s):
             matches = sorted(glob.glob(s), key=natural_key)
@@ -106,13 +128,20 @@ def _scan_folder(folder: Path) -> tuple[list[Path], list[str]]:
         if q.name.startswith("."):
             continue
         if q.is_file() and _has_suffix(q.name):
-            if _ALIAS_RE.match(_stem(q.name)):
+            if _ALIAS_RE.match(_stem(q.name)) or _TRAINING_STATE_RE.match(q.name):
                 skipped.append(q.name)
             else:
                 found.append(q)
         elif q.is_dir() and is_model_folder(q):
             found.append(q)
     return found, skipped
+
+
+def _model_subfolders(folder: Path) -> list[str]:
+    try:
+        return sorted((q.name for q in folder.iterdir() if q.is_dir() and is_model_folder(q)), key=natural_key)
+    except OSError:
+        return []
 
 
 def _check_duplicates(paths: Iterable[Path]) -> None:
@@ -181,6 +210,9 @@ def open_model_folder(folder: Path, *, key: str | None = None, trust_pickle: boo
         for name, ref in shard.tensors.items():
             if name in tensors:
                 raise CheckpointReadError(f"{folder}: tensor {name!r} appears in two shards")
+            if ref.alias_key is not None:
+                # storage keys ("0", "1", ...) are per file: shards must not look tied to each other
+                ref.alias_key = (s, *ref.alias_key)
             tensors[name] = ref
     if index_file is not None:
         missing = [n for n in wmap if n not in tensors]

@@ -1,0 +1,477 @@
+"""Hugging Face model folders as output: sharded safetensors, streamed, published atomically.
+
+``ckptavg merge ft1/ ft2/ ft3/ -o soup/`` writes ``soup/`` the way ``save_pretrained`` does:
+
+* the weights as ``model-0000k-of-0000n.safetensors`` shards of at most ``shard_size``
+  bytes of tensor data each (a single tensor larger than that gets a shard of its own),
+  plus ``model.safetensors.index.json`` (``{"metadata": {"total_size": ...},
+  "weight_map": {name: shard}}``); a model that fits in one shard is written as a single
+  ``model.safetensors`` without an index, as ``save_pretrained`` does;
+* every shard carries ``{"format": "pt"}`` and the merge's provenance (method, inputs
+  with their weights, epochs and steps) in its ``__metadata__``; the index's ``metadata``
+  records the provenance too;
+* the non-weight files of the last selected input that is a model folder (``config.json``,
+  ``generation_config.json``, tokenizer files, custom code...) are copied along, so
+  ``from_pretrained`` loads the result. Training state (``trainer_state.json``,
+  ``optimizer.pt``, ``scheduler.pt``, ``rng_state*.pth``, ``training_args.bin``), other
+  weight files (``.bin``, ``.pt``, ``.h5``, ``.onnx``, ``.gguf``...) and sub-folders are
+  not copied. With ``dtype`` given, ``config.json``'s ``torch_dtype``/``dtype`` is updated.
+
+Shards are written one after the other, tensor by tensor, as the engine produces them:
+memory stays bounded by the engine's buffers whatever the model size.
+
+Everything is written into a temporary sibling folder (``.NAME.*.ckptavg-tmp``) that is
+renamed to the destination only once complete; on any error or interrupt it is removed.
+
+**An existing destination folder** is replaced only if it is empty or is an earlier
+ckptavg output (its ``model.safetensors.index.json`` or ``model.safetensors`` records
+ckptavg provenance); it is then replaced as a whole (renamed aside, the new folder renamed
+in, the old one deleted). Any other existing folder is refused before anything is read,
+so ``-o`` can never wipe a folder of other files.
+
+**Tied weights** (one tensor under several names, e.g. GPT-2's ``lm_head.weight`` and
+``transformer.wte.weight`` in a ``torch.save``-d state dict): safetensors cannot share
+bytes between names, so each name gets its own copy of the (single, averaged once)
+tensor. Inputs that are Hugging Face folders already omit tied duplicates, and so then
+does the output; ``from_pretrained`` ties the weights again from the config either way.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import struct
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import CkptavgError, OptionError, OutputError
+from .readers import SAFETENSORS_DTYPES
+from .writers import Entry, _StreamWriter
+
+__all__ = [
+    "DEFAULT_SHARD_SIZE",
+    "ShardedSafetensorsWriter",
+    "check_destination",
+    "folder_writer",
+    "folder_extras",
+    "is_folder_output",
+    "parse_size",
+    "shard_names",
+]
+
+#: default largest shard (bytes of tensor data), as ``save_pretrained``'s "5GB"
+DEFAULT_SHARD_SIZE = 5 * 10**9
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+
+_TORCH_TO_ST = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+_MODEL_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt", ".pth.tar", ".tar")
+# files in a model folder that are weights (of any framework) or training state: not copied
+_NOT_COPIED_SUFFIXES = _MODEL_SUFFIXES + (".h5", ".msgpack", ".onnx", ".onnx_data", ".gguf", ".ot", ".npz",
+                                          ".pkl", ".pickle", ".keras", ".tflite")
+_NOT_COPIED_NAMES = {"trainer_state.json", "training_args.json"}
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-zA-Z]*)\s*$")
+_FILE_EXT_RE = re.compile(r"^(?=.*[A-Za-z])[A-Za-z0-9]{1,5}$")
+
+
+def parse_size(value: int | str | None, option: str = "--shard-size") -> int:
+    """``"5GB"`` -> 5_000_000_000; ``"500MB"``, ``"100KB"``, ``"2GiB"``, ``1024`` (bytes).
+
+    KB/MB/GB/TB are powers of 1000 and KiB/MiB/GiB/TiB powers of 1024, as in
+    ``save_pretrained(max_shard_size=...)``. ``None`` gives the default (5GB).
+    """
+    if value is None:
+        return DEFAULT_SHARD_SIZE
+    if isinstance(value, bool):
+        raise OptionError(f"{option} must be a size such as 5GB, 500MB or 100KB; got {value!r}")
+    if isinstance(value, int):
+        n = value
+    else:
+        m = _SIZE_RE.match(str(value))
+        unit = m.group(2).lower() if m else ""
+        if not m or unit not in _UNITS:
+            raise OptionError(f"{option} must be a size such as 5GB, 500MB or 100KB; got {value!r}")
+        n = int(float(m.group(1)) * _UNITS[unit])
+    if n < 1:
+        raise OptionError(f"{option} must be positive; got {value!r}")
+    return n
+
+
+def is_folder_output(output: str | os.PathLike[str]) -> bool:
+    """True if ``-o output`` names a folder (Hugging Face sharded safetensors output).
+
+    A folder is a path ending with ``/``, an existing folder, or a name without a
+    model-file extension (``soup``, ``llama-3.1-soup``). A name with another short
+    file extension (``out.txt``, ``model.v2``) is not taken as a folder: add a ``/``.
+    """
+    s = os.fspath(output)
+    if not s:
+        return False
+    if s.endswith("/") or s.endswith(os.sep):
+        return True
+    p = Path(s)
+    if p.is_dir():
+        return True
+    name = p.name.lower()
+    if any(name.endswith(x) for x in _MODEL_SUFFIXES):
+        return False
+    if "." not in name.strip("."):
+        return True
+    return not _FILE_EXT_RE.match(name.rsplit(".", 1)[1])
+
+
+def shard_names(n: int) -> list[str]:
+    """File names of ``n`` shards, as ``save_pretrained`` names them."""
+    if n <= 1:
+        return [SINGLE_NAME]
+    return [f"model-{k:05d}-of-{n:05d}.safetensors" for k in range(1, n + 1)]
+
+
+def folder_extras(folder: Path) -> list[Path]:
+    """The files of a model folder that are copied to a folder output (not weights, not
+    training state, not hidden, not sub-folders), in name order."""
+    out = []
+    try:
+        items = sorted(folder.iterdir(), key=lambda q: q.name)
+    except OSError as e:
+        raise CkptavgError(f"{folder}: cannot list folder: {e.strerror}") from None
+    for q in items:
+        low = q.name.lower()
+        if low.startswith(".") or not q.is_file():
+            continue
+        if any(low.endswith(s) for s in _NOT_COPIED_SUFFIXES) or low.endswith(".index.json"):
+            continue
+        if low in _NOT_COPIED_NAMES or low.startswith("rng_state"):
+            continue
+        out.append(q)
+    return out
+
+
+def _is_ckptavg_output(folder: Path) -> bool:
+    idx = folder / INDEX_NAME
+    try:
+        if idx.is_file():
+            meta = json.loads(idx.read_text(encoding="utf-8")).get("metadata") or {}
+            return isinstance(meta, dict) and "ckptavg_version" in meta
+        single = folder / SINGLE_NAME
+        if single.is_file():
+            with open(single, "rb") as fh:
+                (n,) = struct.unpack("<Q", fh.read(8))
+                if n > 100 * 1024 * 1024:
+                    return False
+                header = json.loads(fh.read(n).decode("utf-8"))
+            meta = header.get("__metadata__") or {}
+            return isinstance(meta, dict) and "ckptavg_version" in meta
+    except (OSError, ValueError, struct.error, AttributeError, UnicodeDecodeError):
+        return False
+    return False
+
+
+def check_destination(dest: Path) -> str:
+    """How a folder output will be published: ``"new"``, ``"empty"`` (an empty folder
+    is there) or ``"replace"`` (an earlier ckptavg output is there). Anything else at
+    ``dest`` is refused with :class:`~ckptavg.errors.OutputError`."""
+    if not dest.exists() and not dest.is_symlink():
+        for anc in dest.parents:
+            if anc.exists():
+                if not anc.is_dir():
+                    raise OutputError(f"{dest}: cannot create the output folder: {anc} is a file")
+                break
+        return "new"
+    if dest.is_symlink() or not dest.is_dir():
+        raise OutputError(f"{dest}: exists and is not a folder; folder output needs a new or empty folder")
+    try:
+        items = sorted(q.name for q in dest.iterdir())
+    except OSError as e:
+        raise OutputError(f"{dest}: cannot list the output folder: {e.strerror}") from None
+    if not items:
+        return "empty"
+    if _is_ckptavg_output(dest):
+        return "replace"
+    shown = ", ".join(repr(n) for n in items[:3]) + (", ..." if len(items) > 3 else "")
+    raise OutputError(
+        f"{dest}: the folder exists and holds other files ({shown}); ckptavg only replaces an empty folder or "
+        "an earlier ckptavg output: choose a new folder"
+    )
+
+
+def _fsync_path(path: Path, directory: bool = False) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+class ShardedSafetensorsWriter(_StreamWriter):
+    """Streams a Hugging Face model folder: shards in order, index, copied files, then
+    one rename. See the module docstring for the layout and the rules."""
+
+    def __init__(self, dest: Path, entries: Sequence[Entry], metadata: Mapping[str, str] | None = None, *,
+                 shard_size: int = DEFAULT_SHARD_SIZE, copy_source: Path | None = None,
+                 config_dtype: torch.dtype | None = None) -> None:
+        self.dest = Path(dest)
+        self.mode = check_destination(self.dest)
+        self.metadata = {str(k): str(v) for k, v in (metadata or {}).items()}
+        self.metadata.setdefault("format", "pt")
+        self.shard_limit = shard_size
+        self.copy_source = Path(copy_source) if copy_source is not None else None
+        self.copy_files = folder_extras(self.copy_source) if self.copy_source is not None else []
+        self.config_dtype = config_dtype
+        entries = list(entries)
+        for e in entries:
+            if e.dtype not in _TORCH_TO_ST:
+                raise OutputError(f"{self.dest}: tensor {e.name!r} has dtype {e.dtype}, which safetensors cannot store")
+        # shard assignment, as huggingface_hub's split_torch_state_dict_into_shards
+        self._shard_of: list[int] = []
+        sizes: list[int] = []
+        for e in entries:
+            n = e.nbytes
+            if not sizes or (sizes[-1] > 0 and sizes[-1] + n > shard_size):
+                sizes.append(0)
+            sizes[-1] += n
+            self._shard_of.append(len(sizes) - 1)
+        if not sizes:
+            sizes.append(0)
+        self.names = shard_names(len(sizes))
+        self.shard_sizes = sizes
+        self._offset: list[int] = []
+        self._headers: list[bytes] = []
+        headers: list[dict[str, Any]] = [{"__metadata__": self.metadata} for _ in sizes]
+        pos = [0] * len(sizes)
+        for e, k in zip(entries, self._shard_of):
+            headers[k][e.name] = {"dtype": _TORCH_TO_ST[e.dtype], "shape": list(e.shape),
+                                  "data_offsets": [pos[k], pos[k] + e.nbytes]}
+            self._offset.append(pos[k])
+            pos[k] += e.nbytes
+        for h in headers:
+            hb = json.dumps(h, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+            hb += b" " * (-len(hb) % 8)
+            self._headers.append(struct.pack("<Q", len(hb)) + hb)
+        self.total_size = sum(sizes)
+        self.total_parameters = sum(e.nbytes // e.dtype.itemsize for e in entries)
+        self.weight_map = {e.name: self.names[k] for e, k in zip(entries, self._shard_of)}
+        self.copied: list[str] = []
+        try:
+            self.dest.parent.mkdir(parents=True, exist_ok=True)
+            self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.dest.name}.", suffix=".ckptavg-tmp",
+                                             dir=self.dest.parent))
+        except OSError as e:
+            raise OutputError(f"{self.dest}: cannot write in {self.dest.parent}: {e.strerror}") from None
+        self._k = -1
+        self._fd: int | None = None
+        self._done = False
+        try:
+            super().__init__(entries)
+        except BaseException:
+            self.abort()
+            raise
+
+    # -- shard files
+
+    def _shard_path(self, k: int) -> Path:
+        return self.tmp / self.names[k]
+
+    def _close_shard(self) -> None:
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            try:
+                os.fsync(fd)
+            except OSError as e:
+                raise OutputError(f"{self.dest}: cannot finish writing {self.names[self._k]}: {e.strerror}") from None
+            finally:
+                os.close(fd)
+
+    def _open_shard(self, k: int) -> None:
+        if k == self._k:
+            return
+        self._close_shard()
+        self._k = k
+        try:
+            self._fd = os.open(self._shard_path(k), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        except OSError as e:
+            raise OutputError(f"{self.dest}: cannot create {self.names[k]}: {e.strerror}") from None
+        self._write(memoryview(self._headers[k]))
+
+    def _write(self, mv: memoryview) -> None:
+        assert self._fd is not None
+        try:
+            while mv:
+                n = os.write(self._fd, mv)
+                mv = mv[n:]
+        except OSError as e:
+            raise OutputError(f"{self.dest}: write failed ({self.names[self._k]}): {e.strerror}") from None
+
+    # -- _StreamWriter hooks
+
+    def _begin(self, i: int) -> None:
+        self._open_shard(self._shard_of[i])
+
+    def _data(self, i: int, mv: memoryview) -> None:
+        self._write(mv)
+
+    def _alias(self, i: int, src: int) -> None:
+        # one copy per name: re-read the source entry's bytes from its (maybe earlier) shard
+        self._open_shard(self._shard_of[i])
+        k = self._shard_of[src]
+        n = self.entries[src].nbytes
+        pos = len(self._headers[k]) + self._offset[src]
+        chunk = 8 << 20
+        buf = bytearray(min(n, chunk))
+        try:
+            rfd = os.open(self._shard_path(k), os.O_RDONLY)
+        except OSError as e:
+            raise OutputError(f"{self.dest}: cannot re-read {self.names[k]}: {e.strerror}") from None
+        try:
+            done = 0
+            while done < n:
+                m = min(chunk, n - done)
+                got = os.preadv(rfd, [memoryview(buf)[:m]], pos + done)
+                if got != m:
+                    raise OutputError(f"{self.dest}: could not re-read written data of {self.entries[src].name!r}")
+                self._write(memoryview(buf)[:m])
+                done += m
+        finally:
+            os.close(rfd)
+        self.bytes_written += n
+
+    # -- finishing
+
+    def report(self) -> dict[str, Any]:
+        """Details for the merge report: shard files, copied files and a summary note."""
+        n = len(self.names)
+        note = f"{n} shard{'s' if n != 1 else ''}"
+        if self.copied:
+            note += f"; copied {', '.join(self.copied)} from {self.copy_source}"
+        elif self.copy_source is None:
+            note += "; no input is a model folder, so no config or tokenizer files were copied"
+        return {"shards": list(self.names), "copied_files": list(self.copied),
+                "copied_from": os.fspath(self.copy_source) if self.copy_source else None, "output_notes": [note]}
+
+    def _write_index(self) -> None:
+        if len(self.names) <= 1:
+            return
+        meta: dict[str, Any] = {"total_size": self.total_size, "total_parameters": self.total_parameters}
+        meta.update({k: v for k, v in self.metadata.items() if k != "format"})
+        index = {"metadata": meta, "weight_map": self.weight_map}
+        (self.tmp / INDEX_NAME).write_text(json.dumps(index, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        _fsync_path(self.tmp / INDEX_NAME)
+
+    def _copy_extras(self) -> None:
+        taken = set(self.names) | {INDEX_NAME}
+        for src in self.copy_files:
+            if src.name in taken:
+                continue
+            target = self.tmp / src.name
+            try:
+                if src.name == "config.json" and self.config_dtype is not None and self._write_config(src, target):
+                    pass
+                else:
+                    shutil.copyfile(src, target)
+            except OSError as e:
+                raise OutputError(f"{self.dest}: cannot copy {src}: {e.strerror}") from None
+            _fsync_path(target)
+            self.copied.append(src.name)
+
+    def _write_config(self, src: Path, target: Path) -> bool:
+        try:
+            cfg = json.loads(src.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return False
+        if not isinstance(cfg, dict):
+            return False
+        name = str(self.config_dtype).removeprefix("torch.")
+        changed = False
+        for key in ("torch_dtype", "dtype"):
+            if key in cfg:
+                cfg[key] = name
+                changed = True
+        if not changed:
+            return False
+        target.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        return True
+
+    def _publish(self) -> None:
+        mode = 0o777 & ~_umask()
+        os.chmod(self.tmp, mode)
+        for q in self.tmp.iterdir():
+            os.chmod(q, 0o666 & ~_umask())
+        _fsync_path(self.tmp, directory=True)
+        if self.mode == "replace":
+            old = Path(tempfile.mkdtemp(prefix=f".{self.dest.name}.", suffix=".ckptavg-old", dir=self.dest.parent))
+            os.rmdir(old)
+            os.rename(self.dest, old)
+            try:
+                os.rename(self.tmp, self.dest)
+            except OSError:
+                os.rename(old, self.dest)
+                raise
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(self.tmp, self.dest)  # replaces an empty folder; fails if one with files appeared
+        _fsync_path(self.dest.parent, directory=True)
+
+    def commit(self) -> None:
+        """Finish the last shard, write the index, copy the model files and rename into place."""
+        self._check_complete()
+        try:
+            if not self.entries:
+                self._open_shard(0)  # no tensors: still a valid (empty) model.safetensors
+            self._close_shard()
+            self._write_index()
+            self._copy_extras()
+            try:
+                self._publish()
+            except OSError as e:
+                raise OutputError(f"{self.dest}: cannot move the finished folder into place: {e.strerror}") from None
+        except BaseException:
+            self.abort()
+            raise
+        self._done = True
+
+    def abort(self) -> None:
+        """Remove the temporary folder; the destination is left as it was."""
+        if self._done:
+            return
+        self._done = True
+        if self._fd is not None:
+            try:
+                os.close(self._fd)
+            except OSError:
+                pass
+            self._fd = None
+        tmp = getattr(self, "tmp", None)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _umask() -> int:
+    m = os.umask(0)
+    os.umask(m)
+    return m
+
+
+
+def folder_writer(plan: Any, dest: Path, shard_size: int = DEFAULT_SHARD_SIZE) -> ShardedSafetensorsWriter:
+    """The writer for a merge plan's folder output: its tensors, its provenance, and the
+    non-weight files of the last selected input that is a model folder."""
+    from .plan import parse_dtype
+
+    entries = [Entry(t.name, t.out_dtype, t.shape, t.alias_of) for t in plan.tensors]
+    source = next((i.path for i in reversed(plan.inputs) if i.format == "hf-folder"), None)
+    return ShardedSafetensorsWriter(dest, entries, plan.provenance(), shard_size=shard_size, copy_source=source,
+                                    config_dtype=parse_dtype(plan.options.dtype))
