@@ -1,7 +1,7 @@
-"""The Python API: :func:`merge`, :func:`average` and :func:`plan`.
+"""The Python API: :func:`merge`, :func:`average`, :func:`plan` and :func:`recalibrate_file`.
 
-Each function takes the inputs (paths, globs, folders) and the same keyword options as
-the ``ckptavg merge`` command (see :class:`~ckptavg.plan.MergeOptions`).
+Each averaging function takes the inputs (paths, globs, folders) and the same typed
+keyword options as the ``ckptavg merge`` command.
 """
 
 from __future__ import annotations
@@ -25,6 +25,8 @@ __all__ = ["merge", "average", "plan", "recalibrate_file", "MergeReport", "BNFil
 
 PathLike = str | os.PathLike[str]
 Inputs = PathLike | Sequence[PathLike]
+#: an inclusive range: "12:20", "150:", ":20", "7", (lo, hi) or a range
+RangeLike = str | tuple[int | None, int | None] | range | None
 
 _TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pth.tar", ".tar")
 
@@ -79,12 +81,9 @@ class MergeReport:
         return d
 
 
-def _options(kwargs: dict[str, Any]) -> MergeOptions:
-    names = {f.name for f in fields(MergeOptions)}
-    unknown = sorted(set(kwargs) - names)
-    if unknown:
-        raise TypeError(f"unknown option(s): {', '.join(unknown)}")
-    return MergeOptions(**kwargs)
+def _collect(values: dict[str, Any]) -> MergeOptions:
+    """The :class:`MergeOptions` among a public function's arguments."""
+    return MergeOptions(**{f.name: values[f.name] for f in fields(MergeOptions)})
 
 
 def _output_path(output: PathLike) -> tuple[Path, str]:
@@ -165,8 +164,36 @@ def _merge_special(p: MergePlan, out: Path, opts: MergeOptions, t0: float, *, dr
                        seconds=time.perf_counter() - t0, extra=writer.report())
 
 
-def plan(inputs: Inputs, output: PathLike | None = None, **options: Any) -> MergePlan:
+def plan(
+    inputs: Inputs,
+    output: PathLike | None = None,
+    *,
+    method: str = "uniform",
+    decay: float | None = None,
+    decay_per_step: float | None = None,
+    weights: Sequence[float] | str | None = None,
+    gamma: float | None = None,
+    sigma_rel: float | None = None,
+    epochs: RangeLike = None,
+    steps: RangeLike = None,
+    last: int | None = None,
+    every: int | None = None,
+    best: int | None = None,
+    metric: str | None = None,
+    lower_is_better: bool = False,
+    order: str = "auto",
+    key: str | None = None,
+    strip_prefix: str | Sequence[str] | None = None,
+    dtype: str | torch.dtype | None = None,
+    accumulate: str = "float32",
+    device: str | torch.device = "cpu",
+    trust_pickle: bool = False,
+    allow_nonfinite: bool = False,
+) -> MergePlan:
     """Build and validate a merge plan without reading tensor data.
+
+    Returns a :class:`~ckptavg.MergePlan`: the selected files in training order with their
+    epoch, step and weight, and every output tensor. Takes the options of :func:`merge`.
 
     Example::
 
@@ -175,7 +202,7 @@ def plan(inputs: Inputs, output: PathLike | None = None, **options: Any) -> Merg
         for item in p.inputs:
             print(item.path, item.epoch, item.weight)
     """
-    opts = _options(options)
+    opts = _collect(locals())
     out, fmt = _merge_output_path(output) if output is not None else (None, None)
     return build_plan(inputs, opts, out, fmt)
 
@@ -184,6 +211,27 @@ def merge(
     inputs: Inputs,
     output: PathLike,
     *,
+    method: str = "uniform",
+    decay: float | None = None,
+    decay_per_step: float | None = None,
+    weights: Sequence[float] | str | None = None,
+    gamma: float | None = None,
+    sigma_rel: float | None = None,
+    epochs: RangeLike = None,
+    steps: RangeLike = None,
+    last: int | None = None,
+    every: int | None = None,
+    best: int | None = None,
+    metric: str | None = None,
+    lower_is_better: bool = False,
+    order: str = "auto",
+    key: str | None = None,
+    strip_prefix: str | Sequence[str] | None = None,
+    dtype: str | torch.dtype | None = None,
+    accumulate: str = "float32",
+    device: str | torch.device = "cpu",
+    trust_pickle: bool = False,
+    allow_nonfinite: bool = False,
     dry_run: bool = False,
     progress: bool = False,
     bn_spec: PathLike | None = None,
@@ -191,27 +239,42 @@ def merge(
     keep_structure: bool = False,
     keep_optimizer: bool = False,
     shard_size: int | str | None = None,
-    **options: Any,
 ) -> MergeReport:
     """Average checkpoints into one model file, streaming tensor by tensor.
 
-    ``inputs`` are checkpoint files, globs or folders; ``output`` ends in ``.safetensors``
-    or ``.pt``/``.pth``. Options (all keyword): ``method`` ("uniform", "ema",
-    "power-ema"), ``decay``, ``decay_per_step``, ``weights``, ``gamma``, ``sigma_rel``,
-    selection (``epochs``, ``steps``, ``last``, ``every``, ``best``, ``metric``,
-    ``lower_is_better``), ``order``, ``key``, ``strip_prefix``, ``dtype``,
-    ``accumulate``, ``device``, ``trust_pickle``, ``allow_nonfinite``. With ``bn_spec``
-    the averaged model's BatchNorm statistics are recalibrated before writing.
+    ``inputs`` are checkpoint files, globs or folders (one or a list); ``output`` ends in
+    ``.safetensors`` or ``.pt``/``.pth``/``.bin``/``.ckpt``, or is a folder (ending in
+    ``/``, an existing folder, or a name without a file extension): a Hugging Face model
+    folder of safetensors shards of at most ``shard_size`` (default ``"5GB"``; KB/MB/GB)
+    with ``model.safetensors.index.json`` and the last input model folder's config and
+    tokenizer files. The output appears atomically and only when complete.
 
-    ``output`` may also be a folder (ending in ``/``, an existing folder, or a name
-    without a file extension): a Hugging Face model folder of safetensors shards of at
-    most ``shard_size`` (default ``"5GB"``; KB/MB/GB) with ``model.safetensors.index.json``
-    and the last input model folder's config and tokenizer files (see :mod:`ckptavg.hf`).
-    ``keep_structure=True`` writes the last selected checkpoint with its weights replaced
-    by the average, so Lightning, timm and fairseq load it as their own; its optimizer and
-    scheduler states are dropped unless ``keep_optimizer=True`` (see :mod:`ckptavg.structure`).
+    Options shared by :func:`merge`, :func:`average` and :func:`plan` (all keyword-only,
+    each the ``ckptavg merge`` flag of the same name):
 
-    Returns a :class:`MergeReport` (files, weights, output, bytes, seconds).
+    * ``method``: ``"uniform"`` (SWA), ``"ema"`` or ``"power-ema"``; ``decay`` (EMA decay
+      per checkpoint) or ``decay_per_step`` (per training step, using recorded steps);
+      ``gamma`` or ``sigma_rel`` for power-ema; ``weights``: explicit weights in checkpoint
+      order (a sequence or ``"0.5,0.3,0.2"``), normalised to sum 1.
+    * selection: ``epochs``/``steps`` (``"12:20"``, ``"150:"``, ``(lo, hi)`` or a ``range``;
+      inclusive), ``last``, ``every``, ``best`` with ``metric`` and ``lower_is_better``.
+    * ``order``: ``"auto"``, ``"given"``, ``"step"``, ``"epoch"`` or ``"name"``.
+    * ``key``: where the weights are in a torch checkpoint (dotted); ``strip_prefix``: prefix(es)
+      removed from tensor names.
+    * ``dtype``: output dtype of floating tensors; ``accumulate``: ``"float32"`` or ``"float64"``;
+      ``device``: ``"cpu"``, ``"cuda"``, ``"cuda:N"``.
+    * ``trust_pickle``: allow full unpickling (runs code from the file); ``allow_nonfinite``:
+      average inputs holding NaN/Inf instead of failing.
+
+    Merge-only options: ``dry_run`` (build the plan, read no tensor data); ``progress``
+    (tqdm bar on stderr); ``bn_spec``/``bn_mode``: recalibrate BatchNorm statistics with a
+    spec before writing (``"precise"`` or ``"torch"``); ``keep_structure``: write the last
+    selected checkpoint with its weights replaced by the average (Lightning, timm and
+    fairseq load it as their own), dropping optimizer/scheduler states unless
+    ``keep_optimizer``.
+
+    Returns a :class:`MergeReport` (files, weights, output, bytes, seconds). Raises
+    :class:`~ckptavg.CkptavgError` for anything a user can cause.
 
     Example::
 
@@ -223,7 +286,7 @@ def merge(
         print(report.summary(), report.weights)
     """
     t0 = time.perf_counter()
-    opts = _options(options)
+    opts = _collect(locals())
     out, fmt = _merge_output_path(output)
     shard = _check_output_options(out, fmt, keep_structure, keep_optimizer, shard_size, bn_spec)
     resolve_device(opts.device)
@@ -276,18 +339,44 @@ def _average_plan(p: MergePlan, opts: MergeOptions, progress: bool) -> tuple[dic
     return writer.result, stats
 
 
-def average(inputs: Inputs, *, progress: bool = False, **options: Any) -> dict[str, torch.Tensor]:
+def average(
+    inputs: Inputs,
+    *,
+    method: str = "uniform",
+    decay: float | None = None,
+    decay_per_step: float | None = None,
+    weights: Sequence[float] | str | None = None,
+    gamma: float | None = None,
+    sigma_rel: float | None = None,
+    epochs: RangeLike = None,
+    steps: RangeLike = None,
+    last: int | None = None,
+    every: int | None = None,
+    best: int | None = None,
+    metric: str | None = None,
+    lower_is_better: bool = False,
+    order: str = "auto",
+    key: str | None = None,
+    strip_prefix: str | Sequence[str] | None = None,
+    dtype: str | torch.dtype | None = None,
+    accumulate: str = "float32",
+    device: str | torch.device = "cpu",
+    trust_pickle: bool = False,
+    allow_nonfinite: bool = False,
+    progress: bool = False,
+) -> dict[str, torch.Tensor]:
     """Average checkpoints and return the result as an in-memory state dict (CPU tensors).
 
-    Takes the same options as :func:`merge`; meant for models that fit in memory.
+    Takes the options of :func:`merge` (see there); meant for models that fit in memory.
     Tied tensors come back as one tensor under each of their names.
 
     Example::
 
         sd = ckptavg.average(["ep8.pt", "ep9.pt", "ep10.pt"])
+        sd = ckptavg.average("runs/", last=5, method="ema", decay=0.9)
         model.load_state_dict(sd)
     """
-    opts = _options(options)
+    opts = _collect(locals())
     resolve_device(opts.device)
     p = build_plan(inputs, opts)
     try:
