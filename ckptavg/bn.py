@@ -248,23 +248,51 @@ class _Moments:
                 var, mean = torch.var_mean(xs, dim=dims, correction=0)
             else:
                 mean, var = xs, torch.zeros_like(xs)
-            acc_device = mean.device if mean.device.type != "mps" else torch.device("cpu")  # no float64 on MPS
-            mean_b = mean.to(acc_device, torch.float64)
-            m2_b = var.to(acc_device, torch.float64) * n
-            if self.mean is None or self.m2 is None:
-                self.mean, self.m2 = mean_b, m2_b
-            else:  # Chan et al.: combine two (count, mean, M2) summaries exactly
-                total = self.count + n
-                delta = mean_b - self.mean
-                self.mean = self.mean + delta * (n / total)
-                self.m2 = self.m2 + m2_b + delta.square() * (self.count * n / total)
-            self.count += n
+            self.combine(mean, var, n)
+
+    def combine(self, mean: torch.Tensor, var: torch.Tensor, n: int) -> None:
+        """Add one batch's per-channel mean and biased variance over ``n`` values."""
+        acc_device = mean.device if mean.device.type != "mps" else torch.device("cpu")  # no float64 on MPS
+        mean_b = mean.to(acc_device, torch.float64)
+        m2_b = var.to(acc_device, torch.float64) * n
+        if self.mean is None or self.m2 is None:
+            self.mean, self.m2 = mean_b, m2_b
+        else:  # Chan et al.: combine two (count, mean, M2) summaries exactly
+            total = self.count + n
+            delta = mean_b - self.mean
+            self.mean = self.mean + delta * (n / total)
+            self.m2 = self.m2 + m2_b + delta.square() * (self.count * n / total)
+        self.count += n
 
     def population(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(mean, variance with Bessel's correction ``M2 / (N - 1)``), float64."""
         assert self.mean is not None and self.m2 is not None
         var = self.m2 / (self.count - 1) if self.count > 1 else torch.zeros_like(self.m2)
         return self.mean, var
+
+
+class _BatchStatMoments(_Moments):
+    """The same summary for a BatchNorm layer, without a second pass over its input: with
+    ``momentum = 1`` the layer's own forward leaves this batch's mean and unbiased variance
+    in its running buffers, which a forward hook reads (per-channel vectors only)."""
+
+    def __call__(self, module: nn.Module, args: tuple[Any, ...], output: Any = None) -> None:  # type: ignore[override]
+        x = args[0]
+        self.calls += 1
+        if not isinstance(x, torch.Tensor) or x.numel() == 0:
+            return
+        n = x.numel() // x.shape[1]
+        with torch.no_grad():
+            var = module.running_var.detach() * ((n - 1) / n)  # unbiased -> biased
+            self.combine(module.running_mean.detach(), var, n)
+
+
+def _uses_batch_stats(m: nn.Module) -> bool:
+    """A BatchNorm layer whose own forward can report its batch statistics exactly enough."""
+    if not isinstance(m, nn.modules.batchnorm._BatchNorm) or not m.track_running_stats:
+        return False
+    rm = m.running_mean
+    return not _initialised(rm) or rm.dtype in (torch.float32, torch.float64)
 
 
 class _CallCounter:
@@ -371,8 +399,15 @@ def _recalibrate(
             model.eval()
             for _, m in named:
                 m.train()  # normalise with batch statistics, as in training
-                moments[m] = _Moments(m)
-                hooks.append(m.register_forward_pre_hook(moments[m]))
+                if _uses_batch_stats(m):
+                    if _initialised(m.running_mean):
+                        m.reset_running_stats()  # no NaN/Inf from the checkpoint survives momentum 1
+                    m.momentum = 1.0
+                    moments[m] = _BatchStatMoments(m)
+                    hooks.append(m.register_forward_hook(moments[m]))
+                else:
+                    moments[m] = _Moments(m)
+                    hooks.append(m.register_forward_pre_hook(moments[m]))
 
         from tqdm import tqdm
 
