@@ -16,10 +16,10 @@ from typing import Any
 
 import torch
 
-from .engine import resolve_device, run
+from .engine import EngineStats, resolve_device, run
 from .errors import OptionError
 from .plan import MergeOptions, MergePlan, build_plan
-from .writers import open_writer, save_state_dict
+from .writers import MemoryWriter, open_writer, save_state_dict
 
 __all__ = ["merge", "average", "plan", "recalibrate_file", "MergeReport", "BNFileReport"]
 
@@ -154,12 +154,7 @@ def _merge_special(p: MergePlan, out: Path, opts: MergeOptions, t0: float, *, dr
     if dry_run:
         return MergeReport(plan=p, output=out, dry_run=True, seconds=time.perf_counter() - t0)
     writer = hf.folder_writer(p, out, shard_size)
-    try:
-        stats = run(p, writer, device=opts.device, progress=progress, allow_nonfinite=opts.allow_nonfinite)
-        writer.commit()
-    except BaseException:
-        writer.abort()
-        raise
+    stats = _run_and_commit(p, writer, opts, progress)
     return MergeReport(plan=p, output=out, bytes_written=writer.bytes_written, bytes_read=stats.bytes_read,
                        seconds=time.perf_counter() - t0, extra=writer.report())
 
@@ -299,16 +294,8 @@ def merge(
             return MergeReport(plan=p, output=out, dry_run=True, seconds=time.perf_counter() - t0)
         if bn_spec is not None:
             return _merge_with_bn(p, out, bn_spec, bn_mode, progress, opts, t0)
-        from .writers import Entry
-
-        entries = [Entry(t.name, t.out_dtype, t.shape, t.alias_of) for t in p.tensors]
-        writer = open_writer(out, entries, p.provenance(), fmt)
-        try:
-            stats = run(p, writer, device=opts.device, progress=progress, allow_nonfinite=opts.allow_nonfinite)
-            writer.commit()
-        except BaseException:
-            writer.abort()
-            raise
+        writer = open_writer(out, p.entries(), p.provenance(), fmt)
+        stats = _run_and_commit(p, writer, opts, progress)
         return MergeReport(plan=p, output=out, bytes_written=writer.bytes_written, bytes_read=stats.bytes_read,
                            seconds=time.perf_counter() - t0)
     finally:
@@ -329,13 +316,20 @@ def _merge_with_bn(p: MergePlan, out: Path, bn_spec: PathLike, bn_mode: str, pro
                        seconds=time.perf_counter() - t0, bn=bn_report)
 
 
-def _average_plan(p: MergePlan, opts: MergeOptions, progress: bool) -> tuple[dict[str, torch.Tensor], Any]:
-    from .writers import Entry, MemoryWriter
+def _run_and_commit(p: MergePlan, writer: Any, opts: MergeOptions, progress: bool) -> EngineStats:
+    """Stream the plan into ``writer`` and commit it; on any failure abort it (nothing is left)."""
+    try:
+        stats = run(p, writer, device=opts.device, progress=progress, allow_nonfinite=opts.allow_nonfinite)
+        writer.commit()
+    except BaseException:
+        writer.abort()
+        raise
+    return stats
 
-    entries = [Entry(t.name, t.out_dtype, t.shape, t.alias_of) for t in p.tensors]
-    writer = MemoryWriter(entries)
-    stats = run(p, writer, device=opts.device, progress=progress, allow_nonfinite=opts.allow_nonfinite)
-    writer.commit()
+
+def _average_plan(p: MergePlan, opts: MergeOptions, progress: bool) -> tuple[dict[str, torch.Tensor], EngineStats]:
+    writer = MemoryWriter(p.entries())
+    stats = _run_and_commit(p, writer, opts, progress)
     return writer.result, stats
 
 

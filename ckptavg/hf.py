@@ -471,7 +471,7 @@ def folder_writer(plan: Any, dest: Path, shard_size: int = DEFAULT_SHARD_SIZE) -
     non-weight files of the last selected input that is a model folder."""
     from .plan import parse_dtype
 
-    entries = [Entry(t.name, t.out_dtype, t.shape, t.alias_of) for t in plan.tensors]
+    entries = plan.entries()
     source = next((i.path for i in reversed(plan.inputs) if i.format == "hf-folder"), None)
     return ShardedSafetensorsWriter(dest, entries, plan.provenance(), shard_size=shard_size, copy_source=source,
                                     config_dtype=parse_dtype(plan.options.dtype))

@@ -25,6 +25,7 @@ from typing import Any
 from .discover import discover
 from .errors import CkptavgError
 from .order import order_checkpoints
+from .plan import human_bytes
 from .readers import Checkpoint, open_checkpoint
 
 __all__ = ["CheckpointInfo", "InspectReport", "inspect"]
@@ -127,7 +128,7 @@ class InspectReport:
             dts = ", ".join(f"{d}" if len(c.dtypes) == 1 else f"{d}:{n}" for d, n in c.dtypes.items())
             metrics = " ".join(f"{m}={_num(v)}" for m, v in c.metrics.items())
             rows.append([str(k), str(c.path), fmt, weights, _opt(c.epoch), _opt(c.step), tensors,
-                         _count(c.parameters), dts, _bytes(c.size), metrics])
+                         _count(c.parameters), dts, human_bytes(c.size), metrics])
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         right = {0, 4, 5, 7, 9}
         lines = []
@@ -218,14 +219,6 @@ def _count(n: int) -> str:
         if n >= div:
             return f"{n / div:.2f}{unit}"
     return str(n)
-
-
-def _bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000.0
-    return f"{n:.1f} TB"
 
 
 def _framework(c: Checkpoint) -> str | None:

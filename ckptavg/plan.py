@@ -24,6 +24,7 @@ from .errors import MismatchError, OptionError
 from .order import Selection, order_checkpoints, parse_range, select
 from .readers import Checkpoint, TensorRef, open_checkpoint
 from .weights import METHODS, Weights, ema, ema_per_step, explicit, power_ema, uniform
+from .writers import Entry
 
 __all__ = ["MergeOptions", "MergePlan", "PlannedInput", "PlannedTensor", "build_plan", "parse_dtype"]
 
@@ -166,6 +167,10 @@ class MergePlan:
     def largest_tensor_bytes(self) -> int:
         return max((max(r.nbytes for r in t.refs) for t in self.tensors), default=0)
 
+    def entries(self) -> list[Entry]:
+        """The output tensors as a writer's plan (names, output dtypes, shapes, tied aliases)."""
+        return [Entry(t.name, t.out_dtype, t.shape, t.alias_of) for t in self.tensors]
+
     def provenance(self) -> dict[str, str]:
         """String metadata recorded in the output (safetensors ``__metadata__``)."""
         files = [
@@ -236,9 +241,10 @@ class MergePlan:
             + (f", {n_tied} tied" if n_tied else "")
             + ")"
         )
-        lines.append(f"reads:     {_human(self.read_bytes)}; largest tensor {_human(self.largest_tensor_bytes)}")
+        largest = human_bytes(self.largest_tensor_bytes)
+        lines.append(f"reads:     {human_bytes(self.read_bytes)}; largest tensor {largest}")
         if self.output is not None:
-            lines.append(f"output:    {self.output} ({self.output_format}, {_human(self.output_bytes)})")
+            lines.append(f"output:    {self.output} ({self.output_format}, {human_bytes(self.output_bytes)})")
         for n in self.notes:
             lines.append(f"note:      {n}")
         return "\n".join(lines)
@@ -252,7 +258,8 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
-def _human(n: float) -> str:
+def human_bytes(n: float) -> str:
+    """``1234567`` -> ``"1.2 MB"`` (decimal units)."""
     for unit in ("B", "KB", "MB", "GB", "TB"):
         if abs(n) < 1000 or unit == "TB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"

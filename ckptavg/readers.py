@@ -28,6 +28,7 @@ import os
 import pickle
 import re
 import struct
+import sys
 import warnings
 import zipfile
 import zlib
@@ -265,10 +266,6 @@ class Checkpoint:
     st_metadata: dict[str, str] | None = None
     _tensor_source: dict[int, TensorRef] = field(default_factory=dict, repr=False)
     _make_ref: Any = field(default=None, repr=False)
-
-    @property
-    def label(self) -> str:
-        return str(self.path)
 
     def ref_for(self, t: torch.Tensor, name: str = "") -> TensorRef:
         """The :class:`TensorRef` for a (meta) tensor anywhere in ``obj`` (torch formats)."""
@@ -668,7 +665,7 @@ def _open_torch_zip(f: _File, key: str | None, trust_pickle: bool) -> Checkpoint
         order = z.read("byteorder", limit=16)
         if order not in (b"little", b"big"):
             raise CheckpointReadError(f"{f.path}: damaged torch checkpoint: unknown byte order {order!r}")
-        byteswap = order.decode() != _native_order()
+        byteswap = order.decode() != sys.byteorder
     if trust_pickle:
         warnings.warn(
             CkptavgWarning(f"{f.path}: loading with full unpickling (--trust-pickle): code in this file can run"),
@@ -740,12 +737,6 @@ def _open_torch_zip(f: _File, key: str | None, trust_pickle: bool) -> Checkpoint
     _meta_from_object(ckpt)
     _apply_name_metadata(ckpt)
     return ckpt
-
-
-def _native_order() -> str:
-    import sys
-
-    return sys.byteorder
 
 
 def _walk_tensors(obj: Any, fn: Any, path: str = "", depth: int = 0) -> None:
