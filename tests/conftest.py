@@ -92,3 +92,34 @@ def fp64_mean(tensors, weights=None):
 def assert_close32(got, ref):
     """``got`` (float32 accumulation) equals the fp64 reference within float32 rounding."""
     torch.testing.assert_close(got.double(), ref.double(), rtol=4e-6, atol=2e-6)
+
+
+# Imports first, then reset the kernel's peak-RSS mark (VmHWM) and measure the merge alone:
+# the import of torch has a transient peak of its own that would hide the merge's cost.
+_RSS_PROBE = """
+import json, sys
+import torch, ckptavg
+import ckptavg.engine, ckptavg.hf, ckptavg.readers, ckptavg.writers
+
+def status(key):
+    for line in open("/proc/self/status"):
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) * 1024
+
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")
+base = status("VmRSS")
+ckptavg.merge(sys.argv[3:], sys.argv[1], **json.loads(sys.argv[2]))
+print(status("VmHWM") - base)
+"""
+
+
+def merge_peak_rss(output, inputs, **merge_options) -> int:
+    """Peak RSS (bytes) of ``ckptavg.merge(inputs, output, **merge_options)`` in a fresh
+    process, above that process's RSS after its imports (Linux only)."""
+    import json
+
+    res = subprocess.run([sys.executable, "-c", _RSS_PROBE, str(output), json.dumps(merge_options),
+                          *map(str, inputs)], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    return int(res.stdout.strip().splitlines()[-1])

@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 import ckptavg
 from ckptavg.hf import is_folder_output, parse_size
 
-from .conftest import assert_close32, fp64_mean, make_state_dicts
+from .conftest import assert_close32, fp64_mean, make_state_dicts, merge_peak_rss
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 transformers = pytest.importorskip("transformers")
@@ -310,30 +310,10 @@ def test_index_and_shards_match_safetensors_format(finetunes, tmp_path):
         assert 8 + n + end == len(raw)
 
 
-_PROBE = """
-import sys
-import ckptavg, ckptavg.engine, ckptavg.hf, ckptavg.readers, ckptavg.writers
-
-def status(key):
-    for line in open("/proc/self/status"):
-        if line.startswith(key + ":"):
-            return int(line.split()[1]) * 1024
-
-with open("/proc/self/clear_refs", "w") as f:
-    f.write("5")
-base = status("VmRSS")
-ckptavg.merge(sys.argv[3:], sys.argv[1], shard_size=sys.argv[2])
-print(status("VmHWM") - base)
-"""
-
-
 @pytest.mark.slow
 @pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="reads /proc/self/status")
 def test_folder_output_peak_rss_bounded_by_largest_tensor(tmp_path):
     """Sharded folder in, sharded folder out: the process never holds a model's worth of data."""
-    import subprocess
-    import sys
-
     largest = 1 << 20  # elements: 4 MB float32
     g = torch.Generator().manual_seed(0)
     base = {f"layer.{i}.weight": torch.randn(largest // 2, generator=g) for i in range(24)}  # 48 MB
@@ -352,10 +332,7 @@ def test_folder_output_peak_rss_bounded_by_largest_tensor(tmp_path):
                                             for i, n in enumerate(names)}}))
         folders.append(str(f))
     out = tmp_path / "soup"
-    res = subprocess.run([sys.executable, "-c", _PROBE, str(out), "10MB", *folders], capture_output=True, text=True,
-                         timeout=300)
-    assert res.returncode == 0, res.stderr
-    above = int(res.stdout.strip().splitlines()[-1])
+    above = merge_peak_rss(out, folders, shard_size="10MB")
     model_bytes = sum(t.numel() * 4 for t in base.values())
     assert len(list(out.glob("model-*.safetensors"))) == 7  # 4 x 2 MiB per 10 MB shard, then the 4 MiB one
     print(f"peak RSS above import: {above / 2**20:.1f} MiB (model {model_bytes / 2**20:.0f} MiB)")

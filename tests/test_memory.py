@@ -2,38 +2,13 @@
 
 from __future__ import annotations
 
-import subprocess
 import sys
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
-# Imports first, then reset the kernel's peak-RSS mark (VmHWM) and measure the merge alone:
-# the import of torch has a transient peak of its own that would hide the merge's cost.
-_PROBE = """
-import sys
-import torch, ckptavg
-import ckptavg.engine, ckptavg.writers, ckptavg.readers
-
-def status(key):
-    for line in open("/proc/self/status"):
-        if line.startswith(key + ":"):
-            return int(line.split()[1]) * 1024
-
-with open("/proc/self/clear_refs", "w") as f:
-    f.write("5")
-base = status("VmRSS")
-ckptavg.merge(sys.argv[2:], sys.argv[1])
-print(status("VmHWM") - base)
-"""
-
-
-def _above_baseline(out, paths) -> int:
-    res = subprocess.run([sys.executable, "-c", _PROBE, str(out), *paths], capture_output=True, text=True,
-                         timeout=300)
-    assert res.returncode == 0, res.stderr
-    return int(res.stdout.strip().splitlines()[-1])
+from .conftest import merge_peak_rss
 
 
 @pytest.mark.slow
@@ -57,7 +32,7 @@ def test_peak_rss_bounded_by_largest_tensor(tmp_path, fmt):
         paths.append(str(p))
     total_input = sum((tmp_path / f"ck{k}.{fmt}").stat().st_size for k in range(n_inputs))
     out = tmp_path / f"out.{fmt}"
-    above = _above_baseline(out, paths)
+    above = merge_peak_rss(out, paths)
     largest_bytes = largest * 4
     assert out.exists()
     # the whole input set is ~6x the model; loading it would cost far more than this bound
