@@ -16,12 +16,43 @@ Example::
     print(ckptavg.inspect("runs/").format())  # what each checkpoint holds, headers only
 """
 
+from typing import TYPE_CHECKING, Any
+
 from ._version import __version__
-from .api import BNFileReport, MergeReport, average, merge, plan, recalibrate_file
-from .bn import BNReport, recalibrate_bn
 from .errors import CkptavgError, CkptavgWarning
-from .inspect import CheckpointInfo, InspectReport, inspect
-from .plan import MergePlan
+
+# The public names live in their modules; they are imported on first use (PEP 562), so that
+# `ckptavg --help` and `import ckptavg.errors` do not pay for importing torch.
+_LAZY = {
+    "merge": "api", "average": "api", "plan": "api", "recalibrate_file": "api",
+    "MergeReport": "api", "BNFileReport": "api",
+    "recalibrate_bn": "bn", "BNReport": "bn",
+    "inspect": "inspection", "InspectReport": "inspection", "CheckpointInfo": "inspection",
+    "MergePlan": "planner", "MergeOptions": "options",
+}
+
+if TYPE_CHECKING:
+    from .api import BNFileReport, MergeReport, average, merge, plan, recalibrate_file
+    from .bn import BNReport, recalibrate_bn
+    from .inspection import CheckpointInfo, InspectReport, inspect
+    from .options import MergeOptions
+    from .planner import MergePlan
+
+
+def __getattr__(name: str) -> Any:
+    mod = _LAZY.get(name)
+    if mod is None:
+        raise AttributeError(f"module 'ckptavg' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(f".{mod}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
+
 
 __all__ = [
     "__version__",
@@ -32,6 +63,7 @@ __all__ = [
     "recalibrate_bn",
     "recalibrate_file",
     "MergeReport",
+    "MergeOptions",
     "BNReport",
     "BNFileReport",
     "MergePlan",

@@ -1,7 +1,9 @@
 """The Python API: :func:`merge`, :func:`average`, :func:`plan` and :func:`recalibrate_file`.
 
-Each averaging function takes the inputs (paths, globs, folders) and the same typed
-keyword options as the ``ckptavg merge`` command.
+One path for every merge: build the plan -> make the writer for the output -> run the
+engine into it -> (recalibrate BatchNorm) -> commit. A dry run stops after the plan; BatchNorm
+recalibration and every output kind (a file, a Hugging Face folder, ``keep_structure``, memory)
+are variations of that path. The options are declared once, in :mod:`ckptavg.options`.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ import json
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -18,17 +20,16 @@ import torch
 
 from .engine import EngineStats, resolve_device, run
 from .errors import OptionError
-from .plan import MergeOptions, MergePlan, build_plan
-from .writers import MemoryWriter, open_writer, save_state_dict
+from .io import Writer, open_writer, output_kind, write_state_dict
+from .io.memory_out import MemoryWriter
+from .io.writer import feed
+from .options import MergeOptions, api_signature, collect, option_fields
+from .planner import MergePlan, build_plan, parse_dtype
 
 __all__ = ["merge", "average", "plan", "recalibrate_file", "MergeReport", "BNFileReport"]
 
 PathLike = str | os.PathLike[str]
 Inputs = PathLike | Sequence[PathLike]
-#: an inclusive range: "12:20", "150:", ":20", "7", (lo, hi) or a range
-RangeLike = str | tuple[int | None, int | None] | range | None
-
-_TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pth.tar", ".tar")
 
 
 @dataclass
@@ -81,192 +82,81 @@ class MergeReport:
         return d
 
 
-def _collect(values: dict[str, Any]) -> MergeOptions:
-    """The :class:`MergeOptions` among a public function's arguments."""
-    return MergeOptions(**{f.name: values[f.name] for f in fields(MergeOptions)})
-
-
-def _output_path(output: PathLike) -> tuple[Path, str]:
-    p = Path(output)
-    name = os.fspath(output).lower()
-    if name.endswith(".safetensors"):
-        return p, "safetensors"
-    if any(name.endswith(s) for s in _TORCH_SUFFIXES):
-        return p, "torch"
-    raise OptionError(
-        f"{output}: the output must end in .safetensors or .pt/.pth/.bin/.ckpt (the extension picks the format)"
-    )
-
-
-def _merge_output_path(output: PathLike) -> tuple[Path, str]:
-    """Like :func:`_output_path`, plus folders (Hugging Face sharded safetensors output)."""
-    from .hf import is_folder_output
-
-    if is_folder_output(output):
-        return Path(output), "hf-folder"
-    try:
-        return _output_path(output)
-    except OptionError as e:
-        raise OptionError(f"{e}, or name a folder (ending in /) for Hugging Face sharded safetensors") from None
-
-
-def _check_output_options(out: Path, fmt: str, keep_structure: bool, keep_optimizer: bool,
-                          shard_size: int | str | None, bn_spec: PathLike | None) -> int:
+def _check_output_options(out: Path, kind: str, opts: MergeOptions) -> int:
     """Validate the output options together (before anything is read); returns the shard size."""
-    from .hf import parse_size
+    from .io.hf_folder_out import parse_size
 
-    if keep_optimizer and not keep_structure:
+    if opts.keep_optimizer and not opts.keep_structure:
         raise OptionError("--keep-optimizer only applies with --keep-structure")
-    if keep_structure and fmt != "torch":
+    if opts.keep_structure and kind != "torch":
         raise OptionError(
             f"{out}: --keep-structure writes a torch checkpoint like its inputs: give an output ending in "
             ".ckpt/.pt/.pth/.bin"
         )
-    if shard_size is not None and fmt != "hf-folder":
+    if opts.shard_size is not None and kind != "hf-folder":
         raise OptionError(f"{out}: --shard-size applies to folder output (-o DIR/), not to a single file")
-    if bn_spec is not None and (keep_structure or fmt == "hf-folder"):
-        raise OptionError(
-            "--bn-spec cannot be combined with --keep-structure or folder output yet; merge to a .pt/.safetensors "
-            "file with --bn-spec instead"
-        )
-    return parse_size(shard_size)
+    if opts.bn_mode not in ("precise", "torch"):
+        raise OptionError(f"--bn-mode must be precise or torch, got {opts.bn_mode!r}")
+    return parse_size(opts.shard_size)
 
 
-def _merge_special(p: MergePlan, out: Path, opts: MergeOptions, t0: float, *, dry_run: bool, progress: bool,
-                   keep_structure: bool, keep_optimizer: bool, shard_size: int) -> MergeReport:
-    """Folder output (:mod:`ckptavg.hf`) and ``keep_structure`` (:mod:`ckptavg.structure`)."""
-    if keep_structure:
-        from . import structure
-
-        so = structure.prepare(p, keep_optimizer=keep_optimizer)
-        extra: dict[str, Any] = {"structure_of": os.fspath(so.base), "averaged_weight_sets": so.averaged,
-                                 "dropped": so.dropped, "output_notes": so.summary_notes()}
-        if dry_run:
-            so.plan.notes.extend(so.summary_notes())
-            return MergeReport(plan=so.plan, output=out, dry_run=True, seconds=time.perf_counter() - t0, extra=extra)
-        written, stats = structure.write(so, out, device=opts.device, progress=progress,
-                                         allow_nonfinite=opts.allow_nonfinite)
-        return MergeReport(plan=so.plan, output=out, bytes_written=written, bytes_read=stats.bytes_read,
-                           seconds=time.perf_counter() - t0, extra=extra)
-    from . import hf
-
-    hf.check_destination(out)  # refuse a folder of other files before reading any data
-    if dry_run:
-        return MergeReport(plan=p, output=out, dry_run=True, seconds=time.perf_counter() - t0)
-    writer = hf.folder_writer(p, out, shard_size)
-    stats = _run_and_commit(p, writer, opts, progress)
-    return MergeReport(plan=p, output=out, bytes_written=writer.bytes_written, bytes_read=stats.bytes_read,
-                       seconds=time.perf_counter() - t0, extra=writer.report())
+def _make_writer(p: MergePlan, out: Path, kind: str, opts: MergeOptions, shard_size: int,
+                 structured: Any) -> Writer:
+    if structured is not None:
+        return structured.writer(out)
+    extra: dict[str, Any] = {}
+    if kind == "hf-folder":
+        source = next((i.path for i in reversed(p.inputs) if i.format == "hf-folder"), None)
+        extra = {"shard_size": shard_size, "copy_source": source, "config_dtype": parse_dtype(opts.dtype)}
+    return open_writer(kind, out, p.entries(), p.provenance(), **extra)
 
 
-def plan(
-    inputs: Inputs,
-    output: PathLike | None = None,
-    *,
-    method: str = "uniform",
-    decay: float | None = None,
-    decay_per_step: float | None = None,
-    weights: Sequence[float] | str | None = None,
-    gamma: float | None = None,
-    sigma_rel: float | None = None,
-    epochs: RangeLike = None,
-    steps: RangeLike = None,
-    last: int | None = None,
-    every: int | None = None,
-    best: int | None = None,
-    metric: str | None = None,
-    lower_is_better: bool = False,
-    order: str = "auto",
-    key: str | None = None,
-    strip_prefix: str | Sequence[str] | None = None,
-    dtype: str | torch.dtype | None = None,
-    accumulate: str = "float32",
-    device: str | torch.device = "cpu",
-    trust_pickle: bool = False,
-    allow_nonfinite: bool = False,
-) -> MergePlan:
-    """Build and validate a merge plan without reading tensor data.
+def _execute(p: MergePlan, writer: Writer, opts: MergeOptions, n_main: int) -> tuple[EngineStats, Any]:
+    """Run the engine into ``writer`` (through BatchNorm recalibration when asked) and commit;
+    on any failure abort it, so nothing is left at the destination."""
+    bn_report = None
+    try:
+        if opts.bn_spec is None:
+            stats = run(p, writer, device=opts.device, progress=opts.progress, allow_nonfinite=opts.allow_nonfinite)
+        else:
+            from .bn import load_spec, recalibrate_state_dict
 
-    Returns a :class:`~ckptavg.MergePlan`: the selected files in training order with their
-    epoch, step and weight, and every output tensor. Takes the options of :func:`merge`.
-
-    Example::
-
-        p = ckptavg.plan("runs/", epochs="10:", method="ema", decay=0.9)
-        print(p.format())
-        for item in p.inputs:
-            print(item.path, item.epoch, item.weight)
-    """
-    opts = _collect(locals())
-    out, fmt = _merge_output_path(output) if output is not None else (None, None)
-    return build_plan(inputs, opts, out, fmt)
+            spec = load_spec(opts.bn_spec)
+            entries = p.entries()
+            mem = MemoryWriter(entries)
+            stats = run(p, mem, device=opts.device, progress=opts.progress, allow_nonfinite=opts.allow_nonfinite)
+            mem.commit()
+            # the model's own weights are the first n_main entries (keep-structure appends other weight sets)
+            main = {e.name: mem.result[e.name] for e in entries[:n_main]}
+            new, bn_report = recalibrate_state_dict(main, spec, mode=opts.bn_mode, device=None,
+                                                    progress=opts.progress)
+            result = {**mem.result, **new}
+            feed(writer, [result[e.name] for e in entries if e.alias_of is None])
+        writer.commit()
+    except BaseException:
+        writer.abort()
+        raise
+    return stats, bn_report
 
 
-def merge(
-    inputs: Inputs,
-    output: PathLike,
-    *,
-    method: str = "uniform",
-    decay: float | None = None,
-    decay_per_step: float | None = None,
-    weights: Sequence[float] | str | None = None,
-    gamma: float | None = None,
-    sigma_rel: float | None = None,
-    epochs: RangeLike = None,
-    steps: RangeLike = None,
-    last: int | None = None,
-    every: int | None = None,
-    best: int | None = None,
-    metric: str | None = None,
-    lower_is_better: bool = False,
-    order: str = "auto",
-    key: str | None = None,
-    strip_prefix: str | Sequence[str] | None = None,
-    dtype: str | torch.dtype | None = None,
-    accumulate: str = "float32",
-    device: str | torch.device = "cpu",
-    trust_pickle: bool = False,
-    allow_nonfinite: bool = False,
-    dry_run: bool = False,
-    progress: bool = False,
-    bn_spec: PathLike | None = None,
-    bn_mode: str = "precise",
-    keep_structure: bool = False,
-    keep_optimizer: bool = False,
-    shard_size: int | str | None = None,
-) -> MergeReport:
+def merge(inputs: Inputs, output: PathLike, **options: Any) -> MergeReport:
     """Average checkpoints into one model file, streaming tensor by tensor.
 
     ``inputs`` are checkpoint files, globs or folders (one or a list); ``output`` ends in
     ``.safetensors`` or ``.pt``/``.pth``/``.bin``/``.ckpt``, or is a folder (ending in
     ``/``, an existing folder, or a name without a file extension): a Hugging Face model
-    folder of safetensors shards of at most ``shard_size`` (default ``"5GB"``; KB/MB/GB)
-    with ``model.safetensors.index.json`` and the last input model folder's config and
-    tokenizer files. The output appears atomically and only when complete.
+    folder of safetensors shards with ``model.safetensors.index.json`` and the last input
+    model folder's config and tokenizer files. The output appears atomically and only when
+    complete.
 
-    Options shared by :func:`merge`, :func:`average` and :func:`plan` (all keyword-only,
-    each the ``ckptavg merge`` flag of the same name):
-
-    * ``method``: ``"uniform"`` (SWA), ``"ema"`` or ``"power-ema"``; ``decay`` (EMA decay
-      per checkpoint) or ``decay_per_step`` (per training step, using recorded steps);
-      ``gamma`` or ``sigma_rel`` for power-ema; ``weights``: explicit weights in checkpoint
-      order (a sequence or ``"0.5,0.3,0.2"``), normalised to sum 1.
-    * selection: ``epochs``/``steps`` (``"12:20"``, ``"150:"``, ``(lo, hi)`` or a ``range``;
-      inclusive), ``last``, ``every``, ``best`` with ``metric`` and ``lower_is_better``.
-    * ``order``: ``"auto"``, ``"given"``, ``"step"``, ``"epoch"`` or ``"name"``.
-    * ``key``: where the weights are in a torch checkpoint (dotted); ``strip_prefix``: prefix(es)
-      removed from tensor names.
-    * ``dtype``: output dtype of floating tensors; ``accumulate``: ``"float32"`` or ``"float64"``;
-      ``device``: ``"cpu"``, ``"cuda"``, ``"cuda:N"``.
-    * ``trust_pickle``: allow full unpickling (runs code from the file); ``allow_nonfinite``:
-      average inputs holding NaN/Inf instead of failing.
-
-    Merge-only options: ``dry_run`` (build the plan, read no tensor data); ``progress``
-    (tqdm bar on stderr); ``bn_spec``/``bn_mode``: recalibrate BatchNorm statistics with a
-    spec before writing (``"precise"`` or ``"torch"``); ``keep_structure``: write the last
-    selected checkpoint with its weights replaced by the average (Lightning, timm and
-    fairseq load it as their own), dropping optimizer/scheduler states unless
-    ``keep_optimizer``.
+    Keyword options are those of ``ckptavg merge``, one to one (declared in
+    :class:`ckptavg.options.MergeOptions`; ``help(ckptavg.merge)`` lists them with types and
+    defaults): the method (``method``, ``decay``, ``decay_per_step``, ``weights``, ``gamma``,
+    ``sigma_rel``), the selection (``epochs``, ``steps``, ``last``, ``every``, ``best``,
+    ``metric``, ``lower_is_better``, ``order``), reading (``key``, ``strip_prefix``,
+    ``trust_pickle``), numerics (``dtype``, ``accumulate``, ``buffers``, ``allow_nonfinite``,
+    ``device``) and the output (``bn_spec``, ``bn_mode``, ``keep_structure``,
+    ``keep_optimizer``, ``shard_size``, ``dry_run``, ``progress``).
 
     Returns a :class:`MergeReport` (files, weights, output, bytes, seconds). Raises
     :class:`~ckptavg.CkptavgError` for anything a user can cause.
@@ -281,88 +171,66 @@ def merge(
         print(report.summary(), report.weights)
     """
     t0 = time.perf_counter()
-    opts = _collect(locals())
-    out, fmt = _merge_output_path(output)
-    shard = _check_output_options(out, fmt, keep_structure, keep_optimizer, shard_size, bn_spec)
+    opts = collect(options, option_fields(), "merge")
+    out = Path(output)
+    kind = output_kind(output)
+    shard_size = _check_output_options(out, kind, opts)
     resolve_device(opts.device)
-    p = build_plan(inputs, opts, out, fmt)
+    p = build_plan(inputs, opts, out, kind)
     try:
-        if keep_structure or fmt == "hf-folder":
-            return _merge_special(p, out, opts, t0, dry_run=dry_run, progress=progress,
-                                  keep_structure=keep_structure, keep_optimizer=keep_optimizer, shard_size=shard)
-        if dry_run:
-            return MergeReport(plan=p, output=out, dry_run=True, seconds=time.perf_counter() - t0)
-        if bn_spec is not None:
-            return _merge_with_bn(p, out, bn_spec, bn_mode, progress, opts, t0)
-        writer = open_writer(out, p.entries(), p.provenance(), fmt)
-        stats = _run_and_commit(p, writer, opts, progress)
+        n_main = len(p.tensors)
+        structured = None
+        extra: dict[str, Any] = {}
+        if opts.keep_structure:
+            from .structure import prepare
+
+            structured = prepare(p, keep_optimizer=opts.keep_optimizer)
+            p = structured.plan
+            extra = {"structure_of": os.fspath(structured.base), "averaged_weight_sets": structured.averaged,
+                     "dropped": structured.dropped, "output_notes": structured.summary_notes()}
+        if kind == "hf-folder":
+            from .io.hf_folder_out import check_destination
+
+            check_destination(out)  # refuse a folder of other files before reading any data
+        if opts.dry_run:
+            if structured is not None:
+                p.notes.extend(structured.summary_notes())
+            return MergeReport(plan=p, output=out, dry_run=True, seconds=time.perf_counter() - t0, extra=extra)
+        writer = _make_writer(p, out, kind, opts, shard_size, structured)
+        stats, bn_report = _execute(p, writer, opts, n_main)
+        if hasattr(writer, "report"):
+            extra.update(writer.report())
         return MergeReport(plan=p, output=out, bytes_written=writer.bytes_written, bytes_read=stats.bytes_read,
-                           seconds=time.perf_counter() - t0)
+                           seconds=time.perf_counter() - t0, bn=bn_report, extra=extra)
     finally:
         for i in p.inputs:
             i.checkpoint.close()
 
 
-def _merge_with_bn(p: MergePlan, out: Path, bn_spec: PathLike, bn_mode: str, progress: bool,
-                   opts: MergeOptions, t0: float) -> MergeReport:
-    from .bn import recalibrate_state_dict
-    from .spec import load_spec
+def plan(inputs: Inputs, output: PathLike | None = None, **options: Any) -> MergePlan:
+    """Build and validate a merge plan without reading tensor data.
 
-    spec = load_spec(bn_spec)
-    sd, stats = _average_plan(p, opts, progress)
-    new_sd, bn_report = recalibrate_state_dict(sd, spec, mode=bn_mode, device=None, progress=progress)
-    written = save_state_dict(new_sd, out, p.provenance())
-    return MergeReport(plan=p, output=out, bytes_written=written, bytes_read=stats.bytes_read,
-                       seconds=time.perf_counter() - t0, bn=bn_report)
+    Returns a :class:`~ckptavg.MergePlan`: the selected files in training order with their
+    epoch, step and weight, and every output tensor. Takes the options of :func:`merge`.
 
+    Example::
 
-def _run_and_commit(p: MergePlan, writer: Any, opts: MergeOptions, progress: bool) -> EngineStats:
-    """Stream the plan into ``writer`` and commit it; on any failure abort it (nothing is left)."""
-    try:
-        stats = run(p, writer, device=opts.device, progress=progress, allow_nonfinite=opts.allow_nonfinite)
-        writer.commit()
-    except BaseException:
-        writer.abort()
-        raise
-    return stats
+        p = ckptavg.plan("runs/", epochs="10:", method="ema", decay=0.9)
+        print(p.format())
+        for item in p.inputs:
+            print(item.path, item.epoch, item.weight)
+    """
+    opts = collect(options, option_fields(), "plan")
+    out, kind = (Path(output), output_kind(output)) if output is not None else (None, None)
+    return build_plan(inputs, opts, out, kind)
 
 
-def _average_plan(p: MergePlan, opts: MergeOptions, progress: bool) -> tuple[dict[str, torch.Tensor], EngineStats]:
-    writer = MemoryWriter(p.entries())
-    stats = _run_and_commit(p, writer, opts, progress)
-    return writer.result, stats
-
-
-def average(
-    inputs: Inputs,
-    *,
-    method: str = "uniform",
-    decay: float | None = None,
-    decay_per_step: float | None = None,
-    weights: Sequence[float] | str | None = None,
-    gamma: float | None = None,
-    sigma_rel: float | None = None,
-    epochs: RangeLike = None,
-    steps: RangeLike = None,
-    last: int | None = None,
-    every: int | None = None,
-    best: int | None = None,
-    metric: str | None = None,
-    lower_is_better: bool = False,
-    order: str = "auto",
-    key: str | None = None,
-    strip_prefix: str | Sequence[str] | None = None,
-    dtype: str | torch.dtype | None = None,
-    accumulate: str = "float32",
-    device: str | torch.device = "cpu",
-    trust_pickle: bool = False,
-    allow_nonfinite: bool = False,
-    progress: bool = False,
-) -> dict[str, torch.Tensor]:
+def average(inputs: Inputs, **options: Any) -> dict[str, torch.Tensor]:
     """Average checkpoints and return the result as an in-memory state dict (CPU tensors).
 
-    Takes the options of :func:`merge` (see there); meant for models that fit in memory.
-    Tied tensors come back as one tensor under each of their names.
+    Takes the averaging options of :func:`merge` (method, selection, reading, numerics) and
+    ``progress``; meant for models that fit in memory. Tied tensors come back as one tensor
+    under each of their names.
 
     Example::
 
@@ -370,15 +238,23 @@ def average(
         sd = ckptavg.average("runs/", last=5, method="ema", decay=0.9)
         model.load_state_dict(sd)
     """
-    opts = _collect(locals())
+    allowed = option_fields("plan") + [f for f in option_fields("output") if f.name == "progress"]
+    opts = collect(options, allowed, "average")
     resolve_device(opts.device)
     p = build_plan(inputs, opts)
     try:
-        sd, _ = _average_plan(p, opts, progress)
+        writer = MemoryWriter(p.entries())
+        _execute(p, writer, opts, len(p.tensors))
     finally:
         for i in p.inputs:
             i.checkpoint.close()
-    return sd
+    return writer.result
+
+
+merge.__signature__ = api_signature(merge, option_fields())  # type: ignore[attr-defined]
+plan.__signature__ = api_signature(plan, option_fields())  # type: ignore[attr-defined]
+average.__signature__ = api_signature(  # type: ignore[attr-defined]
+    average, option_fields("plan") + [f for f in option_fields("output") if f.name == "progress"])
 
 
 @dataclass
@@ -418,12 +294,13 @@ def recalibrate_file(
         report = ckptavg.recalibrate_file("swa.pt", "bn.toml", "swa_bn.pt", mode="precise")
         print(report.summary())
     """
-    from .bn import recalibrate_state_dict
-    from .readers import open_checkpoint
-    from .spec import load_spec
+    from .bn import load_spec, recalibrate_state_dict
+    from .io import open_checkpoint
 
     t0 = time.perf_counter()
-    out, _fmt = _output_path(output)
+    out = Path(output)
+    if output_kind(output) not in ("torch", "safetensors"):
+        raise OptionError(f"{output}: the output must end in .safetensors or .pt/.pth/.bin/.ckpt")
     src = Path(model_file)
     try:
         if out.exists() and src.exists() and os.path.samefile(out, src):
@@ -452,6 +329,6 @@ def recalibrate_file(
     metadata["ckptavg_bn"] = json.dumps({"mode": mode, "layers": len(bn_report.layers),
                                          "batches": bn_report.batches, "samples": bn_report.samples})
     metadata.setdefault("format", "pt")
-    written = save_state_dict(new_sd, out, metadata)
+    written = write_state_dict(new_sd, out, metadata)
     return BNFileReport(input=src, output=out, bn=bn_report, bytes_written=written,
                         seconds=time.perf_counter() - t0)

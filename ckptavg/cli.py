@@ -17,6 +17,7 @@ import click
 
 from ._version import __version__
 from .errors import CkptavgError, CkptavgWarning
+from .options import click_options
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
@@ -86,50 +87,13 @@ def cli(debug: bool) -> None:
 @cli.command(context_settings=CONTEXT)
 @click.argument("inputs", nargs=-1, required=True, metavar="CHECKPOINTS...")
 @click.option("-o", "--output", required=True, type=click.Path(),
-              help="Output: .safetensors, .pt/.pth for a torch state dict, or a folder (DIR/) for Hugging Face "
+              help="Output: .safetensors, .pt/.pth/.bin/.ckpt for a torch file, or a folder (DIR/) for Hugging Face "
                    "sharded safetensors.")
-@click.option("--method", type=click.Choice(["uniform", "ema", "power-ema"]), default="uniform",
-              show_default=True, help="Averaging method (each is a weight vector over the checkpoints).")
-@click.option("--decay", type=float, help="EMA decay per checkpoint (with --method ema).")
-@click.option("--decay-per-step", type=float,
-              help="EMA decay per training step; uses the step gaps between checkpoints (with --method ema).")
-@click.option("--weights", help="Explicit weights, comma separated, in checkpoint order (normalised to sum 1).")
-@click.option("--gamma", type=float, help="Power-EMA exponent (with --method power-ema).")
-@click.option("--sigma-rel", type=float, help="Power-EMA relative width, instead of --gamma (e.g. 0.05).")
-@click.option("--epochs", metavar="A:B", help="Keep checkpoints with epoch in A..B (inclusive; A: or :B open).")
-@click.option("--steps", metavar="A:B", help="Keep checkpoints with step in A..B (inclusive; A: or :B open).")
-@click.option("--last", type=int, metavar="N", help="Keep the N newest checkpoints.")
-@click.option("--every", type=int, metavar="K", help="Keep every K-th checkpoint, counted back from the newest.")
-@click.option("--best", type=int, metavar="N", help="Keep the N best by --metric.")
-@click.option("--metric", metavar="NAME", help="Scalar stored in the checkpoints (top level or in 'metrics').")
-@click.option("--lower-is-better", is_flag=True, help="For --best: lower metric values are better (losses).")
-@click.option("--order", type=click.Choice(["auto", "given", "step", "epoch", "name"]), default="auto",
-              show_default=True, help="How to order checkpoints; auto: recorded step, epoch, then file names.")
-@click.option("--key", metavar="PATH", help="Where the weights are inside a torch checkpoint (dotted, e.g. model_ema).")
-@click.option("--strip-prefix", multiple=True, metavar="P", help="Remove prefix P from tensor names (repeatable).")
-@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16", "float64"]),
-              help="Output dtype of floating tensors (default: as in the inputs).")
-@click.option("--accumulate", type=click.Choice(["float32", "float64"]), default="float32", show_default=True,
-              help="Accumulator precision.")
-@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
-@click.option("--bn-spec", type=click.Path(dir_okay=False),
-              help="Recalibrate BatchNorm statistics with this spec (TOML) before writing.")
-@click.option("--bn-mode", type=click.Choice(["precise", "torch"]), default="precise", show_default=True,
-              help="BatchNorm recalibration mode (with --bn-spec).")
-@click.option("--allow-nonfinite", is_flag=True, help="Average even if an input holds NaN or Inf.")
-@click.option("--trust-pickle", is_flag=True,
-              help="Allow full unpickling (can run code from the file!) for checkpoints weights_only refuses.")
-@click.option("--keep-structure", is_flag=True,
-              help="Write the last selected checkpoint with its weights replaced by the average (Lightning, timm, "
-                   "fairseq loaders accept it); its optimizer/scheduler states are dropped.")
-@click.option("--keep-optimizer", is_flag=True, help="With --keep-structure: keep optimizer and scheduler states.")
-@click.option("--shard-size", metavar="SIZE",
-              help="Folder output: largest shard, e.g. 5GB (default), 500MB, 100KB.")
-@click.option("--dry-run", is_flag=True, help="Print the plan (files, epochs/steps, weights) and read no tensor data.")
+@click_options
 @click.option("--json", "as_json", is_flag=True, help="Print the plan/report as JSON on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary line.")
-def merge(inputs: tuple[str, ...], output: str, quiet: bool, dry_run: bool, as_json: bool, weights: str | None,
-          strip_prefix: tuple[str, ...], bn_spec: str | None, bn_mode: str, **opts: Any) -> None:
+def merge(inputs: tuple[str, ...], output: str, quiet: bool, as_json: bool, strip_prefix: tuple[str, ...],
+          **opts: Any) -> None:
     """Average CHECKPOINTS (files, globs or folders) into one model file.
 
     \b
@@ -153,12 +117,11 @@ def merge(inputs: tuple[str, ...], output: str, quiet: bool, dry_run: bool, as_j
     """
     from . import api
 
-    report = api.merge(list(inputs), output, dry_run=dry_run, progress=_progress(quiet),
-                       weights=weights, strip_prefix=list(strip_prefix) or None,
-                       bn_spec=bn_spec, bn_mode=bn_mode, **opts)
+    report = api.merge(list(inputs), output, progress=_progress(quiet), strip_prefix=list(strip_prefix) or None,
+                       **opts)
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2, default=str))
-    elif dry_run:
+    elif report.dry_run:
         click.echo(report.plan.format())
     else:
         for note in report.plan.notes:
@@ -227,7 +190,7 @@ def inspect_cmd(inputs: tuple[str, ...], as_json: bool, key: str | None, strip_p
     cannot be read.
     """
     from .errors import CheckpointReadError
-    from .inspect import inspect as do_inspect
+    from .inspection import inspect as do_inspect
 
     report = do_inspect(list(inputs), key=key, strip_prefix=list(strip_prefix) or None, trust_pickle=trust_pickle,
                         order=order)

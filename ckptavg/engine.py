@@ -27,14 +27,13 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
 from .errors import NonFiniteError, OptionError
-from .plan import MergePlan, PlannedTensor
-from .readers import TensorRef
-from .writers import tensor_memoryview
+from .io import TensorRef, Writer
+from .io.files import tensor_memoryview
+from .planner import MergePlan, PlannedTensor
 
 __all__ = ["run", "EngineStats", "DEFAULT_CHUNK_ELEMS", "resolve_device"]
 
@@ -163,7 +162,7 @@ class _Buffers:
         return self._out[:nbytes]
 
 
-def run(plan: MergePlan, writer: Any, *, device: str | torch.device = "cpu", progress: bool = False,
+def run(plan: MergePlan, writer: Writer, *, device: str | torch.device = "cpu", progress: bool = False,
         allow_nonfinite: bool = False, chunk_elems: int | None = None) -> EngineStats:
     """Average the plan's tensors into ``writer`` (which must already be open)."""
     dev = resolve_device(device)
@@ -237,7 +236,7 @@ def _typed(buf: torch.Tensor, nbytes: int, dtype: torch.dtype) -> torch.Tensor:
     return buf[:nbytes].view(dtype)
 
 
-def _process(step: _Step, b: int, bufs: _Buffers, writer: Any, coeffs: list[float], divisor: float,
+def _process(step: _Step, b: int, bufs: _Buffers, writer: Writer, coeffs: list[float], divisor: float,
              cuda: bool, allow_nonfinite: bool, stats: EngineStats) -> None:
     pt = step.pt
     if step.kind == "copy":
@@ -289,7 +288,7 @@ def _process(step: _Step, b: int, bufs: _Buffers, writer: Any, coeffs: list[floa
                 r.release()
 
 
-def _finish_chunk(step: _Step, b: int, a: torch.Tensor, bufs: _Buffers, writer: Any, divisor: float,
+def _finish_chunk(step: _Step, b: int, a: torch.Tensor, bufs: _Buffers, writer: Writer, divisor: float,
                   allow_nonfinite: bool) -> None:
     pt = step.pt
     n = step.count
@@ -318,7 +317,22 @@ def _finish_chunk(step: _Step, b: int, a: torch.Tensor, bufs: _Buffers, writer: 
         out.copy_(a.to(od) if a.dtype != od else a)  # cast on the device, synchronous copy to host
     else:
         out.copy_(a)
+    if not allow_nonfinite and od.is_floating_point and od.itemsize < a.dtype.itemsize:
+        _check_cast(step, out)
     writer.write(tensor_memoryview(out))
+
+
+def _check_cast(step: _Step, out: torch.Tensor) -> None:
+    """The average must also fit the (narrower) output dtype: overflow to inf is an error."""
+    bad = ~torch.isfinite(out)
+    if bool(bad.any()):
+        idx = int(bad.nonzero()[0, 0]) + step.elem0
+        pos = _unravel(idx, step.pt.shape)
+        raise NonFiniteError(
+            f"tensor {step.pt.name!r}: the average at index {list(pos)} overflows "
+            f"{str(out.dtype).removeprefix('torch.')} (the output dtype); choose a wider --dtype, or pass "
+            "--allow-nonfinite (allow_nonfinite=True) to write inf"
+        )
 
 
 def _explain_nonfinite(step: _Step, a: torch.Tensor) -> None:

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 from .discover import natural_key
 from .errors import OptionError, SelectionError
-from .readers import Checkpoint
+from .io import Checkpoint
 
 __all__ = ["Selection", "order_checkpoints", "select", "parse_range", "ORDER_RULES"]
 

@@ -53,13 +53,14 @@ from typing import Any
 import torch
 
 from ._version import __version__
-from .engine import EngineStats, run
 from .errors import CkptavgError, MismatchError, OptionError, OutputError
-from .plan import MergePlan, PlannedTensor, _plan_tensors, parse_dtype
-from .readers import Checkpoint, TensorRef
-from .writers import Entry, TensorStub, TorchWriter, _StorageRef
+from .io.checkpoint import Checkpoint, TensorRef
+from .io.structured_out import StructuredWriter
+from .io.torch_out import StorageRef, TensorStub
+from .io.writer import Entry
+from .planner import MergePlan, PlannedTensor, parse_dtype, plan_tensors
 
-__all__ = ["StructuredOutput", "prepare", "write", "WEIGHT_SET_KEYS", "TRAINING_STATE_KEYS"]
+__all__ = ["StructuredOutput", "prepare", "WEIGHT_SET_KEYS", "TRAINING_STATE_KEYS"]
 
 #: Keys (dotted for nesting) where checkpoints keep a copy of the model's weights.
 WEIGHT_SET_KEYS = (
@@ -92,6 +93,10 @@ class StructuredOutput:
     dropped: list[str]  # top-level keys removed
     notes: list[str] = field(default_factory=list)
 
+    def writer(self, dest: Path) -> StructuredWriter:
+        """The writer for this output: the tree with the averaged tensors, then the copied ones."""
+        return StructuredWriter(dest, self.entries, tree=self.tree, stubs=self.stubs, copies=self.copies)
+
     def summary_notes(self) -> list[str]:
         """Short notes for the end-of-run summary line."""
         out = [f"structure of {self.base.name} kept ({', '.join(k or 'state dict' for k in self.averaged)} averaged)"]
@@ -104,7 +109,8 @@ class StructuredOutput:
         return out
 
 
-def _get(obj: Any, dotted: str) -> Any:
+def get_dotted(obj: Any, dotted: str) -> Any:
+    """``obj[a][b]`` for ``"a.b"``, or None."""
     cur = obj
     for part in dotted.split("."):
         if isinstance(cur, Mapping) and part in cur:
@@ -114,7 +120,8 @@ def _get(obj: Any, dotted: str) -> Any:
     return cur
 
 
-def _is_weight_set(v: Any) -> bool:
+def is_weight_set(v: Any) -> bool:
+    """A mapping that is mostly tensors (a state dict, possibly with a few extra entries)."""
     if not isinstance(v, Mapping) or not v:
         return False
     n = sum(isinstance(x, torch.Tensor) for x in v.values())
@@ -126,14 +133,14 @@ def _companion_tensors(plan: MergePlan, key: str) -> list[PlannedTensor]:
     shims: list[Checkpoint] = []
     for inp in plan.inputs:
         c = inp.checkpoint
-        d = _get(c.obj, key)
-        if not _is_weight_set(d):
+        d = get_dotted(c.obj, key)
+        if not is_weight_set(d):
             raise MismatchError(f"{c.path}: has no {key!r}")
         tensors = {str(k): c.ref_for(v, f"{key}.{k}") for k, v in d.items() if isinstance(v, torch.Tensor)}
         shims.append(Checkpoint(path=c.path, format=c.format, tensors=tensors, meta=c.meta))
     out_dtype = parse_dtype(plan.options.dtype)
     acc = parse_dtype(plan.options.accumulate, "--accumulate") or torch.float32
-    planned = _plan_tensors(shims, out_dtype, acc)
+    planned = plan_tensors(shims, out_dtype, acc)
     for pt in planned:
         pt.name = f"{key}.{pt.name}"
     return planned
@@ -158,7 +165,7 @@ def prepare(plan: MergePlan, *, keep_optimizer: bool = False) -> StructuredOutpu
         for key in WEIGHT_SET_KEYS:
             if key == wkey or key.startswith(wkey + ".") or wkey.startswith(key + "."):
                 continue
-            if not _is_weight_set(_get(top, key)):
+            if not is_weight_set(get_dotted(top, key)):
                 continue
             try:
                 extra = _companion_tensors(plan, key)
@@ -199,7 +206,7 @@ def prepare(plan: MergePlan, *, keep_optimizer: bool = False) -> StructuredOutpu
         if alias_of is not None:
             stubs.append(TensorStub(stubs[alias_of].storage, e.shape))
         else:
-            stubs.append(TensorStub(_StorageRef(str(counter[0]), dtype, e.nbytes), e.shape))
+            stubs.append(TensorStub(StorageRef(str(counter[0]), dtype, e.nbytes), e.shape))
             counter[0] += 1
         entries.append(e)
         return len(entries) - 1
@@ -292,7 +299,7 @@ def _provenance(plan: MergePlan, base: Path, averaged: list[str], dropped: list[
 
 class _CheckPickler(pickle.Pickler):
     def persistent_id(self, obj: Any) -> Any:
-        if isinstance(obj, _StorageRef):
+        if isinstance(obj, StorageRef):
             return obj.key
         if isinstance(obj, (torch.Tensor, torch.UntypedStorage, torch.storage.TypedStorage)):
             raise OutputError("a tensor inside an object of a type ckptavg cannot rewrite")
@@ -306,39 +313,3 @@ def _check_picklable(tree: Any, base: Path) -> None:
         raise OutputError(f"{base}: cannot keep this checkpoint's structure: {e}") from None
     except (pickle.PicklingError, TypeError, AttributeError) as e:
         raise OutputError(f"{base}: cannot keep this checkpoint's structure: {e}") from None
-
-
-def write(so: StructuredOutput, dest: Path, *, device: str | torch.device = "cpu", progress: bool = False,
-          allow_nonfinite: bool = False) -> tuple[int, EngineStats]:
-    """Stream the averaged weights and the copied tensors into ``dest`` (atomically).
-
-    Returns the bytes written and the engine's statistics.
-    """
-    writer = TorchWriter(Path(dest), so.entries, obj=so.tree, stubs=so.stubs)
-    try:
-        stats = run(so.plan, writer, device=device, progress=progress, allow_nonfinite=allow_nonfinite)
-        _copy_tensors(writer, so.copies)
-        writer.commit()
-    except BaseException:
-        writer.abort()
-        raise
-    return writer.bytes_written, stats
-
-
-def _copy_tensors(writer: TorchWriter, copies: list[tuple[int, TensorRef]]) -> None:
-    chunk = 8 << 20
-    buf: bytearray | None = None
-    for _j, ref in copies:
-        n = ref.nbytes
-        if n == 0:
-            continue
-        if buf is None or len(buf) < min(n, chunk):
-            buf = bytearray(min(max(n, 1 << 16), chunk))
-        mv = memoryview(buf)
-        try:
-            for off in range(0, n, chunk):
-                m = min(chunk, n - off)
-                ref.read_into(off, mv[:m])
-                writer.write(mv[:m])
-        finally:
-            ref.release()

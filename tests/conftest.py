@@ -99,7 +99,7 @@ def assert_close32(got, ref):
 _RSS_PROBE = """
 import json, sys
 import torch, ckptavg
-import ckptavg.engine, ckptavg.hf, ckptavg.readers, ckptavg.writers
+import ckptavg.api, ckptavg.engine, ckptavg.io.hf_folder_out, ckptavg.io.safetensors_out, ckptavg.io.torch_out
 
 def status(key):
     for line in open("/proc/self/status"):

@@ -59,7 +59,7 @@ def test_merge_examples_from_the_issue(run_dir, tmp_path, run_cli):
 
 def test_dry_run_prints_plan_and_reads_no_tensor_data(run_dir, tmp_path, run_cli, monkeypatch):
     runs, _ = run_dir
-    from ckptavg import readers
+    from ckptavg.io import checkpoint as readers
 
     def boom(*a, **k):
         raise AssertionError("tensor data was read during --dry-run")

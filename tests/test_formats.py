@@ -17,7 +17,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 import ckptavg
-from ckptavg.readers import open_checkpoint
+from ckptavg.io import open_checkpoint
 
 from .conftest import SmallNet, assert_close32, fp64_mean, make_state_dicts
 

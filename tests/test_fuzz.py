@@ -27,7 +27,7 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file
 
 from ckptavg.errors import CkptavgError
-from ckptavg.readers import open_checkpoint
+from ckptavg.io import open_checkpoint
 
 EXAMPLES = int(os.environ.get("CKPTAVG_FUZZ_EXAMPLES", "120"))
 FUZZ = settings(max_examples=EXAMPLES, deadline=5000, derandomize=EXAMPLES <= 200,

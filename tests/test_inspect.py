@@ -11,7 +11,8 @@ import torch
 from safetensors.torch import save_file
 
 import ckptavg
-from ckptavg import readers
+from ckptavg.io import checkpoint as readers
+from ckptavg.io import files as readers_files
 
 from .conftest import make_state_dicts
 from .test_formats import _fairseq_run, _timm_run, lightning_run  # noqa: F401  (fixture)
@@ -143,13 +144,13 @@ def test_inspect_reads_headers_only_and_is_instant_on_large_files(tmp_path, monk
     torch.save({"epoch": 3, "state_dict": sd, "metrics": {"acc": torch.tensor(0.5)}}, tmp_path / "small.pt")
 
     reads: list[int] = []
-    orig = readers._File.pread_into
+    orig = readers_files.InputFile.pread_into
 
     def spy(self, mv, offset):
         reads.append(len(mv))
         return orig(self, mv, offset)
 
-    monkeypatch.setattr(readers._File, "pread_into", spy)
+    monkeypatch.setattr(readers_files.InputFile, "pread_into", spy)
     t0 = time.perf_counter()
     report = ckptavg.inspect([tmp_path / "big.safetensors", tmp_path / "small.pt"], order="given")
     assert time.perf_counter() - t0 < 5

@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import save_file
 
 import ckptavg
-from ckptavg.readers import open_checkpoint
+from ckptavg.io import open_checkpoint
 
 from .conftest import assert_close32, fp64_mean, make_state_dicts
 
@@ -61,16 +61,17 @@ def test_metadata_read_without_loading_weights(tmp_path, monkeypatch):
     sd = make_state_dicts(1)[0]
     torch.save({"epoch": 4, "global_step": 999, "metrics": {"val_acc": torch.tensor(0.75), "loss": 1.5},
                 "state_dict": sd}, tmp_path / "c.ckpt")
-    from ckptavg import readers
+    from ckptavg.io import checkpoint as readers
+    from ckptavg.io import files as readers_files
 
     reads = []
-    orig = readers._File.pread_into
+    orig = readers_files.InputFile.pread_into
 
     def spy(self, mv, offset):
         reads.append(len(mv))
         return orig(self, mv, offset)
 
-    monkeypatch.setattr(readers._File, "pread_into", spy)
+    monkeypatch.setattr(readers_files.InputFile, "pread_into", spy)
     c = open_checkpoint(tmp_path / "c.ckpt")
     assert (c.meta.epoch, c.meta.step) == (4, 999)
     assert c.meta.metrics["val_acc"] == pytest.approx(0.75)

@@ -24,9 +24,9 @@ from typing import Any
 
 from .discover import discover
 from .errors import CkptavgError
+from .io import Checkpoint, open_checkpoint
 from .order import order_checkpoints
-from .plan import human_bytes
-from .readers import Checkpoint, open_checkpoint
+from .planner import human_bytes
 
 __all__ = ["CheckpointInfo", "InspectReport", "inspect"]
 
@@ -237,7 +237,7 @@ def _framework(c: Checkpoint) -> str | None:
 
 
 def _describe(c: Checkpoint) -> CheckpointInfo:
-    from .structure import TRAINING_STATE_KEYS, WEIGHT_SET_KEYS, _get, _is_weight_set
+    from .structure import TRAINING_STATE_KEYS, WEIGHT_SET_KEYS, get_dotted, is_weight_set
 
     info = CheckpointInfo(path=c.path, format=c.format, framework=_framework(c), weights_key=c.weights_key,
                           epoch=c.meta.epoch, epoch_from=c.meta.epoch_from, step=c.meta.step,
@@ -245,7 +245,7 @@ def _describe(c: Checkpoint) -> CheckpointInfo:
                           shards=len(c.files) if c.format == "hf-folder" else 1)
     if isinstance(c.obj, Mapping) and c.weights_key is not None:
         info.other_weight_sets = [k for k in WEIGHT_SET_KEYS
-                                  if k != c.weights_key and _is_weight_set(_get(c.obj, k))]
+                                  if k != c.weights_key and is_weight_set(get_dotted(c.obj, k))]
         info.training_state = [k for k in TRAINING_STATE_KEYS if k in c.obj]
     seen: set[tuple] = set()
     dts: dict[str, int] = {}

@@ -50,15 +50,16 @@ from typing import Any
 
 import torch
 
-from .errors import CkptavgError, OptionError, OutputError
-from .readers import SAFETENSORS_DTYPES
-from .writers import Entry, _StreamWriter
+from ..errors import CkptavgError, OptionError, OutputError
+from .dtypes import TORCH_TO_SAFETENSORS
+from .files import TMP_SUFFIX, fsync_path, make_parent, remove_created, umask
+from .safetensors_out import safetensors_header
+from .writer import Entry, StreamWriter
 
 __all__ = [
     "DEFAULT_SHARD_SIZE",
     "ShardedSafetensorsWriter",
     "check_destination",
-    "folder_writer",
     "folder_extras",
     "is_folder_output",
     "parse_size",
@@ -71,7 +72,6 @@ DEFAULT_SHARD_SIZE = 5 * 10**9
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 
-_TORCH_TO_ST = {v: k for k, v in SAFETENSORS_DTYPES.items()}
 _MODEL_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt", ".pth.tar", ".tar")
 # files in a model folder that are weights (of any framework) or training state: not copied
 _NOT_COPIED_SUFFIXES = _MODEL_SUFFIXES + (".h5", ".msgpack", ".onnx", ".onnx_data", ".gguf", ".ot", ".npz",
@@ -204,20 +204,7 @@ def check_destination(dest: Path) -> str:
     )
 
 
-def _fsync_path(path: Path, directory: bool = False) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-class ShardedSafetensorsWriter(_StreamWriter):
+class ShardedSafetensorsWriter(StreamWriter):
     """Streams a Hugging Face model folder: shards in order, index, copied files, then
     one rename. See the module docstring for the layout and the rules."""
 
@@ -234,7 +221,7 @@ class ShardedSafetensorsWriter(_StreamWriter):
         self.config_dtype = config_dtype
         entries = list(entries)
         for e in entries:
-            if e.dtype not in _TORCH_TO_ST:
+            if e.dtype not in TORCH_TO_SAFETENSORS:
                 raise OutputError(f"{self.dest}: tensor {e.name!r} has dtype {e.dtype}, which safetensors cannot store")
         # shard assignment, as huggingface_hub's split_torch_state_dict_into_shards
         self._shard_of: list[int] = []
@@ -249,27 +236,21 @@ class ShardedSafetensorsWriter(_StreamWriter):
             sizes.append(0)
         self.names = shard_names(len(sizes))
         self.shard_sizes = sizes
-        self._offset: list[int] = []
         self._headers: list[bytes] = []
-        headers: list[dict[str, Any]] = [{"__metadata__": self.metadata} for _ in sizes]
-        pos = [0] * len(sizes)
-        for e, k in zip(entries, self._shard_of):
-            headers[k][e.name] = {"dtype": _TORCH_TO_ST[e.dtype], "shape": list(e.shape),
-                                  "data_offsets": [pos[k], pos[k] + e.nbytes]}
-            self._offset.append(pos[k])
-            pos[k] += e.nbytes
-        for h in headers:
-            hb = json.dumps(h, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-            hb += b" " * (-len(hb) % 8)
-            self._headers.append(struct.pack("<Q", len(hb)) + hb)
+        self._offset = [0] * len(entries)
+        for k in range(len(sizes)):
+            idx = [i for i, s in enumerate(self._shard_of) if s == k]
+            head, offs = safetensors_header(self.dest, [entries[i] for i in idx], self.metadata)
+            self._headers.append(head)
+            for i, off in zip(idx, offs):
+                self._offset[i] = off
         self.total_size = sum(sizes)
         self.total_parameters = sum(e.nbytes // e.dtype.itemsize for e in entries)
         self.weight_map = {e.name: self.names[k] for e, k in zip(entries, self._shard_of)}
         self.copied: list[str] = []
+        self._created = make_parent(self.dest)
         try:
-            self.dest.parent.mkdir(parents=True, exist_ok=True)
-            self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.dest.name}.", suffix=".ckptavg-tmp",
-                                             dir=self.dest.parent))
+            self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.dest.name}.", suffix=TMP_SUFFIX, dir=self.dest.parent))
         except OSError as e:
             raise OutputError(f"{self.dest}: cannot write in {self.dest.parent}: {e.strerror}") from None
         self._k = -1
@@ -369,7 +350,7 @@ class ShardedSafetensorsWriter(_StreamWriter):
         meta.update({k: v for k, v in self.metadata.items() if k != "format"})
         index = {"metadata": meta, "weight_map": self.weight_map}
         (self.tmp / INDEX_NAME).write_text(json.dumps(index, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        _fsync_path(self.tmp / INDEX_NAME)
+        fsync_path(self.tmp / INDEX_NAME)
 
     def _copy_extras(self) -> None:
         taken = set(self.names) | {INDEX_NAME}
@@ -384,7 +365,7 @@ class ShardedSafetensorsWriter(_StreamWriter):
                     shutil.copyfile(src, target)
             except OSError as e:
                 raise OutputError(f"{self.dest}: cannot copy {src}: {e.strerror}") from None
-            _fsync_path(target)
+            fsync_path(target)
             self.copied.append(src.name)
 
     def _write_config(self, src: Path, target: Path) -> bool:
@@ -406,11 +387,11 @@ class ShardedSafetensorsWriter(_StreamWriter):
         return True
 
     def _publish(self) -> None:
-        mode = 0o777 & ~_umask()
+        mode = 0o777 & ~umask()
         os.chmod(self.tmp, mode)
         for q in self.tmp.iterdir():
-            os.chmod(q, 0o666 & ~_umask())
-        _fsync_path(self.tmp, directory=True)
+            os.chmod(q, 0o666 & ~umask())
+        fsync_path(self.tmp, directory=True)
         if self.mode == "replace":
             old = Path(tempfile.mkdtemp(prefix=f".{self.dest.name}.", suffix=".ckptavg-old", dir=self.dest.parent))
             os.rmdir(old)
@@ -423,7 +404,7 @@ class ShardedSafetensorsWriter(_StreamWriter):
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.rename(self.tmp, self.dest)  # replaces an empty folder; fails if one with files appeared
-        _fsync_path(self.dest.parent, directory=True)
+        fsync_path(self.dest.parent, directory=True)
 
     def commit(self) -> None:
         """Finish the last shard, write the index, copy the model files and rename into place."""
@@ -457,21 +438,4 @@ class ShardedSafetensorsWriter(_StreamWriter):
         tmp = getattr(self, "tmp", None)
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _umask() -> int:
-    m = os.umask(0)
-    os.umask(m)
-    return m
-
-
-
-def folder_writer(plan: Any, dest: Path, shard_size: int = DEFAULT_SHARD_SIZE) -> ShardedSafetensorsWriter:
-    """The writer for a merge plan's folder output: its tensors, its provenance, and the
-    non-weight files of the last selected input that is a model folder."""
-    from .plan import parse_dtype
-
-    entries = plan.entries()
-    source = next((i.path for i in reversed(plan.inputs) if i.format == "hf-folder"), None)
-    return ShardedSafetensorsWriter(dest, entries, plan.provenance(), shard_size=shard_size, copy_source=source,
-                                    config_dtype=parse_dtype(plan.options.dtype))
+        remove_created(getattr(self, "_created", []))

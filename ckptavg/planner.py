@@ -21,12 +21,14 @@ import torch
 from ._version import __version__
 from .discover import discover
 from .errors import MismatchError, OptionError
+from .io import Checkpoint, Entry, TensorRef, open_checkpoint
+from .io.dtypes import dtype_kind, dtype_name
+from .options import MergeOptions
 from .order import Selection, order_checkpoints, parse_range, select
-from .readers import Checkpoint, TensorRef, open_checkpoint
 from .weights import METHODS, Weights, ema, ema_per_step, explicit, power_ema, uniform
-from .writers import Entry
 
-__all__ = ["MergeOptions", "MergePlan", "PlannedInput", "PlannedTensor", "build_plan", "parse_dtype"]
+__all__ = ["MergePlan", "PlannedInput", "PlannedTensor", "build_plan", "parse_dtype", "plan_tensors", "human_bytes",
+           "selection_of"]
 
 _DTYPE_NAMES = {
     "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
@@ -46,42 +48,17 @@ def parse_dtype(value: str | torch.dtype | None, option: str = "--dtype") -> tor
     return dt
 
 
-@dataclass
-class MergeOptions:
-    """Every option of ``merge``/``average``; the CLI maps its flags one to one onto these."""
-
-    method: str = "uniform"
-    decay: float | None = None
-    decay_per_step: float | None = None
-    weights: Sequence[float] | str | None = None
-    gamma: float | None = None
-    sigma_rel: float | None = None
-    epochs: Any = None
-    steps: Any = None
-    last: int | None = None
-    every: int | None = None
-    best: int | None = None
-    metric: str | None = None
-    lower_is_better: bool = False
-    order: str = "auto"
-    key: str | None = None
-    strip_prefix: str | Sequence[str] | None = None
-    dtype: str | torch.dtype | None = None
-    accumulate: str | torch.dtype = "float32"
-    device: str | torch.device = "cpu"
-    trust_pickle: bool = False
-    allow_nonfinite: bool = False
-
-    def selection(self) -> Selection:
-        return Selection(
-            epochs=parse_range(self.epochs, "--epochs"),
-            steps=parse_range(self.steps, "--steps"),
-            last=self.last,
-            every=self.every,
-            best=self.best,
-            metric=self.metric,
-            lower_is_better=self.lower_is_better,
-        )
+def selection_of(opts: MergeOptions) -> Selection:
+    """The selection options as a :class:`~ckptavg.order.Selection`."""
+    return Selection(
+        epochs=parse_range(opts.epochs, "--epochs"),
+        steps=parse_range(opts.steps, "--steps"),
+        last=opts.last,
+        every=opts.every,
+        best=opts.best,
+        metric=opts.metric,
+        lower_is_better=opts.lower_is_better,
+    )
 
 
 @dataclass
@@ -267,16 +244,6 @@ def human_bytes(n: float) -> str:
     return f"{n:.1f} TB"
 
 
-def _kind(dt: torch.dtype) -> str:
-    if dt.is_complex:
-        return "complex"
-    if dt.is_floating_point:
-        return "float"
-    if dt == torch.bool:
-        return "bool"
-    return "integer"
-
-
 def _weights_for(opts: MergeOptions, chosen: list[Checkpoint]) -> Weights:
     n = len(chosen)
     method = opts.method.lower().replace("_", "-")
@@ -325,7 +292,7 @@ def build_plan(
 ) -> MergePlan:
     """Discover, open (headers only), order, select, weight and validate."""
     paths, notes = discover(inputs)  # type: ignore[arg-type]
-    sel = options.selection()
+    sel = selection_of(options)
     sel.validate()
     accumulate = parse_dtype(options.accumulate, "--accumulate")
     if accumulate not in (torch.float32, torch.float64):
@@ -345,7 +312,7 @@ def build_plan(
         for c in opened:
             if c not in chosen:
                 c.close()
-        tensors = _plan_tensors(chosen, out_dtype, accumulate)
+        tensors = plan_tensors(chosen, out_dtype, accumulate, options.buffers)
     except BaseException:
         for c in opened:
             c.close()
@@ -377,8 +344,16 @@ def _check_output_not_input(output: Path, inputs: Sequence[Path]) -> None:
             raise OptionError(f"{output}: the output is also an input; choose another output path")
 
 
-def _plan_tensors(chosen: list[Checkpoint], out_dtype: torch.dtype | None,
-                  accumulate: torch.dtype) -> list[PlannedTensor]:
+_NORM_BUFFERS = (".running_mean", ".running_var")
+
+
+def plan_tensors(chosen: list[Checkpoint], out_dtype: torch.dtype | None,
+                 accumulate: torch.dtype, buffers: str = "average") -> list[PlannedTensor]:
+    """One :class:`PlannedTensor` per name, validated across ``chosen`` (same names, shapes and
+    dtype kinds). ``buffers="last"`` copies normalisation statistics (names ending in
+    ``running_mean``/``running_var``) from the last checkpoint instead of averaging them."""
+    if buffers not in ("average", "last"):
+        raise OptionError(f"--buffers must be average or last, got {buffers!r}")
     ref_ckpt = chosen[-1]
     names = list(ref_ckpt.tensors)
     name_set = set(names)
@@ -401,12 +376,14 @@ def _plan_tensors(chosen: list[Checkpoint], out_dtype: torch.dtype | None,
                 raise MismatchError(
                     f"{c.path}: tensor {name!r} has shape {list(r.shape)} but {ref_ckpt.path} has {list(last.shape)}"
                 )
-            if _kind(r.dtype) != _kind(last.dtype):
+            if dtype_kind(r.dtype) != dtype_kind(last.dtype):
                 raise MismatchError(
-                    f"{c.path}: tensor {name!r} is {str(r.dtype).removeprefix('torch.')} but {ref_ckpt.path} "
-                    f"has {str(last.dtype).removeprefix('torch.')} (a different kind of number)"
+                    f"{c.path}: tensor {name!r} is {dtype_name(r.dtype)} but {ref_ckpt.path} "
+                    f"has {dtype_name(last.dtype)} (a different kind of number)"
                 )
-        kind = _kind(last.dtype)
+        kind = dtype_kind(last.dtype)
+        if buffers == "last" and name.endswith(_NORM_BUFFERS):
+            kind = "buffer"
         if kind in ("float", "complex"):
             if kind == "float":
                 odt = out_dtype or last.dtype

@@ -1,0 +1,192 @@
+"""Files: positioned reads of inputs, and atomic outputs (a file or a folder).
+
+Inputs are read with ``pread`` at known offsets into caller buffers, never memory-mapped:
+mapping N inputs and touching them puts N x the model size of file-backed pages into the
+process's RSS, and a file truncated during a merge would kill a mapping reader with SIGBUS.
+
+Outputs are written under a hidden temporary name beside the destination, fsynced and
+renamed into place only when complete; on any failure the temporary is removed and an
+existing destination is left untouched.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import CheckpointReadError, OutputError
+
+__all__ = ["CHECKPOINT_SUFFIXES", "InputFile", "AtomicFile", "tensor_memoryview", "fsync_path", "umask", "make_parent",
+           "remove_created", "TMP_SUFFIX"]
+
+#: suffix of every temporary output (file or folder) ckptavg creates
+TMP_SUFFIX = ".ckptavg-tmp"
+#: file extensions of checkpoint files (inputs found in folders; single-file outputs)
+CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".ckpt", ".bin", ".pth.tar", ".tar")
+
+
+class InputFile:
+    """A file opened lazily for positioned reads (``pread``), shared by its tensors."""
+
+    __slots__ = ("path", "size", "_fd")
+
+    def __init__(self, path: Path, size: int) -> None:
+        self.path = path
+        self.size = size
+        self._fd: int | None = None
+
+    def fd(self) -> int:
+        if self._fd is None:
+            try:
+                self._fd = os.open(self.path, os.O_RDONLY)
+            except OSError as e:
+                raise CheckpointReadError(f"{self.path}: cannot open: {e.strerror}") from None
+        return self._fd
+
+    def pread_into(self, mv: memoryview, offset: int) -> None:
+        """Fill ``mv`` with the bytes at ``offset``; a short file is a read error."""
+        fd = self.fd()
+        want = len(mv)
+        got = 0
+        while got < want:
+            try:
+                n = os.preadv(fd, [mv[got:]], offset + got)
+            except OSError as e:
+                raise CheckpointReadError(f"{self.path}: read failed: {e.strerror}") from None
+            if n <= 0:
+                raise CheckpointReadError(
+                    f"{self.path}: file ended early (truncated?): needed bytes up to "
+                    f"{offset + want}, file has {offset + got}"
+                )
+            got += n
+
+    def pread(self, offset: int, n: int) -> bytes:
+        buf = bytearray(n)
+        self.pread_into(memoryview(buf), offset)
+        return bytes(buf)
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+def tensor_memoryview(t: torch.Tensor) -> memoryview:
+    """A zero-copy byte view of a contiguous CPU tensor's memory (keep ``t`` alive while used)."""
+    if t.device.type != "cpu" or not t.is_contiguous():
+        raise ValueError("tensor_memoryview needs a contiguous CPU tensor")
+    n = t.numel() * t.element_size()
+    if n == 0:
+        return memoryview(b"")
+    return memoryview((ctypes.c_char * n).from_address(t.data_ptr())).cast("B")
+
+
+def umask() -> int:
+    """The process's umask (read without changing it for long)."""
+    m = os.umask(0)
+    os.umask(m)
+    return m
+
+
+def fsync_path(path: Path, directory: bool = False) -> None:
+    """fsync a file or a folder by path (best effort for folders: not every file system allows it)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
+    except OSError:
+        if directory:
+            return
+        raise
+    try:
+        os.fsync(fd)
+    except OSError:
+        if not directory:
+            raise
+    finally:
+        os.close(fd)
+
+
+def make_parent(dest: Path) -> list[Path]:
+    """Create ``dest``'s missing parent folders; returns those created (outermost first),
+    so that a failed write can remove them again."""
+    parent = dest.parent
+    missing: list[Path] = []
+    for anc in [parent, *parent.parents]:
+        if anc.exists():
+            if not anc.is_dir():
+                raise OutputError(f"{dest}: cannot create the output folder: {anc} is a file")
+            break
+        missing.append(anc)
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputError(f"{dest}: cannot create the output folder {parent}: {e.strerror}") from None
+    return list(reversed(missing))
+
+
+def remove_created(folders: list[Path]) -> None:
+    """Remove folders :func:`make_parent` created, innermost first, if they are still empty."""
+    for d in reversed(folders):
+        try:
+            d.rmdir()
+        except OSError:
+            break
+
+
+class AtomicFile:
+    """A temporary file beside ``dest`` that becomes ``dest`` on :meth:`commit`."""
+
+    def __init__(self, dest: Path) -> None:
+        self.dest = Path(dest)
+        if self.dest.is_dir():
+            raise OutputError(f"{self.dest}: is a folder; give a file name ending in .pt or .safetensors")
+        self._created = make_parent(self.dest)
+        parent = self.dest.parent
+        try:
+            fd, tmp = tempfile.mkstemp(prefix=f".{self.dest.name}.", suffix=TMP_SUFFIX, dir=parent)
+        except OSError as e:
+            remove_created(self._created)
+            raise OutputError(f"{self.dest}: cannot write in {parent}: {e.strerror}") from None
+        self.tmp = Path(tmp)
+        self.file = os.fdopen(fd, "w+b", buffering=0)
+        self._done = False
+
+    def write(self, data: Any) -> None:
+        try:
+            mv = memoryview(data).cast("B")
+            while mv:
+                n = self.file.write(mv)
+                mv = mv[n:]
+        except OSError as e:
+            raise OutputError(f"{self.dest}: write failed: {e.strerror}") from None
+
+    def commit(self) -> None:
+        try:
+            self.file.flush()
+            os.fsync(self.file.fileno())
+            self.file.close()
+            os.chmod(self.tmp, 0o666 & ~umask())
+            os.replace(self.tmp, self.dest)
+        except OSError as e:
+            self.abort()
+            raise OutputError(f"{self.dest}: cannot finish writing: {e.strerror}") from None
+        self._done = True
+        fsync_path(self.dest.parent, directory=True)
+
+    def abort(self) -> None:
+        if self._done:
+            return
+        self._done = True
+        try:
+            self.file.close()
+        except OSError:
+            pass
+        try:
+            self.tmp.unlink()
+        except OSError:
+            pass
+        remove_created(self._created)

@@ -1,0 +1,99 @@
+"""Reader for Hugging Face model folders: one checkpoint made of one or more weight files.
+
+``model.safetensors``, shards listed by ``model.safetensors.index.json``, or
+``pytorch_model.bin`` / ``pytorch_model.bin.index.json``. Each shard is opened with the
+file reader of its format; ``trainer_state.json`` (a Trainer's ``checkpoint-N/``) gives
+step, epoch and eval metrics.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+from ..errors import CheckpointReadError, OptionError
+from .checkpoint import Checkpoint, CheckpointMeta, TensorRef
+from .metadata import apply_name_metadata, trainer_state
+
+__all__ = ["is_model_folder", "open_model_folder", "SINGLE_FILES", "INDEX_FILES"]
+
+SINGLE_FILES = ("model.safetensors", "pytorch_model.bin")
+INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+_MAX_INDEX = 64 << 20
+
+
+def is_model_folder(path: Path) -> bool:
+    """True if ``path`` is a folder holding one model in the Hugging Face layout."""
+    return path.is_dir() and any((path / n).is_file() for n in SINGLE_FILES + INDEX_FILES)
+
+
+def _read_index(index_file: Path) -> dict[str, str]:
+    try:
+        if index_file.stat().st_size > _MAX_INDEX:
+            raise ValueError("larger than 64 MiB")
+        index = json.loads(index_file.read_text(encoding="utf-8"))
+        wmap = index.get("weight_map") if isinstance(index, dict) else None
+        if not isinstance(wmap, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in wmap.items()):
+            raise ValueError("weight_map is not a name->file object")
+    except (OSError, ValueError, RecursionError) as e:
+        raise CheckpointReadError(f"{index_file}: invalid index file: {e}") from None
+    for name, s in wmap.items():
+        if not s or "/" in s or "\\" in s or s.startswith("."):
+            raise CheckpointReadError(f"{index_file}: tensor {name!r}: shard name {s!r} is not a file in the folder")
+    return wmap
+
+
+def open_model_folder(folder: Path, *, key: str | None, trust_pickle: bool,
+                      open_file: Callable[..., Checkpoint]) -> Checkpoint:
+    """Open a Hugging Face style model folder as one checkpoint (all shards);
+    ``open_file`` opens one weight file (the format registry's file opener)."""
+    if not is_model_folder(folder):
+        raise CheckpointReadError(
+            f"{folder}: not a model folder (no {', '.join(SINGLE_FILES + INDEX_FILES)}); "
+            "to average the checkpoints inside a folder, pass the folder as an input of merge"
+        )
+    if key:
+        raise OptionError(f"{folder}: --key applies to single torch checkpoint files, not model folders")
+    index_file = next((folder / n for n in INDEX_FILES if (folder / n).is_file()), None)
+    wmap: dict[str, str] = {}
+    if (folder / "model.safetensors").is_file():
+        shard_names, index_file = ["model.safetensors"], None
+    elif index_file is not None:
+        wmap = _read_index(index_file)
+        shard_names = list(dict.fromkeys(wmap.values()))
+    else:
+        shard_names = ["pytorch_model.bin"]
+    tensors: dict[str, TensorRef] = {}
+    files = []
+    size = 0
+    st_meta: dict[str, str] = {}
+    for s in shard_names:
+        if not (folder / s).is_file():
+            raise CheckpointReadError(f"{index_file or folder}: shard {s!r} is missing")
+        shard = open_file(folder / s, key=None, trust_pickle=trust_pickle)
+        files.extend(shard.files)
+        size += shard.size
+        if shard.st_metadata:
+            st_meta.update(shard.st_metadata)
+        for name, ref in shard.tensors.items():
+            if name in tensors:
+                raise CheckpointReadError(f"{folder}: tensor {name!r} appears in two shards")
+            if ref.alias_key is not None:
+                # storage offsets are per file: shards must not look tied to each other
+                ref.alias_key = (s, *ref.alias_key)
+            tensors[name] = ref
+    if index_file is not None:
+        missing = [n for n in wmap if n not in tensors]
+        if missing:
+            raise CheckpointReadError(
+                f"{index_file}: lists {len(missing)} tensor(s) its shards lack, e.g. {missing[0]!r}"
+            )
+    meta = CheckpointMeta()
+    trainer_state(folder, meta)
+    ckpt = Checkpoint(path=folder, format="hf-folder", tensors=tensors, meta=meta, size=size, files=files,
+                      st_metadata=st_meta)
+    if st_meta and ("ckptavg_version" in st_meta or "ckptavg_method" in st_meta):
+        meta.ckptavg_output = True
+    apply_name_metadata(ckpt)
+    return ckpt

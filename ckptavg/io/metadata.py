@@ -1,0 +1,321 @@
+"""Metadata: where the weights are inside a checkpoint object, and what it records
+(epoch, step, metrics, a power-EMA profile), or what its file name says.
+
+Shared by every reader: torch files give an object tree, safetensors files a string
+``__metadata__`` mapping, Hugging Face folders ``trainer_state.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import CheckpointReadError
+from .checkpoint import Checkpoint, CheckpointMeta
+
+__all__ = ["STATE_DICT_KEYS", "name_metadata", "find_state_dict", "meta_from_object", "meta_from_strings",
+           "apply_name_metadata", "trainer_state", "model_stem"]
+
+#: keys searched, in order, for the state dict inside a torch checkpoint
+STATE_DICT_KEYS = ("state_dict", "model", "module", "model_state_dict", "net")
+
+_EPOCH_RE = re.compile(r"(?:^|[^a-z])(?:epoch|ep)[=_\-]?(\d+)", re.IGNORECASE)
+_STEP_RE = re.compile(r"(?:^|[^a-z])(?:global_step|step|iteration|iter|it)[=_\-]?(\d+)", re.IGNORECASE)
+_FAIRSEQ_RE = re.compile(r"^checkpoint[_-]?(\d+)(?:[_-](\d+))?$", re.IGNORECASE)
+_NUM_RE = re.compile(r"\d+")
+
+
+def model_stem(path: Path) -> str:
+    name = path.name
+    for ext in (".pth.tar", ".safetensors", ".ckpt", ".pth", ".pt", ".bin", ".tar"):
+        if name.lower().endswith(ext):
+            return name[: -len(ext)]
+    return path.stem
+
+
+def name_metadata(path: Path) -> tuple[int | None, int | None, tuple[int, ...]]:
+    """Epoch, step and all numbers found in a checkpoint's file name."""
+    stem = model_stem(path)
+    epoch = step = None
+    m = _FAIRSEQ_RE.match(stem)
+    if m:
+        epoch = int(m.group(1))
+        if m.group(2) is not None:
+            step = int(m.group(2))
+    m = _EPOCH_RE.search(stem)
+    if m:
+        epoch = int(m.group(1))
+    m = _STEP_RE.search(stem)
+    if m:
+        step = int(m.group(1))
+    return epoch, step, tuple(int(x) for x in _NUM_RE.findall(stem))
+
+
+
+
+def _is_tensor_dict(d: Any) -> bool:
+    return (
+        isinstance(d, Mapping)
+        and len(d) > 0
+        and all(isinstance(k, str) for k in d)
+        and all(isinstance(v, torch.Tensor) for v in d.values())
+    )
+
+
+def _candidate_keys(obj: Any, prefix: str = "", depth: int = 0) -> list[str]:
+    """Dotted paths of nested dicts that hold tensors (for error messages)."""
+    out: list[str] = []
+    if not isinstance(obj, Mapping) or depth > 3:
+        return out
+    for k, v in obj.items():
+        path = f"{prefix}{k}"
+        if isinstance(v, Mapping):
+            if any(isinstance(x, torch.Tensor) for x in v.values()):
+                out.append(path)
+            out.extend(_candidate_keys(v, path + ".", depth + 1))
+    return out
+
+
+def find_state_dict(obj: Any, key: str | None, path: Path) -> tuple[Mapping[str, torch.Tensor], str | None]:
+    if key:
+        cur = obj
+        walked = []
+        for part in key.split("."):
+            if isinstance(cur, Mapping) and part in cur:
+                cur = cur[part]
+            elif isinstance(cur, (list, tuple)) and part.isdigit() and int(part) < len(cur):
+                cur = cur[int(part)]
+            else:
+                here = ".".join(walked) or "the top level"
+                keys = list(cur.keys()) if isinstance(cur, Mapping) else []
+                raise CheckpointReadError(
+                    f"{path}: key {key!r} not found: {here} has no {part!r}"
+                    + (f" (it has: {', '.join(map(str, keys[:20]))})" if keys else "")
+                )
+            walked.append(part)
+        if not isinstance(cur, Mapping) or not any(isinstance(v, torch.Tensor) for v in cur.values()):
+            raise CheckpointReadError(f"{path}: key {key!r} does not hold a dict of tensors")
+        return cur, key
+    if _is_tensor_dict(obj):
+        return obj, None
+    if isinstance(obj, Mapping):
+        for k in STATE_DICT_KEYS:
+            if k in obj and _is_tensor_dict(obj[k]):
+                return obj[k], k
+        # tolerate a few non-tensor entries (e.g. _extra_state) in the usual places
+        for k in STATE_DICT_KEYS:
+            v = obj.get(k)
+            if isinstance(v, Mapping) and v and sum(isinstance(x, torch.Tensor) for x in v.values()) >= 0.5 * len(v):
+                return v, k
+        cands = _candidate_keys(obj)
+        if cands:
+            raise CheckpointReadError(
+                f"{path}: no state dict found under {', '.join(STATE_DICT_KEYS)}; "
+                f"candidates: {', '.join(cands[:15])}; pick one with --key"
+            )
+        keys = ", ".join(map(str, list(obj.keys())[:20]))
+        raise CheckpointReadError(f"{path}: no tensors found (top-level keys: {keys or 'none'})")
+    raise CheckpointReadError(f"{path}: holds a {type(obj).__name__}, not a state dict or checkpoint dict")
+
+
+_STEP_KEYS = ("step", "global_step", "num_updates", "iteration")
+_EPOCH_KEYS = ("epoch",)
+
+
+def _scalar(ckpt: Checkpoint, v: Any) -> float | int | None:
+    if isinstance(v, bool):
+        return None
+    if isinstance(v, (int, float)):
+        return _number(v)
+    if isinstance(v, torch.Tensor) and v.numel() == 1 and not v.dtype.is_complex and v.dtype != torch.bool:
+        try:
+            if v.device.type == "meta":
+                ref = ckpt.ref_for(v)
+                t = ref.materialize()
+                ref.release()
+            else:
+                t = v
+            return _number(t.reshape(()).item())
+        except CheckpointReadError:
+            return None
+    return None
+
+
+def _number(v: Any) -> int | float | None:
+    """A finite int/float (not bool), else None; huge integers that no float holds are None."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return None
+    try:
+        return v if math.isfinite(float(v)) else None
+    except OverflowError:
+        return None
+
+
+def _as_epoch(v: Any) -> int | float | None:
+    """Epochs may be fractional (Hugging Face Trainer: 2.5); whole values become ints."""
+    x = _number(v)
+    if x is None or x < 0:
+        return None
+    return int(x) if float(x).is_integer() else float(x)
+
+
+def _meta_from_mapping(meta: CheckpointMeta, d: Mapping[str, Any], parse_str: bool = False,
+                       ckpt: Checkpoint | None = None) -> None:
+    def val(v: Any) -> float | int | None:
+        if parse_str and isinstance(v, str):
+            if len(v) > 64:
+                return None
+            try:
+                return _number(int(v))
+            except ValueError:
+                try:
+                    return _number(float(v))
+                except ValueError:
+                    return None
+        if ckpt is not None:
+            return _scalar(ckpt, v)
+        return _number(v)
+
+    for k in _STEP_KEYS:
+        if k in d and meta.step is None:
+            v = val(d[k])
+            if v is not None and float(v).is_integer() and v >= 0:
+                meta.step, meta.step_from = int(v), "recorded"
+    for k in _EPOCH_KEYS:
+        if k in d and meta.epoch is None:
+            ep = _as_epoch(val(d[k]))
+            if ep is not None:
+                meta.epoch, meta.epoch_from = ep, "recorded"
+    for k, attr in (("sigma_rel", "sigma_rel"), ("gamma", "gamma")):
+        if k in d and getattr(meta, attr) is None:
+            x = val(d[k])
+            if x is not None and x > 0:
+                setattr(meta, attr, float(x))
+    if "ckptavg_version" in d or "ckptavg_method" in d:
+        meta.ckptavg_output = True
+    for k, v in d.items():
+        if not isinstance(k, str):
+            continue
+        x = val(v)
+        if x is not None and k not in meta.metrics:
+            meta.metrics[k] = x
+        elif isinstance(v, Mapping) and k == "metrics":
+            for mk, mv in v.items():
+                mx = val(mv)
+                if isinstance(mk, str) and mx is not None:
+                    meta.metrics[mk] = mx
+        elif parse_str and k == "metrics" and isinstance(v, str) and len(v) < 1 << 16:
+            try:
+                parsed = json.loads(v)
+            except (ValueError, RecursionError):
+                continue
+            if isinstance(parsed, dict):
+                for mk, mv in parsed.items():
+                    mx = _number(mv)
+                    if isinstance(mk, str) and mx is not None:
+                        meta.metrics[mk] = mx
+
+def meta_from_strings(ckpt: Checkpoint, d: Mapping[str, str]) -> None:
+    """Metadata from a string mapping (safetensors ``__metadata__``): numbers are parsed."""
+    _meta_from_mapping(ckpt.meta, d, parse_str=True)
+    for k in ("ckptavg_version", "ckptavg_method", "format"):
+        ckpt.meta.metrics.pop(k, None)
+
+
+def meta_from_object(ckpt: Checkpoint) -> None:
+    obj = ckpt.obj
+    if not isinstance(obj, Mapping) or (ckpt.weights_key is None and _is_tensor_dict(obj)):
+        return
+    _meta_from_mapping(ckpt.meta, obj, ckpt=ckpt)
+    # fairseq keeps the epoch under extra_state (and the update count in optimizer_history)
+    extra = obj.get("extra_state")
+    if isinstance(extra, Mapping):
+        sub = CheckpointMeta()
+        _meta_from_mapping(sub, extra, ckpt=ckpt)
+        it = extra.get("train_iterator")
+        if sub.epoch is None and isinstance(it, Mapping) and isinstance(it.get("epoch"), int):
+            # The iterator records the epoch to resume at: after a finished epoch E it holds
+            # E + 1 with iterations_in_epoch 0 (fairseq names that file checkpointE.pt).
+            ep = it["epoch"]
+            version = it.get("version", 1)
+            if it.get("iterations_in_epoch") == 0 and isinstance(version, int) and version >= 2 and ep > 1:
+                ep -= 1
+            sub.epoch, sub.epoch_from = ep, "recorded"
+        if ckpt.meta.epoch is None and sub.epoch is not None:
+            ckpt.meta.epoch, ckpt.meta.epoch_from = sub.epoch, "recorded"
+        if ckpt.meta.step is None and sub.step is not None:
+            ckpt.meta.step, ckpt.meta.step_from = sub.step, "recorded"
+        for k, v in sub.metrics.items():
+            ckpt.meta.metrics.setdefault(k, v)
+    _lightning_monitored(ckpt, obj.get("callbacks"))
+    hist = obj.get("optimizer_history")
+    if ckpt.meta.step is None and isinstance(hist, list) and hist and isinstance(hist[-1], Mapping):
+        nu = hist[-1].get("num_updates")
+        if isinstance(nu, int):
+            ckpt.meta.step, ckpt.meta.step_from = nu, "recorded"
+    ckpt.meta.metrics.pop("epoch", None)
+    for k in _STEP_KEYS:
+        ckpt.meta.metrics.pop(k, None)
+
+
+def _lightning_monitored(ckpt: Checkpoint, callbacks: Any) -> None:
+    """Lightning's ModelCheckpoint state holds the monitored value of the checkpoint being
+    saved (``current_score``, under ``monitor``): record it as a metric of that name."""
+    if not isinstance(callbacks, Mapping):
+        return
+    for state in callbacks.values():
+        if isinstance(state, Mapping) and isinstance(state.get("monitor"), str) and "current_score" in state:
+            v = _scalar(ckpt, state["current_score"])
+            if v is not None:
+                ckpt.meta.metrics.setdefault(state["monitor"], v)
+
+
+def apply_name_metadata(ckpt: Checkpoint) -> None:
+    epoch, step, nums = name_metadata(ckpt.path)
+    m = ckpt.meta
+    m.name_numbers = nums
+    if m.epoch is None and epoch is not None:
+        m.epoch, m.epoch_from = epoch, "name"
+    if m.step is None and step is not None:
+        m.step, m.step_from = step, "name"
+    for k in (*_STEP_KEYS, *_EPOCH_KEYS, "sigma_rel", "gamma"):
+        m.metrics.pop(k, None)
+
+
+# Throughput figures the Hugging Face Trainer logs beside its eval metrics: not metrics of the model.
+_NOT_METRICS = re.compile(r"_(runtime|samples_per_second|steps_per_second)$")
+
+
+def trainer_state(path: Path, meta: CheckpointMeta) -> None:
+    """Step, epoch (fractional epochs kept) and latest eval metrics from a Hugging Face Trainer's
+    ``trainer_state.json``; a malformed file is ignored (it is not needed to average)."""
+    f = path / "trainer_state.json"
+    if not f.is_file():
+        return
+    try:
+        if f.stat().st_size > 64 << 20:
+            return
+        state = json.loads(f.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return
+    if not isinstance(state, dict):
+        return
+    gs = _number(state.get("global_step"))
+    if gs is not None and float(gs).is_integer() and gs >= 0:
+        meta.step, meta.step_from = int(gs), "recorded"
+    ep = _as_epoch(state.get("epoch"))
+    if ep is not None:
+        meta.epoch, meta.epoch_from = ep, "recorded"
+    history = state.get("log_history")
+    for entry in history if isinstance(history, list) else []:
+        if isinstance(entry, dict):
+            for k, v in entry.items():
+                x = _number(v)
+                if isinstance(k, str) and k.startswith("eval_") and x is not None and not _NOT_METRICS.search(k):
+                    meta.metrics[k] = x

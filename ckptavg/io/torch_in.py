@@ -1,0 +1,334 @@
+"""Reader for torch checkpoints (``torch.save`` zip files of any extension, and legacy files).
+
+A zip checkpoint is described with torch's own loader: ``torch.load(path,
+map_location="meta", weights_only=True)`` runs the pickle through torch's vetted
+``weights_only`` unpickler and places every storage on the ``meta`` device, so the whole
+object tree (dtypes, shapes, strides, tied tensors, metadata such as epoch and step) is
+known without reading tensor data; torch records on each storage the absolute file offset
+of its bytes (``_checkpoint_offset``, torch >= 2.7). The tensors' bytes are then read with
+positioned reads at those offsets.
+
+What is checked here, because loading to ``meta`` reads no data and torch checks none of
+it then: the zip directory (via :mod:`zipfile`: one ``data.pkl``, one top-level folder, no
+two members of one name, the pickle's CRC), each storage against its zip record (it must
+lie inside the record the pickle names), and each tensor view against its storage (offset,
+size and stride inside the storage, no overlapping elements), so that no allocation is ever
+sized from the file's claims before they are checked against the file.
+
+Legacy (pre-1.6, non-zip) files cannot be read piecewise: they are loaded whole with a warning.
+"""
+
+from __future__ import annotations
+
+import argparse
+import bisect
+import pathlib
+import pickle
+import re
+import sys
+import warnings
+import zipfile
+import zlib
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from ..errors import CheckpointReadError, CkptavgWarning, UnsafePickleError
+from .checkpoint import Checkpoint, CheckpointMeta, TensorRef
+from .files import InputFile
+from .metadata import apply_name_metadata, find_state_dict, meta_from_object
+
+__all__ = ["open_torch", "open_torch_legacy", "SAFE_GLOBALS", "is_torch_zip", "is_legacy_pickle"]
+
+_MAX_PICKLE = 1 << 30
+_QUANTIZED = {torch.qint8, torch.quint8, torch.qint32, torch.quint4x2, torch.quint2x4}
+
+#: Harmless non-tensor classes real training frameworks put into checkpoints, allowed on top of
+#: torch's own ``weights_only`` allowlist (and of ``torch.serialization.add_safe_globals``).
+#: Each only stores attributes or path parts when unpickled; none runs code.
+#: ``argparse.Namespace``: timm's CheckpointSaver and fairseq store their command-line args.
+#: ``pathlib`` paths: Lightning hyper-parameters and configs often hold paths.
+SAFE_GLOBALS: list[Any] = [argparse.Namespace, pathlib.PosixPath, pathlib.WindowsPath, pathlib.PurePosixPath,
+                           pathlib.PureWindowsPath]
+
+
+def is_torch_zip(head: bytes) -> bool:
+    return head[:4] == b"PK\x03\x04"
+
+
+def is_legacy_pickle(head: bytes) -> bool:
+    return head[:1] == b"\x80"
+
+
+def _short(e: BaseException) -> str:
+    s = " ".join(str(e).split())
+    return (s[:200] + "...") if len(s) > 200 else s
+
+
+class _Records:
+    """The zip directory of a torch checkpoint, checked the way torch's own loader sees it."""
+
+    def __init__(self, f: InputFile) -> None:
+        self.f = f
+        try:
+            with open(f.path, "rb") as fh:
+                zf = zipfile.ZipFile(fh)
+                infos = zf.infolist()
+                names = [i.filename for i in infos]
+                if len(set(names)) != len(names):
+                    dup = next(n for n in names if names.count(n) > 1)
+                    raise CheckpointReadError(
+                        f"{f.path}: ambiguous torch checkpoint: the zip holds two members named {dup!r}"
+                    )
+                pkls = [n for n in names if n.endswith("/data.pkl") and n.count("/") == 1]
+                if not pkls:
+                    if any(n.endswith("constants.pkl") for n in names):
+                        raise CheckpointReadError(f"{f.path}: a TorchScript archive, not a checkpoint of weights")
+                    raise CheckpointReadError(f"{f.path}: a zip file without data.pkl, not a torch checkpoint")
+                tops = {n.split("/", 1)[0] for n in names}
+                if len(tops) != 1:
+                    raise CheckpointReadError(
+                        f"{f.path}: ambiguous torch checkpoint: the zip has {len(tops)} top-level folders "
+                        f"({', '.join(sorted(tops)[:4])}); torch expects one"
+                    )
+                pkl = zf.getinfo(pkls[0])
+                if pkl.file_size > _MAX_PICKLE:
+                    raise CheckpointReadError(f"{f.path}: data.pkl is implausibly large ({pkl.file_size} bytes)")
+                self.pickle_crc_ok = pkl.CRC == 0 or zlib.crc32(zf.read(pkl)) == pkl.CRC
+                self.byteorder = zf.read(pkls[0][: -len("data.pkl")] + "byteorder") if any(
+                    n == pkls[0][: -len("data.pkl")] + "byteorder" for n in names) else None
+        except CheckpointReadError:
+            raise
+        except zipfile.BadZipFile as e:
+            if "CRC" in str(e):
+                raise CheckpointReadError(f"{f.path}: damaged torch checkpoint: a record fails its CRC check") from None
+            raise CheckpointReadError(
+                f"{f.path}: damaged or truncated torch checkpoint (its zip directory is unreadable: {_short(e)})"
+            ) from None
+        except Exception as e:  # zipfile raises many types on damaged directories
+            raise CheckpointReadError(
+                f"{f.path}: damaged or truncated torch checkpoint (its zip directory is unreadable: {_short(e)})"
+            ) from None
+        if not self.pickle_crc_ok:
+            raise CheckpointReadError(f"{f.path}: damaged torch checkpoint: record 'data.pkl' fails its CRC check")
+        recs = sorted((i.header_offset, i.file_size, i.filename) for i in infos)
+        self._starts = [r[0] for r in recs]
+        self._recs = recs
+
+    def record_at(self, offset: int) -> tuple[str, int, int]:
+        """(name, header offset, size) of the record whose data starts at ``offset``."""
+        k = bisect.bisect_right(self._starts, offset) - 1
+        if k < 0:
+            raise CheckpointReadError(f"{self.f.path}: damaged torch checkpoint: a storage lies before every record")
+        h, size, name = self._recs[k]
+        return name, h, size
+
+
+def _load_meta(f: InputFile, trust_pickle: bool) -> Any:
+    """The checkpoint's object tree with every storage on the meta device (no data read)."""
+    try:
+        if trust_pickle:
+            return torch.load(f.path, map_location="meta", weights_only=False)
+        with torch.serialization.safe_globals(SAFE_GLOBALS):
+            return torch.load(f.path, map_location="meta", weights_only=True)
+    except pickle.UnpicklingError as e:
+        bad = _unsafe_global(str(e))
+        if bad is not None and not trust_pickle:
+            raise UnsafePickleError(
+                f"{f.path}: refusing to load: the pickle needs {bad}, which weights_only loading does not allow "
+                f"(it could run code); pass --trust-pickle (trust_pickle=True) only if you trust this file"
+            ) from None
+        raise CheckpointReadError(f"{f.path}: not a valid torch checkpoint (bad pickle: {_short(e)})") from None
+    except (MemoryError, RecursionError, OverflowError) as e:
+        raise CheckpointReadError(f"{f.path}: not a valid torch checkpoint ({type(e).__name__})") from None
+    except Exception as e:  # a damaged pickle or zip can fail in any way while being parsed
+        raise CheckpointReadError(f"{f.path}: not a valid torch checkpoint ({type(e).__name__}: {_short(e)})") from None
+
+
+def _check_view(path: Any, name: str, t: torch.Tensor, storage_nbytes: int) -> None:
+    """The view (offset, size, stride) must lie inside its storage and not overlap itself."""
+    shape, stride, soff = tuple(t.shape), tuple(t.stride()), t.storage_offset()
+    where = f"{path}: tensor {name!r}"
+    if soff < 0 or any(s < 0 for s in stride) or any(n < 0 for n in shape):
+        raise CheckpointReadError(f"{where}: invalid view (negative offset, size or stride)")
+    if t.numel() == 0:
+        return
+    # non-overlapping: with dims sorted by stride, each stride must step over everything before it
+    extent = 0
+    for n, st in sorted(((n, st) for n, st in zip(shape, stride) if n > 1), key=lambda x: x[1]):
+        if st <= extent:
+            raise CheckpointReadError(f"{where}: its elements overlap in storage (stride {list(stride)}); "
+                                      "expanded or overlapping views are not supported")
+        extent += (n - 1) * st
+    end = (soff + extent + 1) * t.element_size()
+    if end > storage_nbytes:
+        raise CheckpointReadError(
+            f"{where}: the view (offset {soff}, shape {list(shape)}, stride {list(stride)}) runs past its storage "
+            f"({storage_nbytes} bytes)"
+        )
+
+
+def open_torch(f: InputFile, key: str | None, trust_pickle: bool) -> Checkpoint:
+    """Describe a torch zip checkpoint (no tensor data read)."""
+    recs = _Records(f)
+    byteswap = False
+    if recs.byteorder is not None:
+        if recs.byteorder not in (b"little", b"big"):
+            raise CheckpointReadError(f"{f.path}: damaged torch checkpoint: unknown byte order {recs.byteorder[:16]!r}")
+        byteswap = recs.byteorder.decode() != sys.byteorder
+    if trust_pickle:
+        warnings.warn(
+            CkptavgWarning(f"{f.path}: loading with full unpickling (--trust-pickle): code in this file can run"),
+            stacklevel=3,
+        )
+    obj = _load_meta(f, trust_pickle)
+    checked: dict[int, tuple[int, int]] = {}  # storage data offset -> (nbytes, record size)
+    sources: dict[int, TensorRef] = {}
+
+    def make_ref(t: torch.Tensor, name: str) -> TensorRef:
+        if id(t) in sources:
+            return sources[id(t)]
+        if t.dtype in _QUANTIZED or t.is_quantized:
+            raise CheckpointReadError(
+                f"{f.path}: tensor {name!r} is quantized ({t.dtype}); dequantize the model before averaging"
+            )
+        if t.layout != torch.strided:
+            raise CheckpointReadError(
+                f"{f.path}: tensor {name!r} has layout {t.layout}; only dense tensors are supported"
+            )
+        st = t.untyped_storage()
+        off = getattr(st, "_checkpoint_offset", None)
+        if not isinstance(off, int):
+            raise CheckpointReadError(
+                f"{f.path}: tensor {name!r}: torch {torch.__version__} did not report where its bytes are "
+                "(ckptavg needs torch >= 2.7)"
+            )
+        nbytes = st.nbytes()
+        if off not in checked:
+            rname, _h, rsize = recs.record_at(off)
+            if "/data/" not in rname:
+                raise CheckpointReadError(f"{f.path}: damaged torch checkpoint: tensor {name!r} has no data record")
+            if nbytes > rsize or off + nbytes > f.size:
+                raise CheckpointReadError(
+                    f"{f.path}: damaged torch checkpoint: tensor {name!r} needs {nbytes} bytes of storage, "
+                    f"its record {rname.split('/')[-1]!r} holds {rsize}"
+                )
+            checked[off] = (nbytes, rsize)
+        _check_view(f.path, name, t, nbytes)
+        shape, stride, soff = tuple(t.shape), tuple(t.stride()), t.storage_offset()
+        contiguous = t.is_contiguous() or t.numel() <= 1
+        ref = TensorRef(name=name, dtype=t.dtype, shape=shape, file=f, byteswap=byteswap)
+        ref.alias_key = (off, soff, shape, stride if not contiguous else None)
+        if contiguous:
+            ref.offset = off + soff * t.element_size()
+        else:
+            ref.strided = (off, nbytes, soff, stride)
+        sources[id(t)] = ref
+        return ref
+
+    sd, wkey = find_state_dict(obj, key, f.path)
+    tensors: dict[str, TensorRef] = {}
+    for name, t in sd.items():
+        if isinstance(t, torch.Tensor):
+            tensors[str(name)] = make_ref(t, str(name))
+    ckpt = Checkpoint(path=f.path, format="torch", tensors=tensors, meta=CheckpointMeta(), weights_key=wkey,
+                      size=f.size, obj=obj, files=[f])
+    ckpt._tensor_source = sources
+    # Tensors outside the state dict (metrics saved as tensors, other weight sets) get refs on demand.
+    ckpt._make_ref = make_ref
+    meta_from_object(ckpt)
+    apply_name_metadata(ckpt)
+    return ckpt
+
+
+def _walk_tensors(obj: Any, fn: Any, path: str = "", depth: int = 0) -> None:
+    if depth > 50:
+        return
+    if isinstance(obj, torch.Tensor):
+        try:
+            fn(obj, path)
+        except CheckpointReadError:
+            pass  # not needed unless used; it will fail again if it is
+    elif isinstance(obj, Mapping):
+        for k, v in obj.items():
+            _walk_tensors(v, fn, f"{path}.{k}" if path else str(k), depth + 1)
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            _walk_tensors(v, fn, f"{path}.{i}" if path else str(i), depth + 1)
+
+
+# --------------------------------------------------------------------------------------
+# legacy torch files
+
+
+def open_torch_legacy(f: InputFile, key: str | None, trust_pickle: bool) -> Checkpoint:
+    p = f.path
+    try:
+        if trust_pickle:
+            obj = torch.load(p, map_location="cpu", weights_only=False)
+        else:
+            with torch.serialization.safe_globals(SAFE_GLOBALS):
+                obj = torch.load(p, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        bad = _unsafe_global(str(e))
+        if bad is not None and not trust_pickle:
+            raise UnsafePickleError(
+                f"{p}: refusing to load: the pickle needs {bad}, which weights_only loading does not allow "
+                f"(it could run code); pass --trust-pickle (trust_pickle=True) only if you trust this file"
+            ) from None
+        raise CheckpointReadError(f"{p}: not a checkpoint ckptavg can read ({_short(e)})") from None
+    except Exception as e:
+        raise CheckpointReadError(f"{p}: not a checkpoint ckptavg can read ({_short(e)})") from None
+    if not isinstance(obj, (Mapping, torch.nn.Module)):
+        raise CheckpointReadError(f"{p}: holds a {type(obj).__name__}, not a state dict or checkpoint dict")
+    if isinstance(obj, torch.nn.Module):
+        obj = obj.state_dict()
+    warnings.warn(
+        CkptavgWarning(f"{p}: legacy (non-zip) torch format, loaded whole into memory: it cannot be streamed"),
+        stacklevel=3,
+    )
+    sd, wkey = find_state_dict(obj, key, p)
+    tensors = {}
+    for name, t in sd.items():
+        if isinstance(t, torch.Tensor):
+            if t.is_quantized:
+                raise CheckpointReadError(f"{p}: tensor {name!r} is quantized; dequantize the model before averaging")
+            tensors[str(name)] = TensorRef(name=str(name), dtype=t.dtype, shape=tuple(t.shape), tensor=t)
+            tensors[str(name)].alias_key = (
+                t.untyped_storage().data_ptr(),
+                t.storage_offset(),
+                tuple(t.shape),
+                tuple(t.stride()),
+            )
+    ckpt = Checkpoint(path=p, format="torch-legacy", tensors=tensors, meta=CheckpointMeta(),
+                      weights_key=wkey, size=f.size, obj=obj, files=[f])
+    srcs = {id(t): ref for ref in tensors.values() if (t := ref.tensor) is not None}
+
+    def mk(t: torch.Tensor, path: str) -> None:
+        if id(t) not in srcs:
+            srcs[id(t)] = TensorRef(name=path, dtype=t.dtype, shape=tuple(t.shape), tensor=t)
+
+    _walk_tensors(obj, mk)
+    ckpt._tensor_source = srcs
+    meta_from_object(ckpt)
+    apply_name_metadata(ckpt)
+    return ckpt
+
+
+_GLOBAL_RES = (
+    re.compile(r"GLOBAL (\S+) was not an allowed global"),
+    re.compile(r"unsupported GLOBAL (\S+) whose module"),
+    re.compile(r"unrecognized function (.+?)(?: which belongs|$)"),
+    re.compile(r"new object for nn.Parameter or classes allowlisted via `add_safe_globals` but got (.+)$"),
+)
+
+
+def _unsafe_global(msg: str) -> str | None:
+    for rx in _GLOBAL_RES:
+        m = rx.search(msg)
+        if m:
+            return m.group(1).strip()
+    return None
+
+

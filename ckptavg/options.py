@@ -1,0 +1,154 @@
+"""The merge options, declared once.
+
+:class:`MergeOptions` is the one list of what ``merge`` can be told. Each field carries its
+default, help text, an example and how it appears on the command line; the Python API's
+signatures (:func:`api_signature`), the plan, the click CLI (:func:`click_options`) and the
+README's option table all derive from it. To add an option, add a field here: the API
+accepts it, ``ckptavg merge --help`` lists it, and a test checks that the README documents it.
+
+Scopes: ``plan`` options decide what is averaged and how (every averaging entry point takes
+them); ``output`` options only make sense when writing a file (``merge``).
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Sequence
+from dataclasses import MISSING, dataclass, field, fields
+from typing import Any
+
+__all__ = ["MergeOptions", "option_fields", "api_signature", "click_options", "collect"]
+
+METHODS = ("uniform", "ema", "power-ema")
+ORDERS = ("auto", "given", "step", "epoch", "name")
+DTYPES = ("float32", "float16", "bfloat16", "float64")
+BN_MODES = ("precise", "torch")
+BUFFERS = ("average", "last")
+
+
+def _opt(default: Any, help: str, *, example: str = "", scope: str = "plan", cli_type: Any = None,
+         choices: Sequence[str] | None = None, metavar: str | None = None, multiple: bool = False,
+         cli: bool = True) -> Any:
+    return field(default=default, metadata={
+        "help": help, "example": example, "scope": scope, "cli_type": cli_type, "choices": choices,
+        "metavar": metavar, "multiple": multiple, "cli": cli,
+    })
+
+
+@dataclass
+class MergeOptions:
+    """Every option of ``merge``/``average``/``plan`` (the CLI's ``ckptavg merge`` flags, one to one)."""
+
+    # -- method (each is a weight vector over the selected checkpoints)
+    method: str = _opt("uniform", "Averaging method (each is a weight vector over the checkpoints).",
+                       example="--method ema --decay 0.9", choices=METHODS)
+    decay: float | None = _opt(None, "EMA decay per checkpoint (with --method ema).",
+                               example="--method ema --decay 0.9", cli_type=float)
+    decay_per_step: float | None = _opt(None, "EMA decay per training step; uses the step gaps between checkpoints "
+                                        "(with --method ema).", example="--method ema --decay-per-step 0.9999",
+                                        cli_type=float)
+    weights: Sequence[float] | str | None = _opt(None, "Explicit weights, comma separated, in checkpoint order "
+                                                 "(normalised to sum 1).", example="--weights 0.5,0.3,0.2")
+    gamma: float | None = _opt(None, "Power-EMA exponent (with --method power-ema).",
+                               example="--method power-ema --gamma 6.94", cli_type=float)
+    sigma_rel: float | None = _opt(None, "Power-EMA relative width, instead of --gamma (e.g. 0.05).",
+                                   example="--method power-ema --sigma-rel 0.05", cli_type=float)
+    # -- selection
+    epochs: Any = _opt(None, "Keep checkpoints with epoch in A..B (inclusive; A: or :B open).",
+                       example="--epochs 12:20, --epochs 150:", metavar="A:B")
+    steps: Any = _opt(None, "Keep checkpoints with step in A..B (inclusive; A: or :B open).",
+                      example="--steps 20000:", metavar="A:B")
+    last: int | None = _opt(None, "Keep the N newest checkpoints.", example="--last 5", cli_type=int, metavar="N")
+    every: int | None = _opt(None, "Keep every K-th checkpoint, counted back from the newest.", example="--every 2",
+                             cli_type=int, metavar="K")
+    best: int | None = _opt(None, "Keep the N best by --metric (ties: the earliest wins).",
+                            example="--best 3 --metric val_acc", cli_type=int, metavar="N")
+    metric: str | None = _opt(None, "Scalar stored in the checkpoints (top level or in 'metrics').",
+                              example="--best 3 --metric val_acc", metavar="NAME")
+    lower_is_better: bool = _opt(False, "For --best: lower metric values are better (losses).",
+                                 example="--best 3 --metric val_loss --lower-is-better")
+    order: str = _opt("auto", "How to order checkpoints; auto: recorded step, epoch, then file names.",
+                      example="--order given", choices=ORDERS)
+    # -- reading
+    key: str | None = _opt(None, "Where the weights are inside a torch checkpoint (dotted, e.g. model_ema).",
+                           example="--key model_ema, --key ema.model", metavar="PATH")
+    strip_prefix: str | Sequence[str] | None = _opt(None, "Remove prefix P from tensor names (repeatable).",
+                                                    example="--strip-prefix module.", metavar="P", multiple=True)
+    trust_pickle: bool = _opt(False, "Allow full unpickling (can run code from the file!) for checkpoints "
+                              "weights_only refuses.", example="--trust-pickle")
+    # -- numerics
+    dtype: str | None = _opt(None, "Output dtype of floating tensors (default: as in the inputs).",
+                             example="--dtype bfloat16", choices=DTYPES)
+    accumulate: str = _opt("float32", "Accumulator precision.", example="--accumulate float64",
+                           choices=("float32", "float64"))
+    buffers: str = _opt("average", "Floating buffers (BatchNorm statistics...): average them, or take the last "
+                        "checkpoint's (torch's AveragedModel(use_buffers=False)).", example="--buffers last",
+                        choices=BUFFERS)
+    allow_nonfinite: bool = _opt(False, "Average even if an input holds NaN or Inf.", example="--allow-nonfinite")
+    device: str = _opt("cpu", "cpu, cuda or cuda:N.", example="--device cuda")
+    # -- output
+    bn_spec: str | None = _opt(None, "Recalibrate BatchNorm statistics with this spec (TOML) before writing.",
+                               example="--bn-spec bn.toml", scope="output", metavar="FILE")
+    bn_mode: str = _opt("precise", "BatchNorm recalibration mode (with --bn-spec).", example="--bn-mode torch",
+                        scope="output", choices=BN_MODES)
+    keep_structure: bool = _opt(False, "Write the last selected checkpoint with its weights replaced by the average "
+                                "(Lightning, timm, fairseq loaders accept it); its optimizer/scheduler states are "
+                                "dropped.", example="-o swa.ckpt --keep-structure", scope="output")
+    keep_optimizer: bool = _opt(False, "With --keep-structure: keep optimizer and scheduler states.",
+                                example="--keep-structure --keep-optimizer", scope="output")
+    shard_size: int | str | None = _opt(None, "Folder output: largest shard, e.g. 5GB (default), 500MB, 100KB.",
+                                        example="--shard-size 2GB", scope="output", metavar="SIZE")
+    dry_run: bool = _opt(False, "Print the plan (files, epochs/steps, weights) and read no tensor data.",
+                         example="--dry-run", scope="output")
+    progress: bool = _opt(False, "Show a progress bar on stderr.", scope="output", cli=False)
+
+
+def option_fields(scope: str | None = None) -> list[Any]:
+    """The declared options (dataclass fields), optionally of one scope (``"plan"``/``"output"``)."""
+    return [f for f in fields(MergeOptions) if scope is None or f.metadata["scope"] == scope]
+
+
+def collect(values: dict[str, Any], allowed: Sequence[Any], where: str) -> MergeOptions:
+    """Options from keyword arguments; an unknown name is a ``TypeError`` as in any Python call."""
+    names = {f.name for f in allowed}
+    bad = [k for k in values if k not in names]
+    if bad:
+        raise TypeError(f"{where}() got an unexpected keyword argument {bad[0]!r}")
+    return MergeOptions(**values)
+
+
+def api_signature(func: Callable[..., Any], allowed: Sequence[Any]) -> inspect.Signature:
+    """``func``'s own positional parameters followed by the declared options as keyword-only
+    parameters (with their types and defaults), for ``help()`` and IDEs."""
+    own = [p for p in inspect.signature(func).parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    ann = {f.name: f.type for f in fields(MergeOptions)}
+    extra = [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default, annotation=ann[f.name])
+             for f in allowed if f.default is not MISSING]
+    return inspect.Signature(own + extra, return_annotation=inspect.signature(func).return_annotation)
+
+
+def click_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Decorate a click command with every declared option that has a command-line form."""
+    import click
+
+    for f in reversed(fields(MergeOptions)):
+        md = f.metadata
+        if not md["cli"]:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        kw: dict[str, Any] = {"help": md["help"]}
+        if md["metavar"]:
+            kw["metavar"] = md["metavar"]
+        if isinstance(f.default, bool):
+            kw["is_flag"] = True
+        elif md["choices"]:
+            kw["type"] = click.Choice(list(md["choices"]))
+        elif md["cli_type"] is not None:
+            kw["type"] = md["cli_type"]
+        if md["multiple"]:
+            kw["multiple"] = True
+        elif not isinstance(f.default, bool) and f.default is not None:
+            kw["default"] = f.default
+            kw["show_default"] = True
+        command = click.option(flag, f.name, **kw)(command)
+    return command
