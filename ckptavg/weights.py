@@ -16,17 +16,35 @@ selected checkpoints (in training order) to weights that sum to 1.
   ``b_0 = 0``, ``b_n = T`` and ``b_i`` the midpoints between checkpoint steps. ``gamma``
   can be given directly or through the relative width ``sigma_rel``.
 * explicit weights, normalised to sum 1.
+* ``posthoc_ema`` (exact post-hoc EMA, EDM2): weights over *power-EMA snapshots* (not plain
+  checkpoints) saved during training, reconstructing the power-EMA of another width by a
+  least-squares fit of the averaging profiles; see :func:`posthoc_ema`.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .errors import OptionError, SelectionError
+from .errors import CkptavgWarning, OptionError, SelectionError
 
-__all__ = ["Weights", "uniform", "ema", "ema_per_step", "power_ema", "explicit", "sigma_rel_to_gamma", "METHODS"]
+__all__ = [
+    "Weights",
+    "uniform",
+    "ema",
+    "ema_per_step",
+    "power_ema",
+    "posthoc_ema",
+    "power_profile_inner",
+    "explicit",
+    "sigma_rel_to_gamma",
+    "gamma_to_sigma_rel",
+    "METHODS",
+    "POSTHOC_WARN_ERROR",
+    "POSTHOC_MAX_ERROR",
+]
 
 METHODS = ("uniform", "ema", "power-ema")
 
@@ -44,6 +62,9 @@ class Weights:
     description: str
     coeffs: list[float]
     divisor: float = 1.0
+    #: post-hoc EMA only: ``||p_target - sum_i w_i p_i|| / ||p_target||``, the relative L2 error of the
+    #: reconstructed averaging profile (None for the other methods).
+    fit_error: float | None = None
 
 
 def uniform(n: int) -> Weights:
@@ -125,6 +146,212 @@ def power_ema(steps: Sequence[int], gamma: float | None = None, sigma_rel: float
     w = [(b[i + 1] / T) ** e - (b[i] / T) ** e for i in range(n)]
     label = f"power-ema (gamma {gamma:.4g}" + (f", sigma_rel {sigma_rel:g})" if sigma_rel is not None else ")")
     return _normalised(w, label)
+
+
+def gamma_to_sigma_rel(gamma: float) -> float:
+    """The relative width of the power-EMA profile with exponent ``gamma``.
+
+    The profile ``(g+1) tau^g / t^(g+1)`` on ``[0, t]`` has standard deviation
+    ``t * sqrt((g+1) / ((g+2)^2 (g+3)))``; sigma_rel is that over ``t``.
+
+    Example::
+
+        >>> round(gamma_to_sigma_rel(6.94), 3)
+        0.1
+    """
+    if not (math.isfinite(gamma) and gamma > -1):
+        raise OptionError(f"--gamma must be a finite number greater than -1, got {gamma}")
+    return math.sqrt((gamma + 1) / ((gamma + 2) ** 2 * (gamma + 3)))
+
+
+def power_profile_inner(t_a: float, g_a: float, t_b: float, g_b: float) -> float:
+    """The L2 inner product of two power-EMA averaging profiles.
+
+    The power EMA with exponent ``g`` at step ``t`` averages the training trajectory with the
+    density ``p_{t,g}(tau) = (g+1) tau^g / t^(g+1)`` on ``[0, t]`` (it integrates to 1). For two
+    profiles, with ``m = min(t_a, t_b)``::
+
+        <p_a, p_b> = (g_a+1)(g_b+1) m^(g_a+g_b+1) / ((g_a+g_b+1) t_a^(g_a+1) t_b^(g_b+1))
+
+    evaluated in log space (the powers overflow a float for long runs). Needs ``t > 0`` and
+    ``g_a + g_b > -1`` (otherwise the integral diverges).
+
+    Example::
+
+        >>> power_profile_inner(100, 0.0, 100, 0.0)  # uniform density 1/100 on [0, 100]
+        0.01
+    """
+    if not (t_a > 0 and t_b > 0):
+        raise OptionError(f"power-EMA profiles need positive steps, got {t_a} and {t_b}")
+    if not (g_a > -1 and g_b > -1 and g_a + g_b > -1):
+        raise OptionError(f"the power-EMA profiles with gamma {g_a} and {g_b} have no finite inner product")
+    m = min(t_a, t_b)
+    e = g_a + g_b + 1.0
+    log_v = (
+        math.log(g_a + 1.0)
+        + math.log(g_b + 1.0)
+        - math.log(e)
+        + e * math.log(m)
+        - (g_a + 1.0) * math.log(t_a)
+        - (g_b + 1.0) * math.log(t_b)
+    )
+    return math.exp(log_v)
+
+
+#: :func:`posthoc_ema` warns (``CkptavgWarning``) when the reconstructed profile's relative L2 error exceeds this.
+POSTHOC_WARN_ERROR = 0.05
+#: :func:`posthoc_ema` refuses (``OptionError``) when the best fit's relative error exceeds this: the
+#: snapshots cannot represent the target (no weights at all would give 1.0).
+POSTHOC_MAX_ERROR = 0.5
+
+
+def posthoc_ema(
+    snapshots: Sequence[tuple[int, float]],
+    *,
+    gamma: float | None = None,
+    sigma_rel: float | None = None,
+    at: int | None = None,
+) -> Weights:
+    """Exact post-hoc EMA (Karras et al. 2024, EDM2): weights over power-EMA snapshots.
+
+    Each snapshot ``(t_i, gamma_i)`` is a power EMA with exponent ``gamma_i`` saved after step
+    ``t_i`` (e.g. by :class:`ckptavg.power_ema.PowerEMA`); its averaging profile is
+    ``p_i(tau) = (gamma_i+1) tau^gamma_i / t_i^(gamma_i+1)`` on ``[0, t_i]``. The target is the
+    power EMA with exponent ``gamma`` (or relative width ``sigma_rel``) at step ``t_out = at``
+    (default: the last snapshot's step). Only snapshots with ``t_i <= t_out`` take part; the others
+    get weight 0. With ``A_ij = <p_i, p_j>`` and ``b_i = <p_i, p_target>`` (closed form, see
+    :func:`power_profile_inner`), the weights are the float64 least-squares solution of
+    ``A x = b`` (on the unit-normalised profiles, SVD with a relative cutoff of 1e-13), normalised
+    to sum 1. The result is ``sum_i x_i theta_i``.
+
+    ``fit_error`` on the result is the relative L2 error of the reconstructed profile,
+    ``||p_target - sum x_i p_i|| / ||p_target||``, computed in closed form from ``A``, ``b`` and
+    ``<p_target, p_target>``. It bounds how far the reconstruction can be from the true EMA for a
+    trajectory that varies slowly relative to the profiles. A ``CkptavgWarning`` is issued when it
+    exceeds :data:`POSTHOC_WARN_ERROR` (5 %) and when the snapshots hold one profile (one gamma)
+    different from the target's; an ``OptionError`` when it exceeds :data:`POSTHOC_MAX_ERROR` (50 %),
+    with fewer than 2 snapshots, or when ``at`` is not a snapshot's step.
+
+    Example::
+
+        snaps = [(s, g) for s in range(1000, 33000, 1000) for g in (16.97, 6.94)]
+        w = posthoc_ema(snaps, sigma_rel=0.07)          # at the last step, 32000
+        w.values, w.fit_error                           # 64 weights summing to 1, ~0.1 %
+    """
+    if (gamma is None) == (sigma_rel is None):
+        raise OptionError("post-hoc EMA needs exactly one of --gamma or --sigma-rel")
+    if gamma is None:
+        assert sigma_rel is not None
+        gamma = sigma_rel_to_gamma(sigma_rel)
+    gamma = float(gamma)
+    if not (math.isfinite(gamma) and gamma > -0.5):
+        raise OptionError(f"post-hoc EMA needs --gamma greater than -0.5 (a square-integrable profile), got {gamma}")
+    if sigma_rel is None:
+        sigma_rel = gamma_to_sigma_rel(gamma)
+    snaps: list[tuple[int, float]] = []
+    for k, item in enumerate(snapshots):
+        try:
+            t, g = int(item[0]), float(item[1])
+        except (TypeError, ValueError, IndexError):
+            raise OptionError(f"post-hoc EMA snapshot {k} must be (step, gamma), got {item!r}") from None
+        if t < 1:
+            raise OptionError(f"post-hoc EMA snapshot {k} has step {t}; steps start at 1")
+        if not (math.isfinite(g) and g > -0.5):
+            raise OptionError(f"post-hoc EMA snapshot {k} (step {t}) has gamma {g}; it must be finite and > -0.5")
+        snaps.append((t, g))
+    n = len(snaps)
+    if n < 2:
+        raise OptionError(f"post-hoc EMA needs at least 2 power-EMA snapshots, got {n}")
+    steps = sorted({t for t, _ in snaps})
+    if at is None:
+        t_out = steps[-1]
+    else:
+        t_out = int(at)
+        if t_out not in steps:
+            shown = ", ".join(str(t) for t in steps[:20]) + (", ..." if len(steps) > 20 else "")
+            raise OptionError(f"--at {at} is not a snapshot step; available steps: {shown}")
+    use = [i for i, (t, _) in enumerate(snaps) if t <= t_out]
+    if len(use) < 2:
+        raise OptionError(f"post-hoc EMA at step {t_out} needs at least 2 snapshots at or before it, got {len(use)}")
+    x, err = _posthoc_solve([snaps[i] for i in use], t_out, gamma)
+    profiles = sorted({g for _, g in (snaps[i] for i in use)})
+    label = (
+        f"post-hoc EMA (EDM2) sigma_rel {sigma_rel:.4g} (gamma {gamma:.4g}) at step {t_out}, "
+        f"from {len(use)} snapshots of {len(profiles)} profile{'s' if len(profiles) != 1 else ''}"
+    )
+    if err > POSTHOC_MAX_ERROR:
+        raise OptionError(
+            f"{label}: the snapshots cannot represent the target (relative profile error of the fit {err:.0%}); "
+            "save snapshots of widths on both sides of the target, and at least a few per profile"
+        )
+    if len(profiles) == 1 and not math.isclose(profiles[0], gamma, rel_tol=1e-9, abs_tol=1e-12):
+        warnings.warn(
+            f"{label}: only one profile (gamma {profiles[0]:.4g}) among the snapshots; other widths are "
+            f"extrapolated (estimated relative error {err:.1%}). Save snapshots of two widths.",
+            CkptavgWarning,
+            stacklevel=2,
+        )
+    elif err > POSTHOC_WARN_ERROR:
+        warnings.warn(
+            f"{label}: poor fit, estimated relative reconstruction error {err:.1%} (above "
+            f"{POSTHOC_WARN_ERROR:.0%}); the target width is outside the saved widths or the snapshots are too sparse",
+            CkptavgWarning,
+            stacklevel=2,
+        )
+    values = [0.0] * n
+    for i, xi in zip(use, x):
+        values[i] = xi
+    return Weights(values, f"{label}, fit error {err:.2%}", list(values), 1.0, fit_error=err)
+
+
+def _inner_matrix(t_a, g_a, t_b, g_b):  # type: ignore[no-untyped-def]
+    """:func:`power_profile_inner` on broadcast float64 tensors (same formula, log space)."""
+    import torch
+
+    e = g_a + g_b + 1.0
+    m = torch.minimum(t_a, t_b)
+    return torch.exp(
+        torch.log1p(g_a)
+        + torch.log1p(g_b)
+        - torch.log(e)
+        + e * torch.log(m)
+        - (g_a + 1.0) * torch.log(t_a)
+        - (g_b + 1.0) * torch.log(t_b)
+    )
+
+
+def _posthoc_solve(snaps: list[tuple[int, float]], t_out: int, gamma: float) -> tuple[list[float], float]:
+    """Least-squares profile fit; returns weights normalised to sum 1 and the relative profile error."""
+    import torch
+
+    t = torch.tensor([float(ti) for ti, _ in snaps], dtype=torch.float64)
+    g = torch.tensor([gi for _, gi in snaps], dtype=torch.float64)
+    A = _inner_matrix(t[:, None], g[:, None], t[None, :], g[None, :])
+    b = _inner_matrix(
+        t[:, None],
+        g[:, None],
+        torch.tensor([[float(t_out)]], dtype=torch.float64),
+        torch.tensor([[gamma]], dtype=torch.float64),
+    )
+    c = power_profile_inner(t_out, gamma, t_out, gamma)
+    # Work with unit-norm profiles: q_i = p_i / ||p_i||, target q = p_target / ||p_target||.
+    d = A.diagonal().sqrt()
+    As = A / d[:, None] / d[None, :]
+    bs = b / d[:, None] / math.sqrt(c)
+    if not (bool(torch.isfinite(As).all()) and bool(torch.isfinite(bs).all())):
+        raise OptionError("post-hoc EMA: the profile inner products overflow; the steps or gammas are out of range")
+    y = torch.linalg.lstsq(As, bs, rcond=1e-13, driver="gelsd").solution
+    x = y[:, 0] / d * math.sqrt(c)  # weights on the original (unit-mass) profiles
+    total = float(x.sum())
+    if not math.isfinite(total) or abs(total) < 1e-6:
+        raise OptionError(
+            "post-hoc EMA: the least-squares weights sum to about 0; the snapshots cannot represent the target"
+        )
+    x = x / total
+    ys = (x * d / math.sqrt(c))[:, None]  # normalised weights on the unit-norm profiles
+    r2 = 1.0 - 2.0 * float((ys * bs).sum()) + float((ys.T @ As @ ys).item())
+    err = math.sqrt(max(r2, 0.0))
+    return [float(v) for v in x], err
 
 
 def explicit(weights: Sequence[float], n: int) -> Weights:
