@@ -61,7 +61,6 @@ def test_metadata_read_without_loading_weights(tmp_path, monkeypatch):
     sd = make_state_dicts(1)[0]
     torch.save({"epoch": 4, "global_step": 999, "metrics": {"val_acc": torch.tensor(0.75), "loss": 1.5},
                 "state_dict": sd}, tmp_path / "c.ckpt")
-    from ckptavg.io import checkpoint as readers
     from ckptavg.io import files as readers_files
 
     reads = []
