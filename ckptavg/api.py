@@ -192,6 +192,10 @@ def merge(inputs: Inputs, output: PathLike, **options: Any) -> MergeReport:
             from .io.hf_folder_out import check_destination
 
             check_destination(out)  # refuse a folder of other files before reading any data
+        elif kind == "dcp":
+            from .io.dcp_out import check_dcp_destination
+
+            check_dcp_destination(out)
         if opts.dry_run:
             if structured is not None:
                 p.notes.extend(structured.summary_notes())

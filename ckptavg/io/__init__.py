@@ -18,6 +18,7 @@ from pathlib import Path
 
 from ..errors import CheckpointReadError
 from .checkpoint import Checkpoint, CheckpointMeta, TensorRef
+from .dcp_in import is_dcp_folder, open_dcp
 from .files import InputFile
 from .hf_folder_in import is_model_folder, open_model_folder
 from .safetensors_in import looks_like_safetensors, open_safetensors
@@ -39,6 +40,7 @@ FILE_READERS: list[tuple[str, Callable[[InputFile, bytes], bool], Callable[..., 
 
 #: (name, is this folder one checkpoint of the format, open it); tried in order
 FOLDER_READERS: list[tuple[str, Callable[[Path], bool], Callable[..., Checkpoint]]] = [
+    ("dcp", is_dcp_folder, lambda p, key, trust_pickle: open_dcp(p, key=key, trust_pickle=trust_pickle)),
     ("hf-folder", is_model_folder,
      lambda p, key, trust_pickle: open_model_folder(p, key=key, trust_pickle=trust_pickle, open_file=_open_file)),
 ]

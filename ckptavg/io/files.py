@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ import torch
 from ..errors import CheckpointReadError, OutputError
 
 __all__ = ["CHECKPOINT_SUFFIXES", "InputFile", "AtomicFile", "tensor_memoryview", "fsync_path", "umask", "make_parent",
-           "remove_created", "TMP_SUFFIX"]
+           "remove_created", "publish_folder", "TMP_SUFFIX"]
 
 #: suffix of every temporary output (file or folder) ckptavg creates
 TMP_SUFFIX = ".ckptavg-tmp"
@@ -190,3 +191,26 @@ class AtomicFile:
         except OSError:
             pass
         remove_created(self._created)
+
+
+def publish_folder(tmp: Path, dest: Path, mode: str) -> None:
+    """Rename the finished folder ``tmp`` to ``dest``: ``mode="replace"`` swaps out an earlier
+    output (renamed aside, the new one renamed in, the old one deleted), else ``dest`` must be
+    absent or empty. Raises ``OSError``."""
+    os.chmod(tmp, 0o777 & ~umask())
+    for q in tmp.iterdir():
+        os.chmod(q, 0o666 & ~umask())
+    fsync_path(tmp, directory=True)
+    if mode == "replace":
+        old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".ckptavg-old", dir=dest.parent))
+        os.rmdir(old)
+        os.rename(dest, old)
+        try:
+            os.rename(tmp, dest)
+        except OSError:
+            os.rename(old, dest)
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, dest)  # replaces an empty folder; fails if one with files appeared
+    fsync_path(dest.parent, directory=True)

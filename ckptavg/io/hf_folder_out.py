@@ -52,7 +52,7 @@ import torch
 
 from ..errors import CkptavgError, OptionError, OutputError
 from .dtypes import TORCH_TO_SAFETENSORS
-from .files import TMP_SUFFIX, fsync_path, make_parent, remove_created, umask
+from .files import TMP_SUFFIX, fsync_path, make_parent, publish_folder, remove_created
 from .safetensors_out import safetensors_header
 from .writer import Entry, StreamWriter
 
@@ -387,24 +387,7 @@ class ShardedSafetensorsWriter(StreamWriter):
         return True
 
     def _publish(self) -> None:
-        mode = 0o777 & ~umask()
-        os.chmod(self.tmp, mode)
-        for q in self.tmp.iterdir():
-            os.chmod(q, 0o666 & ~umask())
-        fsync_path(self.tmp, directory=True)
-        if self.mode == "replace":
-            old = Path(tempfile.mkdtemp(prefix=f".{self.dest.name}.", suffix=".ckptavg-old", dir=self.dest.parent))
-            os.rmdir(old)
-            os.rename(self.dest, old)
-            try:
-                os.rename(self.tmp, self.dest)
-            except OSError:
-                os.rename(old, self.dest)
-                raise
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(self.tmp, self.dest)  # replaces an empty folder; fails if one with files appeared
-        fsync_path(self.dest.parent, directory=True)
+        publish_folder(self.tmp, self.dest, self.mode)
 
     def commit(self) -> None:
         """Finish the last shard, write the index, copy the model files and rename into place."""

@@ -89,7 +89,7 @@ class TorchWriter(StreamWriter):
     """
 
     def __init__(self, dest: Path, entries: Sequence[Entry], obj: Any = None, *,
-                 stubs: Sequence[TensorStub] | None = None) -> None:
+                 stubs: Sequence[TensorStub] | None = None, out: Any = None) -> None:
         self.dest = Path(dest)
         self._storages: list[StorageRef] = []
         made: list[TensorStub] = []
@@ -108,7 +108,9 @@ class TorchWriter(StreamWriter):
             _Pickler(buf, protocol=2).dump(obj)
         except (pickle.PicklingError, TypeError, AttributeError) as e:
             raise OutputError(f"{self.dest}: cannot serialise the checkpoint structure: {e}") from None
-        self.out = AtomicFile(self.dest)
+        # ``out``: an open AtomicFile-like target to write into instead of a new temporary file
+        # for ``dest`` (the DCP writer embeds one such archive per tensor)
+        self.out = out if out is not None else AtomicFile(self.dest)
         try:
             self.zf = zipfile.ZipFile(_Sink(self.out), mode="w", compression=zipfile.ZIP_STORED, allowZip64=True)
             self._prefix = "archive/"

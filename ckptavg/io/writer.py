@@ -23,8 +23,8 @@ from .files import CHECKPOINT_SUFFIXES, tensor_memoryview
 
 __all__ = ["Entry", "Writer", "StreamWriter", "output_kind", "open_writer", "write_state_dict", "OUTPUT_KINDS"]
 
-#: output kinds: a single file (by extension), a Hugging Face folder, or in memory
-OUTPUT_KINDS = ("safetensors", "torch", "hf-folder", "memory")
+#: output kinds: a single file (by extension), a Hugging Face folder, a DCP folder, or in memory
+OUTPUT_KINDS = ("safetensors", "torch", "hf-folder", "dcp", "memory")
 
 
 @dataclass
@@ -121,11 +121,14 @@ class StreamWriter:
 
 def output_kind(path: str | os.PathLike[str]) -> str:
     """The output kind a path asks for: ``"safetensors"``, ``"torch"`` (``.pt``, ``.pth``,
-    ``.bin``, ``.ckpt``, ``.pth.tar``, ``.tar``) or ``"hf-folder"`` (a path ending in ``/``, an
-    existing folder, or a name without a file extension)."""
+    ``.bin``, ``.ckpt``, ``.pth.tar``, ``.tar``), ``"dcp"`` (a name ending in ``.dcp`` or ``.dcp/``)
+    or ``"hf-folder"`` (a path ending in ``/``, an existing folder, or a name without a file extension)."""
+    from .dcp_out import is_dcp_output
     from .hf_folder_out import is_folder_output
 
     text = os.fspath(path)
+    if is_dcp_output(text):
+        return "dcp"
     if is_folder_output(text):
         return "hf-folder"
     low = text.lower()
@@ -155,6 +158,10 @@ def open_writer(kind: str, dest: Path | None, entries: Sequence[Entry], metadata
         from .torch_out import TorchWriter
 
         return TorchWriter(dest, entries)
+    if kind == "dcp":
+        from .dcp_out import DcpWriter
+
+        return DcpWriter(dest, entries, metadata)
     if kind == "hf-folder":
         from .hf_folder_out import ShardedSafetensorsWriter
 

@@ -1,0 +1,582 @@
+"""Read PyTorch Distributed Checkpoint (DCP) folders, streaming.
+
+A DCP folder (``torch.distributed.checkpoint.save``, FSDP/FSDP2, torchtitan) holds
+``.metadata`` (a pickled ``torch.distributed.checkpoint.metadata.Metadata``) and data files
+``__{rank}_{n}.distcp``. The metadata maps every flattened key (``model.layer.weight``) to
+its dtype, global size and chunks (offsets and sizes in the global tensor), and every chunk
+to ``(file, byte offset, length)``. With torch's default serialization each chunk is a
+complete ``torch.save`` zip of the chunk tensor placed at that offset; non-tensor entries
+(``step``) are ``torch.save`` blobs of the object.
+
+Opening reads ``.metadata`` and stats the data files, nothing else. Reading a byte range of
+a global tensor gathers it from the chunks that overlap it with positioned reads, so
+memory stays a small multiple of the request whatever the tensor or file sizes.
+
+Example::
+
+    from ckptavg.io.dcp_in import open_dcp
+    ckpt = open_dcp(Path("checkpoint/step-1000"))
+    print(ckpt.meta.step, list(ckpt.tensors)[:3])
+    w = ckpt.tensors["layers.0.attention.wq.weight"].materialize()
+    ckpt.close()
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+import pickle
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import CheckpointReadError, UnsafePickleError
+from .checkpoint import Checkpoint, CheckpointMeta, TensorRef
+from .files import InputFile
+from .metadata import apply_name_metadata
+
+__all__ = ["is_dcp_folder", "open_dcp", "DcpTensorRef", "METADATA_NAME"]
+
+METADATA_NAME = ".metadata"
+_MAX_METADATA = 1 << 30
+_MAX_SMALL_ITEM = 1 << 20  # non-tensor entries read for step/epoch at most this big
+_MIN_BUDGET = 256 << 10  # temporaries of a strided gather: at most max(2 x request, this) bytes
+# Top-level entries of training checkpoints that are not model weights (torchtitan flattens the
+# model's keys to the top level beside these).
+_NOT_WEIGHTS = frozenset({"optimizer", "optimizers", "optim", "optim_state", "lr_scheduler", "lr_schedulers",
+                          "scheduler", "train_state", "dataloader", "data_loader", "rng_state", "rng", "extra_state"})
+_STEP_KEYS = ("step", "global_step", "train_state.step", "train_state")
+_EPOCH_KEYS = ("epoch", "train_state.epoch", "train_state")
+_QUANTIZED = {torch.qint8, torch.quint8, torch.qint32, torch.quint4x2, torch.quint2x4}
+
+
+def is_dcp_folder(path: Path) -> bool:
+    """True if ``path`` is a folder holding a DCP ``.metadata`` file.
+
+    Example::
+
+        is_dcp_folder(Path("checkpoint/step-1000"))  # True for a dcp.save() folder
+    """
+    return path.is_dir() and (path / METADATA_NAME).is_file()
+
+
+# --------------------------------------------------------------------------------------
+# .metadata: a pickle, loaded with a restricted unpickler
+
+
+def _allowed_globals() -> dict[tuple[str, str], Any]:
+    from pathlib import PosixPath, PurePosixPath, PureWindowsPath, WindowsPath
+
+    from torch.distributed.checkpoint import filesystem as fs
+    from torch.distributed.checkpoint import metadata as md
+
+    out: dict[tuple[str, str], Any] = {
+        (md.__name__, n): getattr(md, n)
+        for n in ("Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata",
+                  "TensorProperties", "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING")
+    }
+    out[(fs.__name__, "_StorageInfo")] = fs._StorageInfo
+    out[("torch", "Size")] = torch.Size
+    out[("torch.serialization", "_get_layout")] = torch.serialization._get_layout  # layout by name, a dict lookup
+    for cls in (PosixPath, WindowsPath, PurePosixPath, PureWindowsPath):  # StorageMeta.checkpoint_id
+        out[("pathlib", cls.__name__)] = cls
+    out[("collections", "OrderedDict")] = __import__("collections").OrderedDict
+    return out
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """torch's ``FileSystemReader.read_metadata`` runs ``pickle.load`` on ``.metadata``, which
+    can execute any code the file names. This unpickler only resolves the globals a DCP
+    ``.metadata`` written by torch contains (the metadata dataclasses, ``_StorageInfo``,
+    ``torch.Size``, dtypes, layouts, paths), so a hostile file cannot run code; with
+    ``trust_pickle`` the file is trusted and loaded the way torch loads it."""
+
+    _allowed: dict[tuple[str, str], Any] | None = None
+
+    def find_class(self, module: str, name: str) -> Any:
+        if _MetadataUnpickler._allowed is None:
+            _MetadataUnpickler._allowed = _allowed_globals()
+        obj = _MetadataUnpickler._allowed.get((module, name))
+        if obj is not None:
+            return obj
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        raise _Disallowed(f"{module}.{name}")
+
+
+class _Disallowed(pickle.UnpicklingError):
+    pass
+
+
+def _read_metadata(folder: Path, trust_pickle: bool) -> Any:
+    from torch.distributed.checkpoint.metadata import Metadata
+
+    p = folder / METADATA_NAME
+    try:
+        size = p.stat().st_size
+        if size > _MAX_METADATA:
+            raise CheckpointReadError(f"{p}: implausibly large DCP metadata ({size} bytes)")
+        data = p.read_bytes()
+    except OSError as e:
+        raise CheckpointReadError(f"{p}: cannot read DCP metadata: {e.strerror}") from None
+    try:
+        if trust_pickle:
+            md = pickle.loads(data)  # as torch's FileSystemReader.read_metadata does (trusted)
+        else:
+            md = _MetadataUnpickler(io.BytesIO(data)).load()
+    except _Disallowed as e:
+        raise UnsafePickleError(
+            f"{p}: refusing to load: the DCP metadata needs {e}, which is not a DCP metadata class (it could run "
+            "code); pass --trust-pickle (trust_pickle=True) only if you trust this folder"
+        ) from None
+    except Exception as e:  # a damaged pickle fails in any way
+        raise CheckpointReadError(f"{p}: unreadable DCP metadata ({type(e).__name__}: {_short(e)})") from None
+    if not isinstance(md, Metadata) or not isinstance(md.state_dict_metadata, dict):
+        raise CheckpointReadError(f"{p}: not DCP metadata (holds a {type(md).__name__})")
+    if not isinstance(md.storage_data, dict):
+        raise CheckpointReadError(
+            f"{p}: DCP metadata without file storage information (storage_data is "
+            f"{type(md.storage_data).__name__}); only folders written by FileSystemWriter are supported"
+        )
+    return md
+
+
+def _short(e: BaseException) -> str:
+    s = " ".join(str(e).split())
+    return (s[:200] + "...") if len(s) > 200 else s
+
+
+# --------------------------------------------------------------------------------------
+# chunks and tensor references
+
+
+@dataclass(eq=False)
+class _Chunk:
+    """One stored chunk of a global tensor: where it sits in the tensor and in which file."""
+
+    offsets: tuple[int, ...]
+    sizes: tuple[int, ...]
+    file: InputFile
+    blob: int  # absolute file offset of the chunk's torch.save blob
+    length: int
+    # filled from the blob's own header on first use
+    data: int = -1  # absolute file offset of the chunk storage's byte 0
+    soff: int = 0  # storage offset (elements) of element 0
+    stride: tuple[int, ...] = ()
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.sizes)
+
+
+@dataclass(eq=False)
+class DcpTensorRef(TensorRef):
+    """A global tensor of a DCP folder, assembled on demand from its stored chunks.
+
+    :meth:`read_into` serves any C-order byte range of the global tensor by gathering,
+    from each overlapping chunk, just the part the range needs (positioned reads; at most
+    a few times the request size in temporary memory).
+
+    Example::
+
+        ref = open_dcp(Path("ckpt")).tensors["layer.weight"]
+        buf = bytearray(64)
+        ref.read_into(0, memoryview(buf))  # the first 64 bytes of the full tensor
+    """
+
+    folder: Path = field(default_factory=Path)
+    chunks: list[_Chunk] = field(default_factory=list)
+    fqn: str = ""  # the key in the DCP metadata (before the weights prefix was removed)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @property
+    def path(self) -> Path | None:
+        return self.folder
+
+    @property
+    def direct(self) -> bool:
+        return False
+
+    def _err(self, msg: str) -> CheckpointReadError:
+        return CheckpointReadError(f"{self.folder}: tensor {self.fqn!r}: {msg}")
+
+    def read_into(self, start: int, mv: memoryview) -> None:
+        """Copy ``len(mv)`` bytes of the global tensor's C-order data, from byte ``start``, into ``mv``."""
+        n = len(mv)
+        if n == 0:
+            return
+        if start < 0 or start + n > self.nbytes:
+            raise ValueError(f"byte range {start}:{start + n} outside tensor {self.name!r} ({self.nbytes} bytes)")
+        isz = self.itemsize
+        e0, e1 = start // isz, -(-(start + n) // isz)
+        if e0 * isz == start and e1 * isz == start + n:
+            self._read_elems(e0, e1, mv)
+            return
+        tmp = bytearray((e1 - e0) * isz)  # an unaligned range: read whole elements around it
+        self._read_elems(e0, e1, memoryview(tmp))
+        mv[:] = memoryview(tmp)[start - e0 * isz : start - e0 * isz + n]
+
+    def materialize(self) -> torch.Tensor:
+        """The whole global tensor (cached until :meth:`release`); for small tensors."""
+        if self._cache is None:
+            raw = bytearray(self.nbytes)
+            self.read_into(0, memoryview(raw))
+            t = torch.frombuffer(raw, dtype=torch.uint8) if raw else torch.empty(0, dtype=torch.uint8)
+            self._cache = t.view(self.dtype).reshape(self.shape)
+        return self._cache
+
+    # -- assembling a range
+
+    def _read_elems(self, e0: int, e1: int, mv: memoryview) -> None:
+        isz = self.itemsize
+        dest = torch.frombuffer(mv, dtype=torch.uint8)
+        base = dest.data_ptr()
+        budget = max(2 * len(mv), _MIN_BUDGET)
+        pos = 0
+        for box in _boxes(e0, e1, self.shape):
+            size = [hi - lo for lo, hi in box]
+            cnt = math.prod(size)
+            dbox = dest[pos * isz : (pos + cnt) * isz].view(*size, isz)
+            got = 0
+            for c in self.chunks:
+                inter = []
+                for (lo, hi), o, s in zip(box, c.offsets, c.sizes):
+                    a, b = max(lo, o), min(hi, o + s)
+                    if a >= b:
+                        break
+                    inter.append((a, b))
+                else:
+                    sub = dbox[tuple(slice(a - lo, b - lo) for (a, b), (lo, _) in zip(inter, box))]
+                    self._gather(c, [a - o for (a, _), o in zip(inter, c.offsets)],
+                                 [b - a for a, b in inter], sub, mv, base, budget)
+                    got += math.prod(b - a for a, b in inter)
+            if got != cnt:  # validated at open; a guard against a bug, not a user error
+                raise self._err(f"internal: chunks cover {got} of {cnt} elements of a range")
+            pos += cnt
+
+    def _gather(self, c: _Chunk, lo: list[int], ext: list[int], dest: torch.Tensor, mv: memoryview,
+                base: int, budget: int) -> None:
+        """Copy chunk-local box ``lo``/``ext`` of chunk ``c`` into ``dest`` (uint8, shape ext + [itemsize])."""
+        if c.data < 0:
+            with self._lock:
+                if c.data < 0:
+                    self._parse_chunk(c)
+        isz = self.itemsize
+        stride = c.stride
+        first = c.soff + sum(a * s for a, s in zip(lo, stride))
+        span = sum((e - 1) * s for e, s in zip(ext, stride)) + 1
+        numel = math.prod(ext)
+        if span != numel and span * isz > budget:
+            # a strided chunk (stored transposed, say) whose bytes for this box are spread
+            # out: split the box along its most spread-out dimension until a piece's
+            # bytes fit the budget, so temporaries stay bounded by the request size
+            d = max((k for k in range(len(ext)) if ext[k] > 1), key=lambda k: stride[k])
+            half = ext[d] // 2
+            lo2, ext1, ext2 = list(lo), list(ext), list(ext)
+            ext1[d], ext2[d] = half, ext[d] - half
+            lo2[d] += half
+            self._gather(c, lo, ext1, dest.narrow(d, 0, half), mv, base, budget)
+            self._gather(c, lo2, ext2, dest.narrow(d, half, ext[d] - half), mv, base, budget)
+            return
+        at = c.data + first * isz
+        if span == numel and _c_order(ext, stride) and dest.is_contiguous():
+            # the chunk's bytes for this box are exactly the destination's bytes: read in place
+            off = dest.data_ptr() - base
+            self._pread(c, mv[off : off + numel * isz], at)
+            return
+        tmp = bytearray(span * isz)
+        self._pread(c, memoryview(tmp), at)
+        src = torch.frombuffer(tmp, dtype=torch.uint8).as_strided(
+            (*ext, isz), (*(s * isz for s in stride), 1), 0
+        )
+        dest.copy_(src)
+
+    def _pread(self, c: _Chunk, mv: memoryview, at: int) -> None:
+        if at < c.blob or at + len(mv) > c.blob + c.length:
+            raise self._err(f"chunk at {list(c.offsets)} in {c.file.path.name} reads outside its stored bytes")
+        try:
+            c.file.pread_into(mv, at)
+        except CheckpointReadError as e:
+            raise self._err(str(e).removeprefix(f"{c.file.path}: ") + f" ({c.file.path.name})") from None
+
+    def _parse_chunk(self, c: _Chunk) -> None:
+        """Locate the chunk tensor's bytes inside its ``torch.save`` blob.
+
+        torch's own ``torch.load(..., map_location="meta", weights_only=True)`` on a view of
+        the blob (torch's ``_create_file_view``, as ``FileSystemReader`` uses) gives the
+        chunk's dtype, shape, strides and the record offset of its storage without reading
+        the data; only the data bytes are then read by hand, piecewise.
+        """
+        from torch.distributed.checkpoint.utils import _create_file_view
+
+        where = f"chunk at {list(c.offsets)} in {c.file.path.name}"
+        try:
+            c.file.pread_into(memoryview(head := bytearray(4)), c.blob)
+        except CheckpointReadError as e:
+            raise self._err(f"{where}: {str(e).removeprefix(f'{c.file.path}: ')}") from None
+        if bytes(head) != b"PK\x03\x04":
+            raise self._err(
+                f"{where} is not a torch.save blob (a DCP serialization format ckptavg does not read, e.g. "
+                "safetensors-format DCP)"
+            )
+        try:
+            with open(c.file.path, "rb") as fh:
+                t = torch.load(_create_file_view(fh, c.blob, c.length), map_location="meta", weights_only=True)
+        except Exception as e:
+            raise self._err(f"{where}: damaged chunk ({type(e).__name__}: {_short(e)})") from None
+        if not isinstance(t, torch.Tensor) or t.layout != torch.strided:
+            raise self._err(f"{where} does not hold a dense tensor ({type(t).__name__})")
+        if t.dtype != self.dtype or tuple(t.shape) != c.sizes:
+            raise self._err(
+                f"{where} holds a {str(t.dtype).removeprefix('torch.')} {list(t.shape)} tensor but the metadata says "
+                f"{str(self.dtype).removeprefix('torch.')} {list(c.sizes)}"
+            )
+        st = t.untyped_storage()
+        rec = getattr(st, "_checkpoint_offset", None)
+        stride = tuple(t.stride())
+        if not isinstance(rec, int) or any(s < 0 for s in stride):
+            raise self._err(f"{where}: unsupported chunk layout")
+        last = t.storage_offset() + sum((n - 1) * s for n, s in zip(t.shape, stride)) if t.numel() else 0
+        if (last + 1) * t.element_size() > st.nbytes() or rec + st.nbytes() > c.length:
+            raise self._err(f"{where}: damaged chunk (its tensor runs past its stored bytes)")
+        c.stride, c.soff, c.data = stride, t.storage_offset(), c.blob + rec
+
+
+def _c_order(ext: list[int], stride: tuple[int, ...]) -> bool:
+    acc = 1
+    for e, s in zip(reversed(ext), reversed(stride)):
+        if e != 1 and s != acc:
+            return False
+        acc *= e
+    return True
+
+
+def _boxes(a: int, b: int, shape: tuple[int, ...]) -> list[list[tuple[int, int]]]:
+    """Split the C-order element range ``[a, b)`` of ``shape`` into boxes (per-dim ranges)
+    whose C-order elements follow each other in that range (at most 2 per dimension)."""
+    if a >= b:
+        return []
+    if not shape:
+        return [[]]
+    inner = math.prod(shape[1:])
+    r0, o0 = divmod(a, inner)
+    r1, o1 = divmod(b, inner)
+    if r0 == r1:
+        return [[(r0, r0 + 1), *rest] for rest in _boxes(o0, o1, shape[1:])]
+    out: list[list[tuple[int, int]]] = []
+    if o0:
+        out += [[(r0, r0 + 1), *rest] for rest in _boxes(o0, inner, shape[1:])]
+        r0 += 1
+    if r1 > r0:
+        out.append([(r0, r1), *((0, s) for s in shape[1:])])
+    if o1:
+        out += [[(r1, r1 + 1), *rest] for rest in _boxes(0, o1, shape[1:])]
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# opening a folder
+
+
+def open_dcp(path: Path, *, key: str | None = None, trust_pickle: bool = False) -> Checkpoint:
+    """Open a DCP folder as one checkpoint (format ``"dcp"``), reading only ``.metadata``.
+
+    Tensor names are the flattened keys. ``key="model"`` keeps the keys under ``model.``
+    without that prefix; by default the ``model.`` subtree is used when there is one, else
+    every tensor key outside training-state entries (optimizer, lr_scheduler, train_state,
+    dataloader...). Step and epoch come from the checkpoint's own ``step``/``epoch`` or
+    torchtitan's ``train_state`` entries (only those tiny items are read), else from the
+    folder name (``step-1000``, ``epoch_3``).
+
+    Example::
+
+        ckpt = open_dcp(Path("outputs/checkpoint/step-1000"))
+        print(ckpt.format, ckpt.weights_key, ckpt.meta.step, len(ckpt.tensors))
+    """
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata, TensorStorageMetadata
+
+    folder = Path(path)
+    if not is_dcp_folder(folder):
+        raise CheckpointReadError(f"{folder}: not a DCP checkpoint folder (no {METADATA_NAME})")
+    md = _read_metadata(folder, trust_pickle)
+    sdm: dict[str, Any] = md.state_dict_metadata
+    tensor_keys = [k for k, v in sdm.items() if isinstance(v, TensorStorageMetadata)]
+    others = [k for k, v in sdm.items() if not isinstance(v, (TensorStorageMetadata, BytesStorageMetadata))]
+    if others:
+        raise CheckpointReadError(f"{folder}: entry {others[0]!r} has an unknown DCP storage type")
+    prefix, wkey = _choose_subtree(folder, tensor_keys, key)
+
+    storage: dict[Any, Any] = md.storage_data
+    index = {(getattr(k, "fqn", None), _tup(getattr(k, "offset", None))): v for k, v in storage.items()}
+    files: dict[str, InputFile] = {}
+
+    def file_for(rel: Any, fqn: str) -> InputFile:
+        if not isinstance(rel, str) or not rel or os.path.isabs(rel) or ".." in Path(rel).parts:
+            raise CheckpointReadError(f"{folder}: tensor {fqn!r}: bad data file name {rel!r} in the metadata")
+        if rel not in files:
+            p = folder / rel
+            try:
+                size = p.stat().st_size
+            except FileNotFoundError:
+                raise CheckpointReadError(f"{folder}: tensor {fqn!r}: data file {rel} is missing") from None
+            except OSError as e:
+                raise CheckpointReadError(f"{folder}: tensor {fqn!r}: cannot access {rel}: {e.strerror}") from None
+            files[rel] = InputFile(p, size)
+        return files[rel]
+
+    def locate(fqn: str, offsets: tuple[int, ...] | None) -> tuple[InputFile, int, int]:
+        info = index.get((fqn, offsets))
+        if info is None:
+            at = f" chunk at {list(offsets)}" if offsets is not None else ""
+            raise CheckpointReadError(f"{folder}: tensor {fqn!r}:{at} has no storage entry in the metadata")
+        rel, off, length = (getattr(info, a, None) for a in ("relative_path", "offset", "length"))
+        if getattr(info, "transform_descriptors", None):
+            raise CheckpointReadError(
+                f"{folder}: tensor {fqn!r} is stored with transforms {list(info.transform_descriptors)} "
+                "(compression or similar), which ckptavg does not read"
+            )
+        f = file_for(rel, fqn)
+        if type(off) is not int or type(length) is not int or off < 0 or length < 0:
+            raise CheckpointReadError(f"{folder}: tensor {fqn!r}: bad storage entry {info!r}")
+        if off + length > f.size:
+            raise CheckpointReadError(
+                f"{folder}: tensor {fqn!r}: data file {rel} ended early (truncated?): needs bytes up to "
+                f"{off + length}, has {f.size}"
+            )
+        return f, off, length
+
+    tensors: dict[str, TensorRef] = {}
+    for fqn in tensor_keys:
+        if prefix is not None and not fqn.startswith(prefix):
+            continue
+        if prefix is None and fqn.split(".", 1)[0] in _NOT_WEIGHTS:
+            continue
+        name = fqn[len(prefix) :] if prefix else fqn
+        tensors[name] = _make_ref(folder, fqn, name, sdm[fqn], locate)
+    if not tensors:
+        raise CheckpointReadError(f"{folder}: DCP checkpoint holds no model tensors")
+
+    size = sum(f.size for f in files.values())
+    ckpt = Checkpoint(path=folder, format="dcp", tensors=tensors, meta=CheckpointMeta(), weights_key=wkey,
+                      size=size, files=list(files.values()))
+    try:
+        _recorded_meta(ckpt, folder, sdm, locate)
+        apply_name_metadata(ckpt)
+    except BaseException:
+        ckpt.close()
+        raise
+    return ckpt
+
+
+def _tup(x: Any) -> tuple[int, ...] | None:
+    return None if x is None else tuple(int(v) for v in x)
+
+
+def _choose_subtree(folder: Path, keys: list[str], key: str | None) -> tuple[str | None, str | None]:
+    """(prefix to keep and strip, weights_key) for ``key``, or the automatic choice."""
+    if key:
+        prefix = key.rstrip(".") + "."
+        if not any(k.startswith(prefix) for k in keys):
+            roots = sorted({k.split(".", 1)[0] for k in keys if "." in k})
+            raise CheckpointReadError(
+                f"{folder}: key {key!r} not found: no tensor key starts with {prefix!r}"
+                + (f" (top-level entries: {', '.join(roots[:20])})" if roots else "")
+            )
+        return prefix, key.rstrip(".")
+    if any(k.startswith("model.") for k in keys):
+        return "model.", "model"
+    return None, None
+
+
+def _make_ref(folder: Path, fqn: str, name: str, tmd: Any, locate: Any) -> DcpTensorRef:
+    props = getattr(tmd, "properties", None)
+    dtype = getattr(props, "dtype", None)
+    where = f"{folder}: tensor {fqn!r}"
+    if not isinstance(dtype, torch.dtype):
+        raise CheckpointReadError(f"{where}: the metadata records no dtype")
+    if dtype in _QUANTIZED:
+        raise CheckpointReadError(f"{where} is quantized ({dtype}); dequantize the model before averaging")
+    if getattr(props, "layout", torch.strided) != torch.strided:
+        raise CheckpointReadError(f"{where} has layout {props.layout}; only dense tensors are supported")
+    try:
+        shape = tuple(int(s) for s in tmd.size)
+        raw = [(tuple(int(x) for x in c.offsets), tuple(int(x) for x in c.sizes)) for c in tmd.chunks]
+    except (TypeError, ValueError, AttributeError):
+        raise CheckpointReadError(f"{where}: malformed size or chunks in the metadata") from None
+    if any(s < 0 for s in shape):
+        raise CheckpointReadError(f"{where}: negative size {list(shape)} in the metadata")
+    numel = math.prod(shape)
+    vol = 0
+    for off, sz in raw:
+        if len(off) != len(shape) or len(sz) != len(shape) or any(
+            o < 0 or s < 0 or o + s > g for o, s, g in zip(off, sz, shape)
+        ):
+            raise CheckpointReadError(
+                f"{where}: chunk at {list(off)} of size {list(sz)} lies outside the tensor's size {list(shape)}"
+            )
+        vol += math.prod(sz)
+    raw = [r for r in raw if math.prod(r[1]) > 0 or not shape]
+    _check_disjoint(where, raw)
+    if vol != numel:
+        raise CheckpointReadError(
+            f"{where}: the chunks do not cover the tensor (gap): {vol} of {numel} elements stored"
+        )
+    chunks = []
+    for off, sz in raw:
+        f, blob, length = locate(fqn, off)
+        chunks.append(_Chunk(off, sz, f, blob, length))
+    return DcpTensorRef(name=name, dtype=dtype, shape=shape, folder=folder, chunks=chunks, fqn=fqn)
+
+
+def _check_disjoint(where: str, chunks: list[tuple[tuple[int, ...], tuple[int, ...]]]) -> None:
+    """Refuse overlapping chunks (sweep along dim 0: cheap for the usual grid layouts)."""
+    if not chunks or not chunks[0][0]:
+        if len(chunks) > 1:
+            raise CheckpointReadError(f"{where}: the chunks overlap ({len(chunks)} chunks of a scalar)")
+        return
+    order = sorted(chunks, key=lambda c: c[0][0])
+    for i, (oa, sa) in enumerate(order):
+        for ob, sb in order[i + 1 :]:
+            if ob[0] >= oa[0] + sa[0]:
+                break
+            if all(max(x, y) < min(x + m, y + n) for x, m, y, n in zip(oa, sa, ob, sb)):
+                raise CheckpointReadError(f"{where}: the chunks at {list(oa)} and {list(ob)} overlap")
+
+
+def _recorded_meta(ckpt: Checkpoint, folder: Path, sdm: dict[str, Any], locate: Any) -> None:
+    """Step and epoch from the checkpoint's own small entries, when they hold integers."""
+    meta = ckpt.meta
+    for keys, attr in ((_STEP_KEYS, "step"), (_EPOCH_KEYS, "epoch")):
+        for k in keys:
+            if getattr(meta, attr) is not None or k not in sdm:
+                continue
+            v = _small_value(folder, k, sdm[k], locate)
+            if isinstance(v, dict):
+                v = v.get(attr)
+            if isinstance(v, torch.Tensor) and v.numel() == 1 and not v.dtype.is_floating_point:
+                v = int(v.reshape(()).item())
+            if isinstance(v, int) and not isinstance(v, bool):
+                setattr(meta, attr, v)
+                setattr(meta, f"{attr}_from", "recorded")
+
+
+def _small_value(folder: Path, fqn: str, smd: Any, locate: Any) -> Any:
+    """A non-tensor entry (a ``torch.save`` blob, loaded weights-only) or a one-element tensor;
+    None when it is big, unreadable or needs code to load."""
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    try:
+        if isinstance(smd, TensorStorageMetadata):
+            if math.prod(smd.size) != 1:
+                return None
+            return _make_ref(folder, fqn, fqn, smd, locate).materialize()
+        f, off, length = locate(fqn, None)
+        if length > _MAX_SMALL_ITEM:
+            return None
+        return torch.load(io.BytesIO(f.pread(off, length)), map_location="cpu", weights_only=True)
+    except Exception:
+        return None  # step/epoch are optional: the folder name or the order option decide then
