@@ -53,6 +53,9 @@ class MergeOptions:
                                example="--method power-ema --gamma 6.94", cli_type=float)
     sigma_rel: float | None = _opt(None, "Power-EMA relative width, instead of --gamma (e.g. 0.05).",
                                    example="--method power-ema --sigma-rel 0.05", cli_type=float)
+    at: int | None = _opt(None, "Post-hoc EMA from power-EMA snapshots: the step to reconstruct (a snapshot's "
+                          "step; default the last).", example="--method power-ema --sigma-rel 0.07 --at 40000",
+                          cli_type=int, metavar="STEP")
     # -- selection
     epochs: Any = _opt(None, "Keep checkpoints with epoch in A..B (inclusive; A: or :B open).",
                        example="--epochs 12:20, --epochs 150:", metavar="A:B")

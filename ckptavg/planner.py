@@ -25,10 +25,20 @@ from .io import Checkpoint, Entry, TensorRef, open_checkpoint
 from .io.dtypes import dtype_kind, dtype_name
 from .options import MergeOptions
 from .order import Selection, order_checkpoints, parse_range, select
-from .weights import METHODS, Weights, ema, ema_per_step, explicit, power_ema, uniform
+from .weights import (
+    METHODS,
+    Weights,
+    ema,
+    ema_per_step,
+    explicit,
+    posthoc_ema,
+    power_ema,
+    sigma_rel_to_gamma,
+    uniform,
+)
 
 __all__ = ["MergePlan", "PlannedInput", "PlannedTensor", "build_plan", "parse_dtype", "plan_tensors", "human_bytes",
-           "selection_of"]
+           "selection_of", "weights_for"]
 
 _DTYPE_NAMES = {
     "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
@@ -74,6 +84,11 @@ class PlannedInput:
     weights_key: str | None
     size: int
     checkpoint: Checkpoint = field(repr=False)
+    sigma_rel: float | None = None  # power-EMA snapshot profile, when the checkpoint records one
+
+    @property
+    def gamma(self) -> float | None:
+        return self.checkpoint.meta.gamma
 
 
 @dataclass
@@ -176,7 +191,8 @@ class MergePlan:
             "candidates": self.candidates,
             "inputs": [
                 {"path": os.fspath(i.path), "format": i.format, "weights_key": i.weights_key, "epoch": i.epoch,
-                 "step": i.step, "weight": i.weight, "metrics": i.metrics, "bytes": i.size}
+                 "step": i.step, "weight": i.weight, "metrics": i.metrics, "bytes": i.size,
+                 "sigma_rel": i.sigma_rel}
                 for i in self.inputs
             ],
             "tensors": len(self.tensors),
@@ -197,12 +213,17 @@ class MergePlan:
             f"selection: {self.selection} -> {len(self.inputs)} of {self.candidates} checkpoints",
         ]
         metric = self.options.metric
+        snaps = any(i.sigma_rel is not None for i in self.inputs)
         head = f"  {'#':>3}  {'epoch':>6}  {'step':>9}  {'weight':>10}"
+        if snaps:
+            head += f"  {'sigma_rel':>9}"
         if metric:
             head += f"  {metric:>10}"
         lines.append(head + "  file")
         for k, i in enumerate(self.inputs, 1):
             row = f"  {k:>3}  {_fmt(i.epoch):>6}  {_fmt(i.step):>9}  {i.weight:>10.6f}"
+            if snaps:
+                row += f"  {_fmt(i.sigma_rel):>9}"
             if metric:
                 row += f"  {_fmt(i.metrics.get(metric)):>10}"
             where = f" [{i.weights_key}]" if i.weights_key else ""
@@ -244,7 +265,18 @@ def human_bytes(n: float) -> str:
     return f"{n:.1f} TB"
 
 
-def _weights_for(opts: MergeOptions, chosen: list[Checkpoint]) -> Weights:
+def _snapshot_sigma(c: Checkpoint) -> float | None:
+    if c.meta.sigma_rel is not None:
+        return c.meta.sigma_rel
+    if c.meta.gamma is not None:
+        from .weights import gamma_to_sigma_rel
+
+        return gamma_to_sigma_rel(c.meta.gamma)
+    return None
+
+
+def weights_for(opts: MergeOptions, chosen: list[Checkpoint]) -> Weights:
+    """The weight vector of ``opts``'s method over the selected checkpoints (in order)."""
     n = len(chosen)
     method = opts.method.lower().replace("_", "-")
     if method not in METHODS:
@@ -269,6 +301,8 @@ def _weights_for(opts: MergeOptions, chosen: list[Checkpoint]) -> Weights:
             )
         return [int(c.meta.step) for c in chosen]  # type: ignore[arg-type]
 
+    if opts.at is not None and method != "power-ema":
+        raise OptionError("--at applies to --method power-ema (post-hoc EMA from snapshots)")
     if method == "uniform":
         if opts.decay is not None or opts.decay_per_step is not None:
             raise OptionError("--decay/--decay-per-step need --method ema")
@@ -281,6 +315,21 @@ def _weights_for(opts: MergeOptions, chosen: list[Checkpoint]) -> Weights:
         return ema_per_step(steps(), float(opts.decay_per_step))  # type: ignore[arg-type]
     if opts.decay is not None or opts.decay_per_step is not None:
         raise OptionError("--decay/--decay-per-step belong to --method ema")
+    snaps = [c for c in chosen if c.meta.sigma_rel is not None or c.meta.gamma is not None]
+    if snaps:
+        if len(snaps) != len(chosen):
+            plain = next(c for c in chosen if c not in snaps)
+            raise OptionError(
+                f"{plain.path}: a plain checkpoint among power-EMA snapshots ({snaps[0].path} records its profile); "
+                "select only snapshots (e.g. their folder) or only plain checkpoints"
+            )
+        # exact post-hoc EMA (EDM2) from snapshots of power-function EMAs
+        profiles = [(s, c.meta.gamma if c.meta.gamma is not None else sigma_rel_to_gamma(c.meta.sigma_rel))
+                    for s, c in zip(steps(), chosen)]
+        return posthoc_ema(profiles, gamma=opts.gamma, sigma_rel=opts.sigma_rel, at=opts.at)
+    if opts.at is not None:
+        raise OptionError("--at picks the step of a post-hoc EMA from power-EMA snapshots; these checkpoints record "
+                          "no power-EMA profile (sigma_rel or gamma)")
     return power_ema(steps(), gamma=opts.gamma, sigma_rel=opts.sigma_rel)
 
 
@@ -308,7 +357,7 @@ def build_plan(
                                           trust_pickle=options.trust_pickle))
         ordered, rule = order_checkpoints(opened, options.order)
         chosen = select(ordered, sel)
-        weights = _weights_for(options, chosen)
+        weights = weights_for(options, chosen)
         for c in opened:
             if c not in chosen:
                 c.close()
@@ -324,7 +373,8 @@ def build_plan(
         notes.append(f"{chosen[k].path} gets {top:.1%} of the weight; the average is close to that one checkpoint")
     planned = [
         PlannedInput(path=c.path, format=c.format, weight=w, epoch=c.meta.epoch, step=c.meta.step,
-                     metrics=dict(c.meta.metrics), weights_key=c.weights_key, size=c.size, checkpoint=c)
+                     metrics=dict(c.meta.metrics), weights_key=c.weights_key, size=c.size, checkpoint=c,
+                     sigma_rel=_snapshot_sigma(c))
         for c, w in zip(chosen, weights.values)
     ]
     return MergePlan(inputs=planned, tensors=tensors, weights=weights, order_rule=rule,
