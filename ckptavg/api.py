@@ -305,8 +305,7 @@ def merge(
 
 def _merge_with_bn(p: MergePlan, out: Path, bn_spec: PathLike, bn_mode: str, progress: bool,
                    opts: MergeOptions, t0: float) -> MergeReport:
-    from .bn import recalibrate_state_dict
-    from .spec import load_spec
+    from .bn import load_spec, recalibrate_state_dict
 
     spec = load_spec(bn_spec)
     sd, stats = _average_plan(p, opts, progress)
@@ -418,9 +417,8 @@ def recalibrate_file(
         report = ckptavg.recalibrate_file("swa.pt", "bn.toml", "swa_bn.pt", mode="precise")
         print(report.summary())
     """
-    from .bn import recalibrate_state_dict
+    from .bn import load_spec, recalibrate_state_dict
     from .readers import open_checkpoint
-    from .spec import load_spec
 
     t0 = time.perf_counter()
     out, _fmt = _output_path(output)

@@ -13,9 +13,9 @@ import torch
 from torch import nn
 from torch.optim.swa_utils import update_bn
 
-from ckptavg.bn import BN_STAT_NAMES, BNReport, _to_device, is_bn_like, recalibrate_bn, recalibrate_state_dict
+from ckptavg.bn import BNReport, is_bn_like, load_spec, recalibrate_bn, recalibrate_state_dict
+from ckptavg.bn.core import BN_STAT_NAMES, _to_device
 from ckptavg.errors import CkptavgWarning, MismatchError, OptionError, SpecError
-from ckptavg.spec import load_spec
 
 from ._bn_models import (
     DictNet,
@@ -656,3 +656,4 @@ def test_no_warning_when_every_layer_runs() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         recalibrate_bn(SmallCNN(), image_batches(1, 4, 8))
+
