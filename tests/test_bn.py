@@ -13,9 +13,9 @@ import torch
 from torch import nn
 from torch.optim.swa_utils import update_bn
 
-from ckptavg.bn import BN_STAT_NAMES, BNReport, _to_device, is_bn_like, recalibrate_bn, recalibrate_state_dict
+from ckptavg.bn import BNReport, is_bn_like, load_spec, recalibrate_bn, recalibrate_state_dict
+from ckptavg.bn.core import BN_STAT_NAMES, _to_device
 from ckptavg.errors import CkptavgWarning, MismatchError, OptionError, SpecError
-from ckptavg.spec import load_spec
 
 from ._bn_models import (
     DictNet,
@@ -656,3 +656,112 @@ def test_no_warning_when_every_layer_runs() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         recalibrate_bn(SmallCNN(), image_batches(1, 4, 8))
+
+
+# -- float64 models, large means, unavailable devices -------------------------------------------
+
+
+def test_precise_float64_batchnorm_is_the_fp64_population() -> None:
+    # Two batches with different means: the second forward must not overwrite the first's summary.
+    model = nn.BatchNorm1d(1).double()
+    batches = [torch.tensor([[0.0], [1.0], [0.0], [1.0]], dtype=torch.float64)]
+    batches.append(batches[0] + 10)
+    recalibrate_bn(model, batches)
+    all_values = torch.cat(batches)[:, 0]
+    assert model.running_mean.dtype == torch.float64
+    torch.testing.assert_close(model.running_mean, all_values.mean().reshape(1), rtol=1e-12, atol=0)
+    torch.testing.assert_close(model.running_var, all_values.var(correction=1).reshape(1), rtol=1e-12, atol=0)
+    assert float(model.running_mean) == 5.5
+
+
+@pytest.mark.parametrize("layer", ["bn1d", "bn2d", "inorm"])
+def test_precise_float64_layers_match_fp64_population(layer: str) -> None:
+    g = torch.Generator().manual_seed(3)
+    if layer == "bn1d":
+        module: nn.Module = nn.BatchNorm1d(3)
+        batches = [torch.randn(8, 3, generator=g, dtype=torch.float64) * (1 + b) + 4 * b for b in range(5)]
+    elif layer == "bn2d":
+        module = nn.BatchNorm2d(3)
+        batches = [torch.randn(4, 3, 5, 5, generator=g, dtype=torch.float64) + 100 * b for b in range(5)]
+    else:  # the var_mean pre-hook path
+        module = nn.InstanceNorm1d(3, track_running_stats=True)
+        batches = [torch.randn(4, 3, 7, generator=g, dtype=torch.float64) * 2 - 3 * b for b in range(5)]
+    module = module.double()
+    recalibrate_bn(module, batches)
+    mean, var = population(batches)
+    assert module.running_mean.dtype == torch.float64
+    torch.testing.assert_close(module.running_mean, mean, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(module.running_var, var, rtol=1e-12, atol=1e-12)
+    assert int(module.num_batches_tracked) == 5
+
+
+def large_mean_batches(shape: tuple[int, ...], n: int = 20) -> list[torch.Tensor]:
+    """Float32 activations ~ N(1e4, 0.01): a mean a million times the spread."""
+    g = torch.Generator().manual_seed(7)
+    return [1e4 + 0.01 * torch.randn(shape, generator=g) for _ in range(n)]
+
+
+@pytest.mark.parametrize(
+    ("module", "shape"),
+    [
+        (nn.BatchNorm1d(4), (256, 4)),
+        (nn.BatchNorm2d(3), (16, 3, 4, 4)),
+        (nn.InstanceNorm1d(4, track_running_stats=True), (16, 4, 16)),
+    ],
+    ids=["bn1d", "bn2d", "inorm"],
+)
+def test_precise_large_mean_small_spread_is_accurate(module: nn.Module, shape: tuple[int, ...]) -> None:
+    batches = large_mean_batches(shape)
+    recalibrate_bn(module, batches)
+    mean, var = population(batches)  # fp64 over the very fp32 values the layer saw
+    torch.testing.assert_close(module.running_var.double(), var, rtol=1e-5, atol=0)
+    torch.testing.assert_close(module.running_mean.double(), mean, rtol=0, atol=2.0**-11)  # half an fp32 ulp at 1e4
+
+
+def test_precise_large_mean_deeper_layer_sees_correctly_normalised_inputs() -> None:
+    # The first BN normalises each batch by its own statistics (a per-channel shift of its input
+    # must not change that); the second BN must get the population of what the first produced.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.BatchNorm1d(4), nn.Linear(4, 3), nn.BatchNorm1d(3))
+    with torch.no_grad():
+        model[0].weight.copy_(torch.tensor([1.0, 2.0, 0.5, 1.5]))
+        model[0].bias.copy_(torch.tensor([0.1, -0.2, 0.3, 0.0]))
+    batches = large_mean_batches((64, 4), n=6)
+    recalibrate_bn(model, batches)
+
+    w0, b0 = model[0].weight.double(), model[0].bias.double()
+    lin_w, lin_b = model[1].weight.double(), model[1].bias.double()
+    outs = []
+    for x in batches:  # reference forward in fp64, batch statistics as in training
+        x = x.double()
+        y = (x - x.mean(0)) / torch.sqrt(x.var(0, correction=0) + model[0].eps) * w0 + b0
+        outs.append(y @ lin_w.T + lin_b)
+    mean, var = population(outs)
+    torch.testing.assert_close(model[2].running_mean.double(), mean, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(model[2].running_var.double(), var, rtol=1e-4, atol=1e-4)
+
+
+def test_torch_mode_large_mean_still_equals_update_bn() -> None:
+    batches = large_mean_batches((64, 4), n=5)
+    ours, ref = nn.BatchNorm1d(4), nn.BatchNorm1d(4)
+    update_bn(batches, ref)
+    recalibrate_bn(ours, batches, mode="torch")
+    assert_states_close(bn_state(ours), bn_state(ref), rtol=0, atol=0)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
+def test_unavailable_device_is_the_clis_one_line_option_error(tmp_path: Path) -> None:
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+    scramble_stats(model)
+    before = bn_state(model)
+    with pytest.raises(OptionError) as info:
+        recalibrate_bn(model, image_batches(1, 4, 8), device="cuda")
+    msg = str(info.value)
+    assert msg == "device 'cuda': CUDA is not available on this machine (torch.cuda.is_available() is False)"
+    assert_states_close(bn_state(model), before, rtol=0, atol=0)
+    assert all(t.device.type == "cpu" for t in model.state_dict().values())
+    # The same message as `ckptavg bn --device cuda` (the spec's device override).
+    spec = load_spec(write_spec(tmp_path))
+    with pytest.raises(OptionError) as cli_info:
+        recalibrate_state_dict(spec.build_model().state_dict(), spec, device="cuda")
+    assert str(cli_info.value) == msg

@@ -13,8 +13,8 @@ import torch
 from torch import nn
 
 from ckptavg.bn import recalibrate_state_dict
+from ckptavg.bn.spec import DEFAULT_BATCH_SIZE, BNSpec, load_spec
 from ckptavg.errors import CkptavgError, OptionError, SpecError
-from ckptavg.spec import DEFAULT_BATCH_SIZE, BNSpec, load_spec
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -274,9 +274,9 @@ def test_torchvision_is_imported_only_when_the_spec_uses_it(tmp_path: Path) -> N
     code = textwrap.dedent(
         f"""
         import sys
-        import ckptavg.bn, ckptavg.spec
+        import ckptavg.bn
         assert "torchvision" not in sys.modules, "imported by ckptavg.bn/spec"
-        spec = ckptavg.spec.load_spec({str(spec_path)!r})
+        spec = ckptavg.bn.load_spec({str(spec_path)!r})
         sd = spec.build_model().state_dict()
         ckptavg.bn.recalibrate_state_dict(sd, spec)
         assert "torchvision" not in sys.modules, "imported by a spec that does not use it"

@@ -35,9 +35,10 @@ from __future__ import annotations
 import contextlib
 import difflib
 import hashlib
-import importlib
 import importlib.util
 import os
+import pkgutil
+import re
 import sys
 import tomllib
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -47,55 +48,41 @@ from typing import Any
 
 import torch
 
-from .errors import OptionError, SpecError
+from ..errors import SpecError
+from .core import check_device, device_or_error, exc_text, parse_device
 
-__all__ = ["BNSpec", "TransformSpec", "load_spec", "DEFAULT_BATCH_SIZE"]
+__all__ = ["BNSpec", "TransformSpec", "load_spec", "check_device", "DEFAULT_BATCH_SIZE"]
 
 #: Batch size of the DataLoader built around a ``[data].dataset`` when the spec gives none.
 DEFAULT_BATCH_SIZE = 64
 
 _SECTIONS: dict[str, tuple[str, ...]] = {
     "model": ("factory", "args", "kwargs", "prefix"),
-    "data": (
-        "loader",
-        "dataset",
-        "args",
-        "kwargs",
-        "transforms",
-        "batch_size",
-        "num_workers",
-        "max_batches",
-        "input",
-        "call",
-    ),
+    "data": ("loader", "dataset", "args", "kwargs", "transforms", "batch_size", "num_workers", "max_batches",
+             "input", "call"),
     "run": ("device",),
 }
 _DATASET_ONLY = ("transforms", "batch_size", "num_workers")
 _TRANSFORM_KEYS = ("name", "args", "kwargs")
 _PATH_KEYS = ("root", "path", "dir", "file", "folder")
-_PATH_SUFFIXES = tuple("_" + k for k in _PATH_KEYS)
-_MAX_ERROR_CHARS = 300
+_NOT_A_REFERENCE = "is not a reference: expected 'module:attribute' or 'file.py:attribute'"
 
 
 def _describe(value: Any) -> str:
     text = repr(value)
-    if len(text) > 60:
-        text = text[:57] + "..."
-    return f"{type(value).__name__} {text}"
+    return f"{type(value).__name__} {text[:57] + '...' if len(text) > 60 else text}"
 
 
-def _exc_text(exc: BaseException) -> str:
-    """One short line for an exception raised by user code."""
-    text = " ".join(str(exc).split())
-    if len(text) > _MAX_ERROR_CHARS:
-        text = text[: _MAX_ERROR_CHARS - 3] + "..."
-    if isinstance(exc, ImportError) and text:
-        return text
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+def _user_error(exc: BaseException) -> str:
+    return exc_text(exc, bare_import_error=True)
 
 
-def _is_path_key(key: str) -> bool:
-    return key in _PATH_KEYS or key.endswith(_PATH_SUFFIXES)
+def _error(path: Path, entry: str | None, message: str) -> SpecError:
+    return SpecError(f"{path}: {entry}: {message}" if entry else f"{path}: {message}")
+
+
+def _iterable(obj: Any) -> bool:
+    return hasattr(obj, "__iter__") or hasattr(obj, "__getitem__")
 
 
 @contextlib.contextmanager
@@ -105,10 +92,7 @@ def _on_sys_path(folder: Path, *, front: bool) -> Iterator[None]:
     if entry in sys.path:
         yield
         return
-    if front:
-        sys.path.insert(0, entry)
-    else:
-        sys.path.append(entry)
+    sys.path.insert(0 if front else len(sys.path), entry)
     try:
         yield
     finally:
@@ -129,9 +113,15 @@ class TransformSpec:
 class BNSpec:
     """A parsed and validated recalibration spec (see :func:`load_spec`).
 
-    The ``*_ref`` strings are the references as written in the file; the objects they name
-    were imported by :func:`load_spec` and are used by :meth:`build_model`,
-    :meth:`build_loader` and :attr:`call_function`.
+    The reference strings (``factory``, ``loader``, ``dataset``, ``call``) are as written in the
+    file; the objects they name were imported by :func:`load_spec` and are used by
+    :meth:`build_model`, :meth:`build_loader` and :attr:`call_function`.
+
+    Example::
+
+        >>> spec = load_spec("bn.toml")                      # doctest: +SKIP
+        >>> spec.factory, spec.resolve_device()              # doctest: +SKIP
+        ('models.py:build', device(type='cpu'))
     """
 
     path: Path
@@ -155,8 +145,6 @@ class BNSpec:
     _call_obj: Any = field(default=None, repr=False)
     _transform_objs: list[Any] = field(default_factory=list, repr=False)
 
-    # -- helpers -------------------------------------------------------------------------
-
     @property
     def folder(self) -> Path:
         """The folder relative paths in the spec resolve against."""
@@ -169,15 +157,12 @@ class BNSpec:
 
     def error(self, entry: str | None, message: str) -> SpecError:
         """A :class:`SpecError` naming this spec file and ``entry`` (e.g. ``[data].loader``)."""
-        where = f"{self.path}: {entry}: " if entry else f"{self.path}: "
-        return SpecError(where + message)
+        return _error(self.path, entry, message)
 
     @property
     def call_function(self) -> Callable[[torch.nn.Module, Any], Any] | None:
         """The resolved ``[data].call`` function ``(model, batch) -> None``, or ``None``."""
         return self._call_obj
-
-    # -- building ------------------------------------------------------------------------
 
     def build_model(self) -> torch.nn.Module:
         """Call ``[model].factory`` with its args/kwargs; errors become one-line SpecErrors."""
@@ -185,44 +170,38 @@ class BNSpec:
             try:
                 model = self._factory_obj(*self.model_args, **self.model_kwargs)
             except Exception as exc:  # user code: report it as a spec problem, on one line
-                raise self.error("[model].factory", f"{self.factory!r} raised {_exc_text(exc)}") from exc
+                raise self.error("[model].factory", f"{self.factory!r} raised {_user_error(exc)}") from exc
         if not isinstance(model, torch.nn.Module):
             raise self.error("[model].factory", f"{self.factory!r} returned {_describe(model)}, not a torch.nn.Module")
         return model
 
     def build_loader(self) -> Iterable[Any]:
         """The iterable of batches: ``[data].loader``'s result, or a DataLoader over ``[data].dataset``."""
-        entry = self.data_entry
-        ref = self.loader if self.loader is not None else self.dataset
-        obj = self._data_obj
+        entry, ref, obj = self.data_entry, self.loader or self.dataset, self._data_obj
         with _on_sys_path(self.folder, front=False):
             if self.loader is not None and not callable(obj):
                 result = obj  # an iterable defined at module level (a DataLoader, a list...)
             else:
                 kwargs = dict(self.data_kwargs)
                 if self.dataset is not None and self._transform_objs:
-                    kwargs["transform"] = self._compose_transforms()
+                    v2, v1 = _torchvision_transforms()
+                    kwargs["transform"] = (v2 or v1).Compose(list(self._transform_objs))
                 try:
                     result = obj(*self.data_args, **kwargs)
                 except Exception as exc:
-                    raise self.error(entry, f"{ref!r} raised {_exc_text(exc)}") from exc
+                    raise self.error(entry, f"{ref!r} raised {_user_error(exc)}") from exc
         if self.dataset is not None:
-            if not (hasattr(result, "__getitem__") or hasattr(result, "__iter__")):
+            if not _iterable(result):
                 raise self.error(entry, f"{ref!r} returned {_describe(result)}, not a dataset")
             from torch.utils.data import DataLoader
 
             try:
                 return DataLoader(result, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers)
             except Exception as exc:
-                raise self.error(entry, f"cannot batch {ref!r}: {_exc_text(exc)}") from exc
-        if isinstance(result, torch.Tensor) or not (hasattr(result, "__iter__") or hasattr(result, "__getitem__")):
+                raise self.error(entry, f"cannot batch {ref!r}: {_user_error(exc)}") from exc
+        if isinstance(result, torch.Tensor) or not _iterable(result):
             raise self.error(entry, f"{ref!r} returned {_describe(result)}, not an iterable of batches")
         return result
-
-    def _compose_transforms(self) -> Any:
-        v2 = _torchvision_transforms()[0]
-        compose = v2.Compose if v2 is not None else _torchvision_transforms()[1].Compose
-        return compose(list(self._transform_objs))
 
     def resolve_device(self, override: str | torch.device | None = None) -> torch.device:
         """The device to run on: ``override`` (e.g. ``--device``) if given, else ``[run].device``, else CPU.
@@ -231,43 +210,13 @@ class BNSpec:
         device is malformed or not available on this machine.
         """
         if override is not None:
-            try:
-                return check_device(override)
-            except ValueError as exc:
-                raise OptionError(f"device {str(override)!r}: {exc}") from None
+            return device_or_error(override)
         if self.device is None:
             return torch.device("cpu")
         try:
             return check_device(self.device)
         except ValueError as exc:
             raise self.error("[run].device", f"{self.device!r}: {exc}") from None
-
-
-def check_device(device: str | torch.device) -> torch.device:
-    """Parse ``device`` and check that it exists here; ``ValueError`` with the reason otherwise."""
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError, ValueError) as exc:
-        raise ValueError(f"not a device ({_exc_text(exc)})") from None
-    if dev.type == "meta":
-        raise ValueError("the meta device holds no data")
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError("CUDA is not available on this machine (torch.cuda.is_available() is False)")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ValueError(f"only {torch.cuda.device_count()} CUDA device(s) here")
-    if dev.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
-        raise ValueError("MPS is not available on this machine")
-    return dev
-
-
-def _syntax_check_device(text: str) -> None:
-    try:
-        dev = torch.device(text)
-    except (RuntimeError, TypeError, ValueError) as exc:
-        raise ValueError(f"not a device ({_exc_text(exc)})") from None
-    if dev.type == "meta":
-        raise ValueError("the meta device holds no data")
 
 
 def _torchvision_transforms() -> tuple[Any, Any]:
@@ -290,7 +239,17 @@ def _dtype_from_text(value: Any, *, plain: bool) -> Any:
     return value
 
 
-class _SpecParser:
+_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "str": (lambda v: isinstance(v, str) and bool(v.strip()), "a non-empty string"),
+    "list": (lambda v: isinstance(v, list), "an array"),
+    "table": (lambda v: isinstance(v, dict), "a table"),
+    "int>=1": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, "a positive integer"),
+    "int>=0": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "an integer >= 0"),
+}
+_EMPTY: dict[str, Callable[[], Any]] = {"list": list, "table": dict}
+
+
+class _Parser:
     """Turns the TOML document into a :class:`BNSpec`, raising SpecError at the first mistake."""
 
     def __init__(self, path: Path) -> None:
@@ -298,10 +257,7 @@ class _SpecParser:
         self.folder = Path(os.path.abspath(path)).parent
 
     def error(self, entry: str | None, message: str) -> SpecError:
-        where = f"{self.path}: {entry}: " if entry else f"{self.path}: "
-        return SpecError(where + message)
-
-    # -- reading -------------------------------------------------------------------------
+        return _error(self.path, entry, message)
 
     def read(self) -> dict[str, Any]:
         try:
@@ -322,92 +278,67 @@ class _SpecParser:
                 hint = f"did you mean {close[0]!r}? " if close else ""
                 raise self.error(f"{where}.{key}", f"unknown key ({hint}expected one of: {', '.join(allowed)})")
 
-    # -- typed getters -------------------------------------------------------------------
-
-    def get_str(self, table: Mapping[str, Any], key: str, where: str) -> str | None:
+    def get(self, table: Mapping[str, Any], key: str, where: str, kind: str) -> Any:
+        """``table[key]`` checked against ``kind`` (see ``_CHECKS``); None, [] or {} when absent."""
         if key not in table:
-            return None
-        value = table[key]
-        if not isinstance(value, str) or not value.strip():
-            raise self.error(f"{where}.{key}", f"expected a non-empty string, got {_describe(value)}")
-        return value
-
-    def get_int(self, table: Mapping[str, Any], key: str, where: str, *, minimum: int) -> int | None:
-        if key not in table:
-            return None
-        value = table[key]
-        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-            what = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
-            raise self.error(f"{where}.{key}", f"expected {what}, got {_describe(value)}")
-        return value
-
-    def get_list(self, table: Mapping[str, Any], key: str, where: str) -> list[Any]:
-        value = table.get(key, [])
-        if not isinstance(value, list):
-            raise self.error(f"{where}.{key}", f"expected an array, got {_describe(value)}")
-        return list(value)
-
-    def get_table(self, table: Mapping[str, Any], key: str, where: str) -> dict[str, Any]:
-        value = table.get(key, {})
-        if not isinstance(value, dict):
-            raise self.error(f"{where}.{key}", f"expected a table, got {_describe(value)}")
-        return dict(value)
+            return _EMPTY[kind]() if kind in _EMPTY else None
+        ok, what = _CHECKS[kind]
+        if not ok(table[key]):
+            raise self.error(f"{where}.{key}", f"expected {what}, got {_describe(table[key])}")
+        return table[key]
 
     def resolve_paths(self, kwargs: dict[str, Any]) -> dict[str, Any]:
-        out = {}
+        """Path-like values (see the module docstring) made absolute against the spec's folder."""
+        out = dict(kwargs)
         for key, value in kwargs.items():
-            if isinstance(value, str) and _is_path_key(key) and value and "://" not in value:
-                p = Path(value).expanduser()
-                if not p.is_absolute():
-                    p = self.folder / p
-                value = str(p)
-            out[key] = value
+            path_key = key in _PATH_KEYS or key.endswith(tuple("_" + k for k in _PATH_KEYS))
+            if path_key and isinstance(value, str) and value and "://" not in value:
+                out[key] = str(self.folder / Path(value).expanduser())  # an absolute value replaces the folder
         return out
 
     # -- references ----------------------------------------------------------------------
 
     def resolve_ref(self, text: str, entry: str) -> Any:
-        """Import ``module:attr`` / ``file.py:attr`` (or ``module.attr``) and return the object."""
+        """Import ``module:attr`` / ``file.py:attr`` (or ``module.attr``) and return the object.
+
+        ``pkgutil.resolve_name`` imports the module and walks the attributes. Hand-written around
+        it: splitting ``module.attr`` at its last dot ourselves (resolve_name would import the
+        longest importable prefix and silently turn an ImportError raised inside ``a.b`` into
+        "'a' has no attribute 'b'"), ``file.py`` references (resolve_name only knows module
+        names), and the one-line messages naming which part failed.
+        """
         target, sep, attr = text.rpartition(":")
         if not sep:
             target, sep, attr = text.rpartition(".")
         target, attr = target.strip(), attr.strip()
         if not sep or not target or not attr:
-            raise self.error(entry, f"{text!r} is not a reference: expected 'module:attribute' or 'file.py:attribute'")
-        if target.endswith(".py") or "/" in target or "\\" in target:
-            module = self.import_file(target, entry)
-            origin = target
-        else:
-            try:
-                with _on_sys_path(self.folder, front=False):
-                    module = importlib.import_module(target)
-            except Exception as exc:  # ImportError, or anything the module raised while importing
-                raise self.error(entry, f"cannot import {target!r}: {_exc_text(exc)}") from exc
-            origin = target
-        obj: Any = module
-        done = []
-        for part in attr.split("."):
-            try:
-                obj = getattr(obj, part)
-            except AttributeError:
-                owner = origin + (":" + ".".join(done) if done else "")
-                raise self.error(entry, f"{owner!r} has no attribute {part!r}") from None
-            except Exception as exc:  # a property/module __getattr__ raising
-                raise self.error(entry, f"cannot get {text!r}: {_exc_text(exc)}") from exc
-            done.append(part)
-        return obj
+            raise self.error(entry, f"{text!r} {_NOT_A_REFERENCE}")
+        is_file = target.endswith(".py") or "/" in target or "\\" in target
+        module = self.import_file(target, entry) if is_file else target
+        try:
+            with _on_sys_path(self.folder, front=False):
+                return pkgutil.resolve_name(f"{module}:{attr}")
+        except Exception as exc:
+            if isinstance(exc, ValueError) and str(exc).startswith("invalid format"):  # resolve_name's own check
+                raise self.error(entry, f"{text!r} {_NOT_A_REFERENCE}") from None
+            if module not in sys.modules:  # the import itself failed (or anything the module raised)
+                raise self.error(entry, f"cannot import {target!r}: {_user_error(exc)}") from exc
+            parts = attr.split(".")
+            if isinstance(exc, AttributeError) and exc.name in parts:
+                done = parts[: parts.index(exc.name)]
+                owner = target + (":" + ".".join(done) if done else "")
+                raise self.error(entry, f"{owner!r} has no attribute {exc.name!r}") from None
+            raise self.error(entry, f"cannot get {text!r}: {_user_error(exc)}") from exc
 
-    def import_file(self, target: str, entry: str) -> Any:
-        file = Path(target).expanduser()
-        if not file.is_absolute():
-            file = self.folder / file
-        file = Path(os.path.abspath(file))
+    def import_file(self, target: str, entry: str) -> str:
+        """Import a ``.py`` file under a private module name unique to its path; returns that name."""
+        file = Path(os.path.abspath(self.folder / Path(target).expanduser()))
         if not file.is_file():
             raise self.error(entry, f"no such file: {str(file)!r}")
         digest = hashlib.sha1(str(file).encode()).hexdigest()[:12]
-        name = f"_ckptavg_spec_{file.stem.replace('-', '_')}_{digest}"
+        name = f"_ckptavg_spec_{re.sub(r'[^0-9A-Za-z_]', '_', file.stem)}_{digest}"
         if name in sys.modules:
-            return sys.modules[name]
+            return name
         module_spec = importlib.util.spec_from_file_location(name, file)
         if module_spec is None or module_spec.loader is None:
             raise self.error(entry, f"cannot import {str(file)!r}: not a Python source file")
@@ -420,8 +351,14 @@ class _SpecParser:
             sys.modules.pop(name, None)
             if not isinstance(exc, Exception):
                 raise
-            raise self.error(entry, f"cannot import {target!r}: {_exc_text(exc)}") from exc
-        return module
+            raise self.error(entry, f"cannot import {target!r}: {_user_error(exc)}") from exc
+        return name
+
+    def resolve_callable(self, text: str, entry: str) -> Any:
+        obj = self.resolve_ref(text, entry)
+        if not callable(obj):
+            raise self.error(entry, f"{text!r} is {_describe(obj)}, not callable")
+        return obj
 
     # -- transforms ----------------------------------------------------------------------
 
@@ -433,43 +370,36 @@ class _SpecParser:
         try:
             v2, v1 = _torchvision_transforms()
         except ImportError as exc:
-            raise self.error("[data].transforms", f"torchvision is needed for transforms: {_exc_text(exc)}") from exc
+            raise self.error("[data].transforms", f"torchvision is needed for transforms: {_user_error(exc)}") from exc
         for i, item in enumerate(items):
             where = f"[data].transforms[{i}]"
             if isinstance(item, str):
                 item = {"name": item}
             if not isinstance(item, dict):
-                raise self.error(
-                    where,
-                    f"expected a table {{ name = ..., args = [...], kwargs = {{...}} }} "
-                    f"or a name, got {_describe(item)}",
-                )
+                table = "{ name = ..., args = [...], kwargs = {...} }"
+                raise self.error(where, f"expected a table {table} or a name, got {_describe(item)}")
             self.check_keys(item, _TRANSFORM_KEYS, where)
-            name = self.get_str(item, "name", where)
+            name = self.get(item, "name", where, "str")
             if name is None:
                 raise self.error(where, "missing 'name' (a torchvision transform, e.g. 'Resize')")
-            args = self.get_list(item, "args", where)
-            kwargs = self.get_table(item, "kwargs", where)
+            args, kwargs = self.get(item, "args", where, "list"), self.get(item, "kwargs", where, "table")
             if ":" in name:
                 cls = self.resolve_ref(name, f"{where}.name")
             else:
-                cls = getattr(v2, name, None) if v2 is not None else None
-                if cls is None:
-                    cls = getattr(v1, name, None)
-                if cls is None or not callable(cls) or name.startswith("_"):
+                cls = None if name.startswith("_") else getattr(v2, name, None) or getattr(v1, name, None)
+                if not callable(cls):
                     known = sorted({n for m in (v2, v1) if m is not None for n in dir(m) if n[:1].isupper()})
                     close = difflib.get_close_matches(name, known, n=1)
                     hint = f" (did you mean {close[0]!r}?)" if close else ""
-                    module = "torchvision.transforms.v2" if v2 is not None else "torchvision.transforms"
-                    raise self.error(f"{where}.name", f"unknown transform {name!r}: not in {module}{hint}")
+                    module_name = "torchvision.transforms.v2" if v2 is not None else "torchvision.transforms"
+                    raise self.error(f"{where}.name", f"unknown transform {name!r}: not in {module_name}{hint}")
             call_args = [_dtype_from_text(a, plain=name in ("ToDtype", "ConvertImageDtype")) for a in args]
             call_kwargs = {k: _dtype_from_text(v, plain=k == "dtype") for k, v in kwargs.items()}
             try:
-                obj = cls(*call_args, **call_kwargs)
+                objs.append(cls(*call_args, **call_kwargs))
             except Exception as exc:
-                raise self.error(where, f"{name}(...) failed: {_exc_text(exc)}") from exc
+                raise self.error(where, f"{name}(...) failed: {_user_error(exc)}") from exc
             specs.append(TransformSpec(name=name, args=args, kwargs=kwargs))
-            objs.append(obj)
         return specs, objs
 
     # -- the whole document --------------------------------------------------------------
@@ -488,42 +418,35 @@ class _SpecParser:
                 raise self.error(f"[{section}]", "missing section")
         for section, table in doc.items():
             self.check_keys(table, _SECTIONS[section], f"[{section}]")
-
         model, data, run = doc["model"], doc["data"], doc.get("run", {})
 
         # [model]
-        factory = self.get_str(model, "factory", "[model]")
+        factory = self.get(model, "factory", "[model]", "str")
         if factory is None:
             raise self.error("[model].factory", 'missing (e.g. factory = "torchvision.models:resnet18")')
-        model_args = self.get_list(model, "args", "[model]")
-        model_kwargs = self.resolve_paths(self.get_table(model, "kwargs", "[model]"))
-        prefix = None
-        if "prefix" in model:
-            prefix = model["prefix"]
-            if not isinstance(prefix, str):
-                raise self.error("[model].prefix", f"expected a string, got {_describe(prefix)}")
-            prefix = prefix or None
+        model_args = self.get(model, "args", "[model]", "list")
+        model_kwargs = self.resolve_paths(self.get(model, "kwargs", "[model]", "table"))
+        prefix = model.get("prefix")
+        if prefix is not None and not isinstance(prefix, str):
+            raise self.error("[model].prefix", f"expected a string, got {_describe(prefix)}")
 
         # [data]
-        loader = self.get_str(data, "loader", "[data]")
-        dataset = self.get_str(data, "dataset", "[data]")
+        loader, dataset = self.get(data, "loader", "[data]", "str"), self.get(data, "dataset", "[data]", "str")
         if (loader is None) == (dataset is None):
             what = "both" if loader is not None else "neither"
             raise self.error("[data]", f"give exactly one of 'loader' or 'dataset' (found {what})")
-        if loader is not None:
-            for key in _DATASET_ONLY:
-                if key in data:
-                    raise self.error(
-                        f"[data].{key}",
-                        "only valid with 'dataset' (a 'loader' builds its own batches: pass its "
-                        "options in [data].kwargs)",
-                    )
-        data_args = self.get_list(data, "args", "[data]")
-        data_kwargs = self.resolve_paths(self.get_table(data, "kwargs", "[data]"))
-        batch_size = self.get_int(data, "batch_size", "[data]", minimum=1)
-        num_workers = self.get_int(data, "num_workers", "[data]", minimum=0)
-        max_batches = self.get_int(data, "max_batches", "[data]", minimum=1)
-        transform_items = self.get_list(data, "transforms", "[data]")
+        for key in _DATASET_ONLY:
+            if loader is not None and key in data:
+                raise self.error(
+                    f"[data].{key}",
+                    "only valid with 'dataset' (a 'loader' builds its own batches: pass its options in [data].kwargs)",
+                )
+        data_args = self.get(data, "args", "[data]", "list")
+        data_kwargs = self.resolve_paths(self.get(data, "kwargs", "[data]", "table"))
+        batch_size = self.get(data, "batch_size", "[data]", "int>=1")
+        num_workers = self.get(data, "num_workers", "[data]", "int>=0")
+        max_batches = self.get(data, "max_batches", "[data]", "int>=1")
+        transform_items = self.get(data, "transforms", "[data]", "list")
         if transform_items and "transform" in data_kwargs:
             raise self.error("[data].transforms", "[data].kwargs already has a 'transform': give one or the other")
         selector = data.get("input")
@@ -531,38 +454,31 @@ class _SpecParser:
             raise self.error(
                 "[data].input", f"expected an index (integer) or a key (string), got {_describe(selector)}"
             )
-        call = self.get_str(data, "call", "[data]")
+        call = self.get(data, "call", "[data]", "str")
         if call is not None and "input" in data:
             raise self.error("[data].call", "give either 'input' or 'call', not both")
 
-        # [run]
-        device = self.get_str(run, "device", "[run]")
+        # [run]: the syntax now; whether this machine has the device, when it is used
+        device = self.get(run, "device", "[run]", "str")
         if device is not None:
             try:
-                _syntax_check_device(device)
+                parse_device(device)
             except ValueError as exc:
                 raise self.error("[run].device", f"{device!r}: {exc}") from None
 
         # Resolve references now, so that a typo fails before any heavy work.
-        factory_obj = self.resolve_ref(factory, "[model].factory")
-        if not callable(factory_obj):
-            raise self.error("[model].factory", f"{factory!r} is {_describe(factory_obj)}, not callable")
+        factory_obj = self.resolve_callable(factory, "[model].factory")
         data_entry = "[data].loader" if loader is not None else "[data].dataset"
-        data_ref = loader if loader is not None else dataset
-        assert data_ref is not None
-        data_obj = self.resolve_ref(data_ref, data_entry)
-        if loader is not None and not callable(data_obj):
-            if not (hasattr(data_obj, "__iter__") or hasattr(data_obj, "__getitem__")):
-                raise self.error(data_entry, f"{loader!r} is {_describe(data_obj)}: neither callable nor iterable")
-            if data_args or data_kwargs:
-                raise self.error("[data].kwargs", f"{loader!r} is not callable, so it takes no args/kwargs")
-        if dataset is not None and not callable(data_obj):
-            raise self.error(data_entry, f"{dataset!r} is {_describe(data_obj)}, not callable")
-        call_obj = None
-        if call is not None:
-            call_obj = self.resolve_ref(call, "[data].call")
-            if not callable(call_obj):
-                raise self.error("[data].call", f"{call!r} is {_describe(call_obj)}, not callable")
+        if dataset is not None:
+            data_obj = self.resolve_callable(dataset, data_entry)
+        else:
+            data_obj = self.resolve_ref(loader, data_entry)
+            if not callable(data_obj):
+                if not _iterable(data_obj):
+                    raise self.error(data_entry, f"{loader!r} is {_describe(data_obj)}: neither callable nor iterable")
+                if data_args or data_kwargs:
+                    raise self.error("[data].kwargs", f"{loader!r} is not callable, so it takes no args/kwargs")
+        call_obj = self.resolve_callable(call, "[data].call") if call is not None else None
         transforms, transform_objs = self.parse_transforms(transform_items)
 
         return BNSpec(
@@ -570,14 +486,14 @@ class _SpecParser:
             factory=factory,
             model_args=model_args,
             model_kwargs=model_kwargs,
-            prefix=prefix,
+            prefix=prefix or None,
             loader=loader,
             dataset=dataset,
             data_args=data_args,
             data_kwargs=data_kwargs,
             transforms=transforms,
-            batch_size=batch_size if batch_size is not None else DEFAULT_BATCH_SIZE,
-            num_workers=num_workers if num_workers is not None else 0,
+            batch_size=batch_size or DEFAULT_BATCH_SIZE,
+            num_workers=num_workers or 0,
             max_batches=max_batches,
             input=selector,
             call=call,
@@ -604,4 +520,4 @@ def load_spec(path: str | os.PathLike[str]) -> BNSpec:
         >>> spec = load_spec("bn.toml")                      # doctest: +SKIP
         >>> model, loader = spec.build_model(), spec.build_loader()  # doctest: +SKIP
     """
-    return _SpecParser(Path(path)).parse()
+    return _Parser(Path(path)).parse()
