@@ -20,9 +20,8 @@ import torch
 
 from .engine import EngineStats, resolve_device, run
 from .errors import OptionError
-from .io import Writer, open_writer, output_kind, write_state_dict
+from .io import Writer, feed, open_writer, output_kind, write_state_dict
 from .io.memory_out import MemoryWriter
-from .io.writer import feed
 from .options import MergeOptions, api_signature, collect, option_fields
 from .planner import MergePlan, build_plan, parse_dtype
 

@@ -12,21 +12,28 @@ and register it in :data:`WRITERS` (and, if it is chosen by name, in :func:`outp
 
 from __future__ import annotations
 
+import importlib
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
-from ..errors import CheckpointReadError
+import torch
+
+from ..errors import CheckpointReadError, OptionError, OutputError
 from .checkpoint import Checkpoint, CheckpointMeta, TensorRef
 from .dcp_in import is_dcp_folder, open_dcp
-from .files import InputFile
+from .dcp_out import is_dcp_output
+from .files import CHECKPOINT_SUFFIXES, InputFile
 from .hf_folder_in import is_model_folder, open_model_folder
+from .hf_folder_out import is_folder_output
 from .safetensors_in import looks_like_safetensors, open_safetensors
 from .torch_in import is_legacy_pickle, is_torch_zip, open_torch, open_torch_legacy
-from .writer import Entry, Writer, open_writer, output_kind, write_state_dict
+from .writer import Entry, Writer
 
 __all__ = ["open_checkpoint", "Checkpoint", "CheckpointMeta", "TensorRef", "Entry", "Writer", "open_writer",
-           "output_kind", "write_state_dict", "is_checkpoint_folder", "FILE_READERS", "FOLDER_READERS"]
+           "output_kind", "write_state_dict", "feed", "state_dict_entries", "is_checkpoint_folder", "FILE_READERS",
+           "FOLDER_READERS", "WRITERS"]
 
 #: (name, does this file's head match, open it); tried in order
 FILE_READERS: list[tuple[str, Callable[[InputFile, bytes], bool], Callable[..., Checkpoint]]] = [
@@ -125,3 +132,107 @@ def strip_prefixes(ckpt: Checkpoint, prefixes: str | Iterable[str]) -> None:
         ref.name = new
         out[new] = ref
     ckpt.tensors = out
+
+
+# --------------------------------------------------------------------------------------
+# writers
+
+#: output kind -> (module, class, takes the destination, takes string metadata); modules load on use
+WRITERS: dict[str, tuple[str, str, bool, bool]] = {
+    "safetensors": ("safetensors_out", "SafetensorsWriter", True, True),
+    "torch": ("torch_out", "TorchWriter", True, False),
+    "hf-folder": ("hf_folder_out", "ShardedSafetensorsWriter", True, True),
+    "dcp": ("dcp_out", "DcpWriter", True, True),
+    "memory": ("memory_out", "MemoryWriter", False, False),
+}
+
+
+def output_kind(path: str | os.PathLike[str]) -> str:
+    """The output kind a path asks for: ``"safetensors"``, ``"torch"`` (``.pt``, ``.pth``,
+    ``.bin``, ``.ckpt``, ``.pth.tar``, ``.tar``), ``"dcp"`` (a name ending in ``.dcp`` or ``.dcp/``)
+    or ``"hf-folder"`` (a path ending in ``/``, an existing folder, or a name without a file extension)."""
+
+    text = os.fspath(path)
+    if is_dcp_output(text):
+        return "dcp"
+    if is_folder_output(text):
+        return "hf-folder"
+    low = text.lower()
+    if low.endswith(".safetensors"):
+        return "safetensors"
+    if low.endswith(CHECKPOINT_SUFFIXES):
+        return "torch"
+    raise OptionError(
+        f"{text}: the output must end in .safetensors or .pt/.pth/.bin/.ckpt (the extension picks the format), "
+        "or name a folder (ending in /) for Hugging Face sharded safetensors"
+    )
+
+
+def open_writer(kind: str, dest: Path | None, entries: Sequence[Entry], metadata: Mapping[str, str] | None = None,
+                **options: Any) -> Writer:
+    """The writer for an output kind (see :data:`WRITERS`). ``options`` are the kind's own
+    (``shard_size``, ``copy_source``, ``config_dtype`` for Hugging Face folders).
+
+    Example::
+
+        w = open_writer("safetensors", Path("out.safetensors"), [Entry("w", torch.float32, (2,))])
+        w.write(torch.ones(2)); w.commit()
+    """
+    if dest is None:
+        kind = "memory"
+    if kind not in WRITERS:
+        raise OptionError(f"unknown output kind {kind!r}; expected one of {', '.join(WRITERS)}")
+    module, name, takes_dest, takes_meta = WRITERS[kind]
+    cls = getattr(importlib.import_module(f".{module}", __name__), name)
+    args: list[Any] = ([dest] if takes_dest else []) + [entries] + ([metadata] if takes_meta else [])
+    return cls(*args, **options)
+
+
+def state_dict_entries(state_dict: Mapping[str, torch.Tensor], dest: Any = None
+                       ) -> tuple[list[Entry], list[torch.Tensor]]:
+    """Entries for an in-memory state dict (tensors sharing one storage become aliases) and the
+    tensors whose bytes a writer must receive, in order."""
+    entries: list[Entry] = []
+    seen: dict[tuple, int] = {}
+    tensors: list[torch.Tensor] = []
+    for name, t in state_dict.items():
+        if not isinstance(t, torch.Tensor):
+            raise OutputError(f"{dest}: entry {name!r} is a {type(t).__name__}, not a tensor")
+        t = t.detach()
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()),
+               t.dtype) if t.numel() else None
+        if key is not None and key in seen:
+            entries.append(Entry(name, t.dtype, tuple(t.shape), alias_of=seen[key]))
+            continue
+        if key is not None:
+            seen[key] = len(entries)
+        entries.append(Entry(name, t.dtype, tuple(t.shape)))
+        tensors.append(t)
+    return entries, tensors
+
+
+def feed(writer: Writer, tensors: Sequence[torch.Tensor]) -> None:
+    """Stream in-memory tensors (in entry order, aliases left out) into ``writer``."""
+    for t in tensors:
+        if t.numel():
+            writer.write(t.cpu().contiguous())
+
+
+def write_state_dict(state_dict: Mapping[str, torch.Tensor], dest: str | os.PathLike[str],
+                     metadata: Mapping[str, str] | None = None) -> int:
+    """Write an in-memory state dict atomically (kind by the path); returns bytes written.
+
+    Example::
+
+        write_state_dict({"w": torch.ones(2)}, "out.safetensors", {"step": "10"})
+    """
+    dest = Path(dest)
+    entries, tensors = state_dict_entries(state_dict, dest)
+    w = open_writer(output_kind(dest), dest, entries, metadata)
+    try:
+        feed(w, tensors)
+        w.commit()
+    except BaseException:
+        w.abort()
+        raise
+    return w.bytes_written

@@ -10,21 +10,16 @@ removes everything it wrote and leaves an existing destination untouched.
 
 from __future__ import annotations
 
-import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-from ..errors import OptionError, OutputError
-from .files import CHECKPOINT_SUFFIXES, tensor_memoryview
+from .files import tensor_memoryview
 
-__all__ = ["Entry", "Writer", "StreamWriter", "output_kind", "open_writer", "write_state_dict", "OUTPUT_KINDS"]
+__all__ = ["Entry", "Writer", "StreamWriter"]
 
-#: output kinds: a single file (by extension), a Hugging Face folder, a DCP folder, or in memory
-OUTPUT_KINDS = ("safetensors", "torch", "hf-folder", "dcp", "memory")
 
 
 @dataclass
@@ -117,103 +112,3 @@ class StreamWriter:
     def report(self) -> dict[str, Any]:
         """Writer-specific facts for the merge report (shards, copied files...)."""
         return {}
-
-
-def output_kind(path: str | os.PathLike[str]) -> str:
-    """The output kind a path asks for: ``"safetensors"``, ``"torch"`` (``.pt``, ``.pth``,
-    ``.bin``, ``.ckpt``, ``.pth.tar``, ``.tar``), ``"dcp"`` (a name ending in ``.dcp`` or ``.dcp/``)
-    or ``"hf-folder"`` (a path ending in ``/``, an existing folder, or a name without a file extension)."""
-    from .dcp_out import is_dcp_output
-    from .hf_folder_out import is_folder_output
-
-    text = os.fspath(path)
-    if is_dcp_output(text):
-        return "dcp"
-    if is_folder_output(text):
-        return "hf-folder"
-    low = text.lower()
-    if low.endswith(".safetensors"):
-        return "safetensors"
-    if low.endswith(CHECKPOINT_SUFFIXES):
-        return "torch"
-    raise OptionError(
-        f"{text}: the output must end in .safetensors or .pt/.pth/.bin/.ckpt (the extension picks the format), "
-        "or name a folder (ending in /) for Hugging Face sharded safetensors"
-    )
-
-
-def open_writer(kind: str, dest: Path | None, entries: Sequence[Entry], metadata: Mapping[str, str] | None = None,
-                **options: Any) -> StreamWriter:
-    """The writer for an output kind. ``options`` are the kind's own (``shard_size``,
-    ``copy_source``, ``config_dtype`` for folders)."""
-    if kind == "memory" or dest is None:
-        from .memory_out import MemoryWriter
-
-        return MemoryWriter(entries)
-    if kind == "safetensors":
-        from .safetensors_out import SafetensorsWriter
-
-        return SafetensorsWriter(dest, entries, metadata)
-    if kind == "torch":
-        from .torch_out import TorchWriter
-
-        return TorchWriter(dest, entries)
-    if kind == "dcp":
-        from .dcp_out import DcpWriter
-
-        return DcpWriter(dest, entries, metadata)
-    if kind == "hf-folder":
-        from .hf_folder_out import ShardedSafetensorsWriter
-
-        return ShardedSafetensorsWriter(dest, entries, metadata, **options)
-    raise OptionError(f"unknown output kind {kind!r}; expected one of {', '.join(OUTPUT_KINDS)}")
-
-
-def state_dict_entries(state_dict: Mapping[str, torch.Tensor], dest: Any = None
-                       ) -> tuple[list[Entry], list[torch.Tensor]]:
-    """Entries for an in-memory state dict (tensors sharing one storage become aliases) and the
-    tensors whose bytes a writer must receive, in order."""
-    entries: list[Entry] = []
-    seen: dict[tuple, int] = {}
-    tensors: list[torch.Tensor] = []
-    for name, t in state_dict.items():
-        if not isinstance(t, torch.Tensor):
-            raise OutputError(f"{dest}: entry {name!r} is a {type(t).__name__}, not a tensor")
-        t = t.detach()
-        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()),
-               t.dtype) if t.numel() else None
-        if key is not None and key in seen:
-            entries.append(Entry(name, t.dtype, tuple(t.shape), alias_of=seen[key]))
-            continue
-        if key is not None:
-            seen[key] = len(entries)
-        entries.append(Entry(name, t.dtype, tuple(t.shape)))
-        tensors.append(t)
-    return entries, tensors
-
-
-def feed(writer: Writer, tensors: Sequence[torch.Tensor]) -> None:
-    """Stream in-memory tensors (in entry order, aliases left out) into ``writer``."""
-    for t in tensors:
-        if t.numel():
-            writer.write(t.cpu().contiguous())
-
-
-def write_state_dict(state_dict: Mapping[str, torch.Tensor], dest: str | os.PathLike[str],
-                     metadata: Mapping[str, str] | None = None) -> int:
-    """Write an in-memory state dict atomically (kind by the path); returns bytes written.
-
-    Example::
-
-        write_state_dict({"w": torch.ones(2)}, "out.safetensors", {"step": "10"})
-    """
-    dest = Path(dest)
-    entries, tensors = state_dict_entries(state_dict, dest)
-    w = open_writer(output_kind(dest), dest, entries, metadata)
-    try:
-        feed(w, tensors)
-        w.commit()
-    except BaseException:
-        w.abort()
-        raise
-    return w.bytes_written
