@@ -110,9 +110,11 @@ def _make_writer(p: MergePlan, out: Path, kind: str, opts: MergeOptions, shard_s
     return open_writer(kind, out, p.entries(), p.provenance(), **extra)
 
 
-def _execute(p: MergePlan, writer: Writer, opts: MergeOptions, n_main: int) -> tuple[EngineStats, Any]:
+def _execute(p: MergePlan, writer: Writer, opts: MergeOptions, n_main: int,
+             bn_overrides: dict[str, Any] | None = None) -> tuple[EngineStats, Any]:
     """Run the engine into ``writer`` (through BatchNorm recalibration when asked) and commit;
-    on any failure abort it, so nothing is left at the destination."""
+    on any failure abort it, so nothing is left at the destination. ``bn_overrides``: the
+    ``device``/``max_batches`` given to ``ckptavg bn`` over the spec's own."""
     bn_report = None
     try:
         if opts.bn_spec is None:
@@ -127,8 +129,8 @@ def _execute(p: MergePlan, writer: Writer, opts: MergeOptions, n_main: int) -> t
             mem.commit()
             # the model's own weights are the first n_main entries (keep-structure appends other weight sets)
             main = {e.name: mem.result[e.name] for e in entries[:n_main]}
-            new, bn_report = recalibrate_state_dict(main, spec, mode=opts.bn_mode, device=None,
-                                                    progress=opts.progress)
+            over = {"device": None, **(bn_overrides or {})}
+            new, bn_report = recalibrate_state_dict(main, spec, mode=opts.bn_mode, progress=opts.progress, **over)
             result = {**mem.result, **new}
             feed(writer, [result[e.name] for e in entries if e.alias_of is None])
         writer.commit()
@@ -169,8 +171,12 @@ def merge(inputs: Inputs, output: PathLike, **options: Any) -> MergeReport:
         report = ckptavg.merge("lightning_logs/", "swa.ckpt", epochs="10:", keep_structure=True)
         print(report.summary(), report.weights)
     """
+    return _merge(inputs, output, collect(options, option_fields(), "merge"))
+
+
+def _merge(inputs: Inputs, output: PathLike, opts: MergeOptions,
+           bn_overrides: dict[str, Any] | None = None) -> MergeReport:
     t0 = time.perf_counter()
-    opts = collect(options, option_fields(), "merge")
     out = Path(output)
     kind = output_kind(output)
     shard_size = _check_output_options(out, kind, opts)
@@ -200,7 +206,7 @@ def merge(inputs: Inputs, output: PathLike, **options: Any) -> MergeReport:
                 p.notes.extend(structured.summary_notes())
             return MergeReport(plan=p, output=out, dry_run=True, seconds=time.perf_counter() - t0, extra=extra)
         writer = _make_writer(p, out, kind, opts, shard_size, structured)
-        stats, bn_report = _execute(p, writer, opts, n_main)
+        stats, bn_report = _execute(p, writer, opts, n_main, bn_overrides)
         if hasattr(writer, "report"):
             extra.update(writer.report())
         return MergeReport(plan=p, output=out, bytes_written=writer.bytes_written, bytes_read=stats.bytes_read,
@@ -312,6 +318,15 @@ def recalibrate_file(
         pass
     loaded_spec = load_spec(spec)
     ckpt = open_checkpoint(src, key=key, trust_pickle=trust_pickle)
+    if ckpt.format == "torch" and ckpt.weights_key is not None and output_kind(out) == "torch":
+        # A structured checkpoint (Lightning, timm, fairseq): keep its structure, as --keep-structure
+        # does, with everything but the BatchNorm statistics unchanged (optimizer state included).
+        ckpt.close()
+        opts = MergeOptions(key=key, trust_pickle=trust_pickle, bn_spec=os.fspath(spec), bn_mode=mode,
+                            keep_structure=True, keep_optimizer=True, progress=progress)
+        rep = _merge([src], out, opts, {"device": device, "max_batches": max_batches})
+        return BNFileReport(input=src, output=out, bn=rep.bn, bytes_written=rep.bytes_written,
+                            seconds=time.perf_counter() - t0)
     try:
         shared: dict[tuple, torch.Tensor] = {}
         sd: dict[str, torch.Tensor] = {}

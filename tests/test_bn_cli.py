@@ -132,3 +132,49 @@ def test_bn_errors_are_one_line(bn_setup, run_cli):
     code, _, err = run_cli("merge", runs, "-o", tmp / "o.pt", "--bn-spec", noprefix)
     assert code == 1 and "prefix" in err and "Traceback" not in err
     assert not (tmp / "o.pt").exists()
+
+
+def test_bn_spec_works_with_folder_output_and_keep_structure(bn_setup, run_cli):
+    """BN recalibration is a step of the one merge path: every output kind gets it."""
+    tmp, spec, runs, sds, mod = bn_setup
+    code, _, err = run_cli("merge", runs, "-o", tmp / "soup/", "--bn-spec", spec, "--bn-mode", "torch")
+    assert code == 0, err
+    got = load_file(tmp / "soup" / "model.safetensors")
+    mean, var = _reference_stats(mod, got)
+    torch.testing.assert_close(got["model.bn.running_mean"], mean, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got["model.bn.running_var"], var, rtol=1e-5, atol=1e-6)
+
+    code, _, err = run_cli("merge", runs, "-o", tmp / "swa.ckpt", "--keep-structure", "--bn-spec", spec,
+                           "--bn-mode", "torch")
+    assert code == 0, err
+    ck = torch.load(tmp / "swa.ckpt", weights_only=True)
+    assert ck["epoch"] == 3 and ck["global_step"] == 30 and "ckptavg" in ck  # the last checkpoint's structure
+    ref_w = fp64_mean([s["model.conv.weight"] for s in sds])
+    torch.testing.assert_close(ck["state_dict"]["model.conv.weight"].double(), ref_w, rtol=1e-6, atol=1e-6)
+    mean, var = _reference_stats(mod, ck["state_dict"])
+    torch.testing.assert_close(ck["state_dict"]["model.bn.running_mean"], mean, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ck["state_dict"]["model.bn.running_var"], var, rtol=1e-5, atol=1e-6)
+
+
+def test_bn_command_keeps_a_structured_checkpoint(bn_setup, run_cli):
+    """`ckptavg bn x.ckpt -o y.ckpt` on a Lightning-style checkpoint keeps its structure: only the BN
+    statistics change; epoch, step and every other entry (optimizer state included) are kept."""
+    tmp, spec, runs, sds, mod = bn_setup
+    src = runs / "epoch=2-step=20.ckpt"
+    obj = torch.load(src, weights_only=True)
+    obj["optimizer_states"] = [{"state": {0: {"momentum_buffer": torch.ones(3)}}, "param_groups": [{"lr": 0.1}]}]
+    obj["hyper_parameters"] = {"width": 6}
+    torch.save(obj, tmp / "one.ckpt")
+    code, _, err = run_cli("bn", tmp / "one.ckpt", "--spec", spec, "-o", tmp / "one_bn.ckpt", "--mode", "torch")
+    assert code == 0, err
+    got = torch.load(tmp / "one_bn.ckpt", weights_only=True)
+    assert {k for k in got if k != "ckptavg"} == set(obj)
+    assert got["epoch"] == 2 and got["hyper_parameters"] == {"width": 6}
+    torch.testing.assert_close(got["optimizer_states"][0]["state"][0]["momentum_buffer"], torch.ones(3))
+    for k, v in obj["state_dict"].items():
+        if ".bn.running" in k or k.endswith("num_batches_tracked"):
+            continue
+        assert torch.equal(got["state_dict"][k], v), k  # bit-identical
+    mean, var = _reference_stats(mod, got["state_dict"])
+    torch.testing.assert_close(got["state_dict"]["model.bn.running_mean"], mean, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got["state_dict"]["model.bn.running_var"], var, rtol=1e-5, atol=1e-6)
