@@ -12,7 +12,7 @@ import json
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,7 @@ from .engine import EngineStats, resolve_device, run
 from .errors import OptionError
 from .io import Writer, feed, open_writer, output_kind, write_state_dict
 from .io.memory_out import MemoryWriter
-from .options import MergeOptions, api_signature, collect, option_fields
+from .options import MergeOptions, api_signature, collect, expand_variants, option_fields
 from .planner import MergePlan, build_plan, parse_dtype
 
 __all__ = ["merge", "average", "plan", "recalibrate_file", "MergeReport", "BNFileReport"]
@@ -66,9 +66,11 @@ class MergeReport:
         if self.dry_run:
             return f"dry run: would average {what} into {self.output}; no tensor data read"
         mb = self.bytes_written / 1e6
-        line = f"wrote {self.output}: {what}, {len(self.plan.tensors)} tensors, {mb:.1f} MB in {self.seconds:.1f} s"
-        if self.bn is not None:
-            line += f"; {self.bn.summary()}"
+        outs = self.extra.get("outputs")
+        where = f"{len(outs)} outputs ({', '.join(outs)})" if outs else str(self.output)
+        line = f"wrote {where}: {what}, {len(self.plan.tensors)} tensors, {mb:.1f} MB in {self.seconds:.1f} s"
+        for bn in self.bn if isinstance(self.bn, list) else [self.bn] if self.bn is not None else []:
+            line += f"; {bn.summary()}"
         for note in self.extra.get("output_notes", []):
             line += f"; {note}"
         return line
@@ -174,14 +176,40 @@ def merge(inputs: Inputs, output: PathLike, **options: Any) -> MergeReport:
     return _merge(inputs, output, collect(options, option_fields(), "merge"))
 
 
+def _output_names(output: PathLike, labels: list[dict[str, str]]) -> list[Path]:
+    """One output path per variant, from an output-name template (``ema-{sigma_rel}.safetensors``)."""
+    text = os.fspath(output)
+    if len(labels) == 1:
+        return [Path(text)]
+    swept = ", ".join(labels[0])
+    if "{" not in text:
+        raise OptionError(
+            f"{text}: {len(labels)} outputs ({swept} given several values) need an output name template, "
+            f"e.g. -o 'avg-{{{next(iter(labels[0]))}}}.safetensors'"
+        )
+    try:
+        names = [text.format(**label) for label in labels]
+    except (KeyError, IndexError, ValueError) as e:
+        raise OptionError(f"{text}: the output name template names {e}, which is not among the options given "
+                          f"several values ({swept})") from None
+    if len(set(names)) != len(names):
+        raise OptionError(f"{text}: the template gives the same name to two outputs; name every option given "
+                          f"several values ({swept}) in it")
+    return [Path(n) for n in names]
+
+
 def _merge(inputs: Inputs, output: PathLike, opts: MergeOptions,
            bn_overrides: dict[str, Any] | None = None) -> MergeReport:
     t0 = time.perf_counter()
-    out = Path(output)
-    kind = output_kind(output)
-    shard_size = _check_output_options(out, kind, opts)
+    variants = expand_variants(opts)
+    outs = _output_names(output, [label for label, _v in variants])
+    opts = variants[0][1]
+    kinds = [output_kind(o) for o in outs]
+    shard_size = 0
+    for o, k in zip(outs, kinds):
+        shard_size = _check_output_options(o, k, opts)
     resolve_device(opts.device)
-    p = build_plan(inputs, opts, out, kind)
+    p = build_plan(inputs, opts, outs[0], kinds[0], variants)
     try:
         n_main = len(p.tensors)
         structured = None
@@ -193,27 +221,62 @@ def _merge(inputs: Inputs, output: PathLike, opts: MergeOptions,
             p = structured.plan
             extra = {"structure_of": os.fspath(structured.base), "averaged_weight_sets": structured.averaged,
                      "dropped": structured.dropped, "output_notes": structured.summary_notes()}
-        if kind == "hf-folder":
-            from .io.hf_folder_out import check_destination
+        for o, k in zip(outs, kinds):
+            if k == "hf-folder":
+                from .io.hf_folder_out import check_destination
 
-            check_destination(out)  # refuse a folder of other files before reading any data
-        elif kind == "dcp":
-            from .io.dcp_out import check_dcp_destination
+                check_destination(o)  # refuse a folder of other files before reading any data
+            elif k == "dcp":
+                from .io.dcp_out import check_dcp_destination
 
-            check_dcp_destination(out)
+                check_dcp_destination(o)
+        if len(outs) > 1:
+            extra["outputs"] = [os.fspath(o) for o in outs]
         if opts.dry_run:
             if structured is not None:
                 p.notes.extend(structured.summary_notes())
-            return MergeReport(plan=p, output=out, dry_run=True, seconds=time.perf_counter() - t0, extra=extra)
-        writer = _make_writer(p, out, kind, opts, shard_size, structured)
-        stats, bn_report = _execute(p, writer, opts, n_main, bn_overrides)
-        if hasattr(writer, "report"):
-            extra.update(writer.report())
-        return MergeReport(plan=p, output=out, bytes_written=writer.bytes_written, bytes_read=stats.bytes_read,
+            return MergeReport(plan=p, output=outs[0], dry_run=True, seconds=time.perf_counter() - t0, extra=extra)
+        weights = p.variants or [p.weights]
+        if len(outs) == 1:
+            writer = _make_writer(p, outs[0], kinds[0], opts, shard_size, structured)
+            stats, bn_report = _execute(p, writer, opts, n_main, bn_overrides)
+            written = writer.bytes_written
+            extra.update(writer.report() if hasattr(writer, "report") else {})
+        elif opts.bn_spec is not None:
+            # BatchNorm runs the model per output: one pass each (the averages themselves are cheap)
+            written, bn_report, stats = 0, [], EngineStats()
+            for o, k, w in zip(outs, kinds, weights):
+                pw = replace(p, weights=w, variants=None)
+                writer = _make_writer(pw, o, k, opts, shard_size, structured)
+                st, rep = _execute(pw, writer, opts, n_main, bn_overrides)
+                written += writer.bytes_written
+                stats.bytes_read += st.bytes_read
+                bn_report.append(rep)
+        else:
+            writers = [_make_writer(replace(p, weights=w), o, k, opts, shard_size, structured)
+                       for o, k, w in zip(outs, kinds, weights)]
+            stats = _execute_many(p, writers, weights, opts)
+            written, bn_report = sum(w.bytes_written for w in writers), None
+        return MergeReport(plan=p, output=outs[0], bytes_written=written, bytes_read=stats.bytes_read,
                            seconds=time.perf_counter() - t0, bn=bn_report, extra=extra)
     finally:
         for i in p.inputs:
             i.checkpoint.close()
+
+
+def _execute_many(p: MergePlan, writers: list[Writer], weights: list[Any], opts: MergeOptions) -> EngineStats:
+    """Several outputs from one pass over the inputs; each output is committed only if all succeeded
+    (on any failure every one is aborted)."""
+    try:
+        stats = run(p, writers, weights=weights, device=opts.device, progress=opts.progress,
+                    allow_nonfinite=opts.allow_nonfinite)
+        for w in writers:
+            w.commit()
+    except BaseException:
+        for w in writers:
+            w.abort()
+        raise
+    return stats
 
 
 def plan(inputs: Inputs, output: PathLike | None = None, **options: Any) -> MergePlan:

@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any
 
-__all__ = ["MergeOptions", "option_fields", "api_signature", "click_options", "collect"]
+__all__ = ["MergeOptions", "option_fields", "api_signature", "click_options", "collect", "expand_variants"]
 
 METHODS = ("uniform", "ema", "power-ema")
 ORDERS = ("auto", "given", "step", "epoch", "name")
@@ -28,10 +28,10 @@ BUFFERS = ("average", "last")
 
 def _opt(default: Any, help: str, *, example: str = "", scope: str = "plan", cli_type: Any = None,
          choices: Sequence[str] | None = None, metavar: str | None = None, multiple: bool = False,
-         cli: bool = True) -> Any:
+         cli: bool = True, sweep: bool = False) -> Any:
     return field(default=default, metadata={
         "help": help, "example": example, "scope": scope, "cli_type": cli_type, "choices": choices,
-        "metavar": metavar, "multiple": multiple, "cli": cli,
+        "metavar": metavar, "multiple": multiple, "cli": cli, "sweep": sweep,
     })
 
 
@@ -41,29 +41,30 @@ class MergeOptions:
 
     # -- method (each is a weight vector over the selected checkpoints)
     method: str = _opt("uniform", "Averaging method (each is a weight vector over the checkpoints).",
-                       example="--method ema --decay 0.9", choices=METHODS)
+                       example="--method ema --decay 0.9", choices=METHODS, sweep=True)
     decay: float | None = _opt(None, "EMA decay per checkpoint (with --method ema).",
-                               example="--method ema --decay 0.9", cli_type=float)
+                               example="--method ema --decay 0.9", cli_type=float, sweep=True)
     decay_per_step: float | None = _opt(None, "EMA decay per training step; uses the step gaps between checkpoints "
                                         "(with --method ema).", example="--method ema --decay-per-step 0.9999",
-                                        cli_type=float)
+                                        cli_type=float, sweep=True)
     weights: Sequence[float] | str | None = _opt(None, "Explicit weights, comma separated, in checkpoint order "
                                                  "(normalised to sum 1).", example="--weights 0.5,0.3,0.2")
     gamma: float | None = _opt(None, "Power-EMA exponent (with --method power-ema).",
-                               example="--method power-ema --gamma 6.94", cli_type=float)
+                               example="--method power-ema --gamma 6.94", cli_type=float, sweep=True)
     sigma_rel: float | None = _opt(None, "Power-EMA relative width, instead of --gamma (e.g. 0.05).",
-                                   example="--method power-ema --sigma-rel 0.05", cli_type=float)
+                                   example="--method power-ema --sigma-rel 0.05", cli_type=float, sweep=True)
     at: int | None = _opt(None, "Post-hoc EMA from power-EMA snapshots: the step to reconstruct (a snapshot's "
                           "step; default the last).", example="--method power-ema --sigma-rel 0.07 --at 40000",
-                          cli_type=int, metavar="STEP")
+                          cli_type=int, metavar="STEP", sweep=True)
     # -- selection
     epochs: Any = _opt(None, "Keep checkpoints with epoch in A..B (inclusive; A: or :B open).",
-                       example="--epochs 12:20, --epochs 150:", metavar="A:B")
+                       example="--epochs 12:20, --epochs 150:", metavar="A:B", sweep=True)
     steps: Any = _opt(None, "Keep checkpoints with step in A..B (inclusive; A: or :B open).",
-                      example="--steps 20000:", metavar="A:B")
-    last: int | None = _opt(None, "Keep the N newest checkpoints.", example="--last 5", cli_type=int, metavar="N")
+                      example="--steps 20000:", metavar="A:B", sweep=True)
+    last: int | None = _opt(None, "Keep the N newest checkpoints.", example="--last 5", cli_type=int, metavar="N",
+                            sweep=True)
     every: int | None = _opt(None, "Keep every K-th checkpoint, counted back from the newest.", example="--every 2",
-                             cli_type=int, metavar="K")
+                             cli_type=int, metavar="K", sweep=True)
     best: int | None = _opt(None, "Keep the N best by --metric (ties: the earliest wins).",
                             example="--best 3 --metric val_acc", cli_type=int, metavar="N")
     metric: str | None = _opt(None, "Scalar stored in the checkpoints (top level or in 'metrics').",
@@ -144,14 +145,71 @@ def click_options(command: Callable[..., Any]) -> Callable[..., Any]:
             kw["metavar"] = md["metavar"]
         if isinstance(f.default, bool):
             kw["is_flag"] = True
+        elif md["sweep"]:
+            kw["type"] = str  # a value, or several separated by commas: one output each (see expand_variants)
+            if md["choices"]:
+                kw["metavar"] = "|".join(md["choices"])
         elif md["choices"]:
             kw["type"] = click.Choice(list(md["choices"]))
         elif md["cli_type"] is not None:
             kw["type"] = md["cli_type"]
         if md["multiple"]:
             kw["multiple"] = True
-        elif not isinstance(f.default, bool) and f.default is not None:
+        elif not isinstance(f.default, bool) and f.default is not None and not md["sweep"]:
             kw["default"] = f.default
             kw["show_default"] = True
         command = click.option(flag, f.name, **kw)(command)
     return command
+
+
+def _values(name: str, value: Any) -> list[Any]:
+    """One option's values: a list/tuple given in Python, or a comma-separated string (the CLI)."""
+    if isinstance(value, (list, tuple)):
+        return list(value)
+    if isinstance(value, str) and "," in value:
+        return [v.strip() for v in value.split(",") if v.strip()]
+    return [value]
+
+
+def _typed(f: Any, text: Any) -> Any:
+    """A swept value as its option's type (the CLI hands strings)."""
+    kind = f.metadata["cli_type"]
+    if not isinstance(text, str) or kind is None:
+        if f.metadata["choices"] and isinstance(text, str) and text not in f.metadata["choices"]:
+            from .errors import OptionError
+
+            raise OptionError(f"--{f.name.replace('_', '-')} must be one of {', '.join(f.metadata['choices'])}, "
+                              f"got {text!r}")
+        return text
+    try:
+        return kind(text)
+    except ValueError:
+        from .errors import OptionError
+
+        raise OptionError(f"--{f.name.replace('_', '-')}: {text!r} is not a valid {kind.__name__}") from None
+
+
+def expand_variants(opts: MergeOptions) -> list[tuple[dict[str, str], MergeOptions]]:
+    """Several values for the sweepable options (``sigma_rel=[0.05, 0.1]``, ``last="2,4,8"``, ...) ask
+    for several outputs from one pass: their cartesian product, each with the values that made it
+    (as text, for output-name templates). One value each gives one variant with no names.
+
+    Example::
+
+        expand_variants(MergeOptions(method="power-ema", sigma_rel="0.05,0.10"))
+        # [({'sigma_rel': '0.05'}, MergeOptions(..., sigma_rel=0.05)), ({'sigma_rel': '0.10'}, ...)]
+    """
+    import itertools
+    from dataclasses import replace
+
+    swept = [(f, _values(f.name, getattr(opts, f.name))) for f in fields(MergeOptions) if f.metadata["sweep"]]
+    names = [(f, vals) for f, vals in swept if len(vals) > 1]
+    single = {f.name: _typed(f, vals[0]) for f, vals in swept if len(vals) == 1}
+    base = replace(opts, **single)
+    if not names:
+        return [({}, base)]
+    out = []
+    for combo in itertools.product(*[vals for _f, vals in names]):
+        label = {f.name: str(v) for (f, _vals), v in zip(names, combo)}
+        out.append((label, replace(base, **{f.name: _typed(f, v) for (f, _vals), v in zip(names, combo)})))
+    return out

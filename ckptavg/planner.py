@@ -129,6 +129,9 @@ class MergePlan:
     notes: list[str] = field(default_factory=list)
     output: Path | None = None
     output_format: str | None = None
+    #: several outputs from one pass: one weight vector over ``inputs`` per output (``weights`` is the first)
+    variants: list[Weights] | None = None
+    variant_labels: list[dict[str, str]] | None = None
 
     @property
     def paths(self) -> list[Path]:
@@ -166,8 +169,8 @@ class MergePlan:
     def provenance(self) -> dict[str, str]:
         """String metadata recorded in the output (safetensors ``__metadata__``)."""
         files = [
-            {"file": os.fspath(i.path), "weight": i.weight, "epoch": i.epoch, "step": i.step}
-            for i in self.inputs
+            {"file": os.fspath(i.path), "weight": w, "epoch": i.epoch, "step": i.step}
+            for i, w in zip(self.inputs, self.weights.values)
         ]
         meta = {
             "format": "pt",
@@ -207,21 +210,30 @@ class MergePlan:
 
     def format(self) -> str:
         """The human-readable plan printed by ``--dry-run``."""
-        lines = [
-            f"method:    {self.weights.description}",
+        many = self.variants or []
+        if len(many) > 1:
+            labels = self.variant_labels or [{} for _ in many]
+            lines = [f"outputs:   {len(many)} from one pass"] + [
+                f"  w{m + 1}: {' '.join(f'{k}={v}' for k, v in lab.items())}: {w.description}"
+                for m, (lab, w) in enumerate(zip(labels, many))]
+        else:
+            lines = [f"method:    {self.weights.description}"]
+        lines += [
             f"order:     {self.order_rule}",
             f"selection: {self.selection} -> {len(self.inputs)} of {self.candidates} checkpoints",
         ]
         metric = self.options.metric
         snaps = any(i.sigma_rel is not None for i in self.inputs)
-        head = f"  {'#':>3}  {'epoch':>6}  {'step':>9}  {'weight':>10}"
+        wcols = "".join(f"  {'w' + str(m + 1):>10}" for m in range(len(many))) if len(many) > 1 else f"  {'weight':>10}"
+        head = f"  {'#':>3}  {'epoch':>6}  {'step':>9}{wcols}"
         if snaps:
             head += f"  {'sigma_rel':>9}"
         if metric:
             head += f"  {metric:>10}"
         lines.append(head + "  file")
         for k, i in enumerate(self.inputs, 1):
-            row = f"  {k:>3}  {_fmt(i.epoch):>6}  {_fmt(i.step):>9}  {i.weight:>10.6f}"
+            ws = "".join(f"  {v.values[k - 1]:>10.6f}" for v in many) if len(many) > 1 else f"  {i.weight:>10.6f}"
+            row = f"  {k:>3}  {_fmt(i.epoch):>6}  {_fmt(i.step):>9}{ws}"
             if snaps:
                 row += f"  {_fmt(i.sigma_rel):>9}"
             if metric:
@@ -333,13 +345,25 @@ def weights_for(opts: MergeOptions, chosen: list[Checkpoint]) -> Weights:
     return power_ema(steps(), gamma=opts.gamma, sigma_rel=opts.sigma_rel)
 
 
+def _spread(w: Weights, picked: list[Checkpoint], chosen: list[Checkpoint]) -> Weights:
+    """``w`` over ``picked``, as a weight vector over ``chosen`` (zero where not picked)."""
+    at = {id(c): k for k, c in enumerate(picked)}
+    values = [w.values[at[id(c)]] if id(c) in at else 0.0 for c in chosen]
+    coeffs = [w.coeffs[at[id(c)]] if id(c) in at else 0.0 for c in chosen]
+    return Weights(values, w.description, coeffs, w.divisor, w.fit_error)
+
+
 def build_plan(
     inputs: Sequence[str | os.PathLike[str]] | str | os.PathLike[str],
     options: MergeOptions,
     output: Path | None = None,
     output_format: str | None = None,
+    variants: Sequence[tuple[dict[str, str], MergeOptions]] | None = None,
 ) -> MergePlan:
-    """Discover, open (headers only), order, select, weight and validate."""
+    """Discover, open (headers only), order, select, weight and validate.
+
+    ``variants`` (from :func:`ckptavg.options.expand_variants`): several outputs from one pass;
+    the plan then covers every checkpoint any variant selects, with one weight vector each."""
     paths, notes = discover(inputs)  # type: ignore[arg-type]
     sel = selection_of(options)
     sel.validate()
@@ -356,8 +380,19 @@ def build_plan(
             opened.append(open_checkpoint(p, key=options.key, strip_prefix=options.strip_prefix,
                                           trust_pickle=options.trust_pickle))
         ordered, rule = order_checkpoints(opened, options.order)
-        chosen = select(ordered, sel)
-        weights = weights_for(options, chosen)
+        if variants and len(variants) > 1:
+            picks = []
+            for _label, v in variants:
+                vsel = selection_of(v)
+                vsel.validate()
+                picks.append(select(ordered, vsel))
+            chosen = [c for c in ordered if any(c in pk for pk in picks)]
+            matrix = [_spread(weights_for(v, pk), pk, chosen) for (_l, v), pk in zip(variants, picks)]
+            weights = matrix[0]
+        else:
+            chosen = select(ordered, sel)
+            weights = weights_for(options, chosen)
+            matrix = None
         for c in opened:
             if c not in chosen:
                 c.close()
@@ -377,7 +412,11 @@ def build_plan(
                      sigma_rel=_snapshot_sigma(c))
         for c, w in zip(chosen, weights.values)
     ]
-    return MergePlan(inputs=planned, tensors=tensors, weights=weights, order_rule=rule,
+    if matrix is not None:
+        sel_text = "; ".join(" ".join(f"{k}={v}" for k, v in label.items()) for label, _v in variants or [])
+        notes.append(f"{len(matrix)} outputs from one pass ({sel_text})")
+    return MergePlan(inputs=planned, tensors=tensors, weights=weights, order_rule=rule, variants=matrix,
+                     variant_labels=[label for label, _v in variants] if matrix is not None and variants else None,
                      selection=sel.describe(), candidates=len(opened), options=options, notes=notes,
                      output=output, output_format=output_format)
 
