@@ -155,7 +155,7 @@ def click_options(command: Callable[..., Any]) -> Callable[..., Any]:
             kw["type"] = md["cli_type"]
         if md["multiple"]:
             kw["multiple"] = True
-        elif not isinstance(f.default, bool) and f.default is not None and not md["sweep"]:
+        elif not isinstance(f.default, bool) and f.default is not None:
             kw["default"] = f.default
             kw["show_default"] = True
         command = click.option(flag, f.name, **kw)(command)

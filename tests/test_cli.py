@@ -87,7 +87,7 @@ def test_dry_run_prints_plan_and_reads_no_tensor_data(run_dir, tmp_path, run_cli
         (["merge", "RUNS", "-o", "o.pt", "--weights", "1,2"], 2, "--weights has 2 values but 25"),
         (["merge", "RUNS", "-o", "o.txt"], 2, "the output must end in .safetensors or .pt"),
         (["merge", "RUNS", "-o", "o.pt", "--device", "tpu"], 2, "--device must be cpu, cuda or cuda:N"),
-        (["merge", "RUNS", "-o", "o.pt", "--method", "bogus"], 2, "Invalid value for '--method'"),
+        (["merge", "RUNS", "-o", "o.pt", "--method", "bogus"], 2, "--method must be one of uniform, ema, power-ema"),
     ],
 )
 def test_errors_are_one_line_with_exit_codes(run_dir, tmp_path, run_cli, monkeypatch, args, code, needle):
