@@ -29,14 +29,17 @@ _LAZY = {
     "recalibrate_bn": "bn", "BNReport": "bn",
     "inspect": "inspection", "InspectReport": "inspection", "CheckpointInfo": "inspection",
     "MergePlan": "planner", "MergeOptions": "options",
+    "PowerEMA": "power_ema", "PowerEMACallback": "lightning_callback",
 }
 
 if TYPE_CHECKING:
     from .api import BNFileReport, MergeReport, average, merge, plan, recalibrate_file
     from .bn import BNReport, recalibrate_bn
     from .inspection import CheckpointInfo, InspectReport, inspect
+    from .lightning_callback import PowerEMACallback
     from .options import MergeOptions
     from .planner import MergePlan
+    from .power_ema import PowerEMA
 
 
 def __getattr__(name: str) -> Any:
@@ -69,6 +72,8 @@ __all__ = [
     "MergePlan",
     "InspectReport",
     "CheckpointInfo",
+    "PowerEMA",
+    "PowerEMACallback",
     "CkptavgError",
     "CkptavgWarning",
 ]
