@@ -188,8 +188,10 @@ def _folder(root, name, *, index=None, trainer=None):
     (b'{"weight_map": 5}', "weight_map is not a name->file object"),
     (b'{"weight_map": {"w": ["a"]}}', "weight_map is not a name->file object"),
     (b"[1, 2]", "weight_map"),
+    (b'{"weight_map": {}}', "weight_map lists no tensors"),
     (b'{"weight_map": "\xff"}', "invalid index file"),
-], ids=["empty-name", "dot", "deep", "deep-sibling", "int", "list-value", "list", "bad-utf8"])
+], ids=["empty-name", "dot", "deep", "deep-sibling", "int", "list-value", "list", "empty",
+                                               "bad-utf8"])
 def test_hostile_index_json(tmp_path, run_cli, index, needle):
     good = _folder(tmp_path, "good", index=json.dumps({"weight_map": {"w": "model-1.safetensors"}}).encode())
     bad = _folder(tmp_path, "bad", index=index)
