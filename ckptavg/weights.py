@@ -365,7 +365,10 @@ def explicit(weights: Sequence[float], n: int) -> Weights:
 
 
 def _normalised(w: list[float], description: str) -> Weights:
-    s = math.fsum(w)
+    try:
+        s = math.fsum(w)
+    except OverflowError:  # finite weights whose sum is beyond float range (1e308, 1e308)
+        s = math.inf
     if s == 0 or not math.isfinite(s):
         raise OptionError(f"{description}: the weights sum to {s:g}; they must have a non-zero finite sum")
     vals = [x / s for x in w]

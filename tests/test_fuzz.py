@@ -8,6 +8,13 @@ never another exception, never a hang, never a large allocation. "The right data
 * torch zip: the original names, shapes and dtypes, and a tensor's bytes may differ from the
   original only if a mutated byte lies inside that tensor's own zip record.
 
+Byte mutations never reach the pickle (its CRC check refuses every mutated data.pkl), so
+structure-aware tests also build files from valid parts: pickles of valid opcodes with hostile
+tensor geometry, dtypes, globals that run code and deep nesting, zipped with correct CRCs (they
+reach torch's unpickler) or written raw (legacy files); safetensors headers with hostile JSON;
+HF folders with hostile index.json. Reading must give what ``torch.load(weights_only=True)`` /
+``safetensors.torch.load_file`` gives for the same file, or raise CkptavgError.
+
 The default run is short; set CKPTAVG_FUZZ_EXAMPLES (e.g. 5000) for a longer one.
 """
 
@@ -28,6 +35,8 @@ from safetensors.torch import load_file
 
 from ckptavg.errors import CkptavgError
 from ckptavg.io import open_checkpoint
+
+from ._hostile_files import Deep, Global, TensorSpec, legacy_pickle, safetensors_raw, torch_zip
 
 EXAMPLES = int(os.environ.get("CKPTAVG_FUZZ_EXAMPLES", "120"))
 FUZZ = settings(max_examples=EXAMPLES, deadline=5000, derandomize=EXAMPLES <= 200,
@@ -236,3 +245,125 @@ def test_fuzz_inputs_are_valid_to_begin_with(tmp_path):
     for k, v in _state_dict().items():
         assert torch.equal(got[k][2], v.contiguous().reshape(-1).view(torch.uint8))
     assert set(_read_all(tmp_path / "a.safetensors")) == set(load_file(str(tmp_path / "a.safetensors")))
+
+
+# -- structure-aware fuzzing: valid opcodes and valid zips, hostile content
+
+_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.uint8, torch.bool]
+_BIG = st.one_of(st.integers(-3, 40), st.sampled_from([1 << 31, 1 << 40, 1 << 62, (1 << 63) - 1, -(1 << 40)]))
+
+
+@st.composite
+def _tensor_specs(draw, key):
+    ndim = draw(st.integers(0, 3))
+    return TensorSpec(key=key, dtype=draw(st.sampled_from(_DTYPES)), numel=draw(st.integers(0, 24) | _BIG),
+                      offset=draw(_BIG), size=tuple(draw(st.lists(_BIG, min_size=ndim, max_size=ndim))),
+                      stride=tuple(draw(st.lists(_BIG, min_size=ndim, max_size=ndim))),
+                      record_bytes=draw(st.none() | st.integers(0, 96)))
+
+
+_CODE = st.builds(Global, st.sampled_from(["os", "posix", "builtins", "subprocess", "torch", "collections"]),
+                  st.sampled_from(["system", "eval", "exec", "getattr", "Popen", "load"]),
+                  st.just(("true",)))
+_LEAVES = st.one_of(st.none(), st.booleans(), _BIG, st.floats(), st.text(max_size=8),
+                    st.integers(0, 10**400).filter(lambda x: x > 10**300) | st.just(10**400), _CODE,
+                    st.builds(Deep, st.integers(1, 3000), st.none()))
+
+
+@st.composite
+def _pickle_trees(draw):
+    """{"state_dict": {name: tensor spec...}, other keys: hostile leaves} with storages shared or not."""
+    n = draw(st.integers(1, 4))
+    keys = [str(draw(st.integers(0, 2))) for _ in range(n)]
+    sd = {f"t{i}": draw(_tensor_specs(k)) for i, k in enumerate(keys)}
+    extra = draw(st.dictionaries(st.sampled_from(["epoch", "step", "metrics", "x"]), _LEAVES, max_size=3))
+    return {"state_dict": sd, **extra} if draw(st.booleans()) else sd
+
+
+def _reference_torch(path):
+    try:
+        obj = torch.load(path, weights_only=True)
+    except Exception:
+        return None
+    sd = obj.get("state_dict", obj) if isinstance(obj, dict) else None
+    return {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)} if isinstance(sd, dict) else None
+
+
+def _check_like_torch(path, memory_guard):
+    reference = _reference_torch(path)
+    try:
+        got = _read_all(path)
+    except CkptavgError:
+        got = None
+    finally:
+        assert _hwm() - memory_guard < 300 << 20, "a large allocation while reading a small file"
+    if got is None:
+        return  # refusing is always allowed; never another exception
+    assert reference is not None, "ckptavg accepted a file torch.load(weights_only=True) refuses"
+    assert set(got) == set(reference)
+    for k, v in reference.items():
+        shape, dtype, raw_bytes = got[k]
+        assert dtype == v.dtype and shape == v.shape, k
+        assert torch.equal(raw_bytes, v.contiguous().reshape(-1).view(torch.uint8)), k
+
+
+@FUZZ
+@given(tree=_pickle_trees(), legacy=st.booleans())
+def test_fuzz_structured_pickles(tmp_path_factory, memory_guard, tree, legacy):
+    path = tmp_path_factory.mktemp("fz") / "p.pt"
+    path.write_bytes(legacy_pickle(tree) if legacy else torch_zip(tree))
+    _check_like_torch(path, memory_guard)
+
+
+_JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(-(1 << 70), 1 << 70) | st.floats(allow_nan=False) | st.text(max_size=6),
+    lambda kids: st.lists(kids, max_size=3) | st.dictionaries(st.text(max_size=4), kids, max_size=3), max_leaves=8)
+
+
+@st.composite
+def _st_headers(draw):
+    """A header as JSON text: entries with valid or hostile fields, duplicate keys, deep nesting."""
+    parts = []
+    for _ in range(draw(st.integers(0, 3))):
+        entry = {"dtype": draw(st.sampled_from(["F32", "F16", "BF16", "I64", "BOOL", "X"]) | _JSON_VALUES),
+                 "shape": draw(st.lists(st.integers(0, 4), max_size=2) | _JSON_VALUES),
+                 "data_offsets": draw(st.lists(st.integers(0, 40), min_size=2, max_size=2) | _JSON_VALUES)}
+        name = draw(st.sampled_from(["a", "b", "a"]))  # duplicates allowed
+        parts.append(f"{json.dumps(name)}: {json.dumps(entry)}")
+    if draw(st.booleans()):
+        parts.append(f'"__metadata__": {json.dumps(draw(_JSON_VALUES))}')
+    if draw(st.booleans()):
+        d = draw(st.integers(1, 5000))
+        parts.append('"deep": ' + "[" * d + "]" * d)
+    if draw(st.booleans()):
+        parts.append('"huge": ' + "9" * draw(st.integers(20, 500)))
+    return "{" + ", ".join(parts) + "}"
+
+
+@FUZZ
+@given(header=_st_headers(), data=st.binary(max_size=48))
+def test_fuzz_safetensors_hostile_json(tmp_path_factory, memory_guard, header, data):
+    path = tmp_path_factory.mktemp("fz") / "j.safetensors"
+    path.write_bytes(safetensors_raw(header.encode(), data))
+    _check_like_safetensors(path, memory_guard)
+
+
+@FUZZ
+@given(index=_JSON_VALUES | st.builds(lambda m: {"weight_map": m}, _JSON_VALUES)
+       | st.builds(lambda v: {"weight_map": {"a": v}}, st.sampled_from(
+           ["", ".", "..", "/etc/passwd", "model.safetensors", "shard.safetensors", "a/b", "index.json"])))
+def test_fuzz_hf_index(tmp_path_factory, index):
+    folder = tmp_path_factory.mktemp("fz") / "m"
+    folder.mkdir()
+    from safetensors.torch import save_file
+
+    save_file({"a": torch.ones(2)}, str(folder / "shard.safetensors"))
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    try:
+        with open_checkpoint(folder) as c:
+            got = {k: r.materialize().clone() for k, r in c.tensors.items()}
+    except CkptavgError:
+        return
+    # accepted: only an index that maps every listed tensor to the real shard
+    assert index["weight_map"] and set(index["weight_map"].values()) == {"shard.safetensors"}
+    assert set(got) == {"a"} and torch.equal(got["a"], torch.ones(2))

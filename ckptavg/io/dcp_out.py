@@ -40,7 +40,7 @@ from typing import Any
 import torch
 
 from ..errors import OutputError
-from .files import fsync_path, publish_folder
+from .files import fsync_path, publish_folder, signals_blocked
 from .hf_folder_out import check_destination
 from .torch_out import StorageRef, TensorStub, TorchWriter
 from .writer import Entry, StreamWriter
@@ -209,7 +209,9 @@ class DcpWriter(StreamWriter):
                                                         encoding="utf-8")
                 for n in (_METADATA_NAME, PROVENANCE_NAME):
                     fsync_path(self.tmp / n)
-                publish_folder(self.tmp, self.dest, self.mode)
+                with signals_blocked():
+                    publish_folder(self.tmp, self.dest, self.mode)
+                    self._done = True
             except OSError as e:
                 raise OutputError(f"{self.dest}: cannot finish writing the DCP folder: {e.strerror}") from None
         except BaseException:

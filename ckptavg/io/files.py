@@ -11,10 +11,14 @@ existing destination is left untouched.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import shutil
+import signal
 import tempfile
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +27,7 @@ import torch
 from ..errors import CheckpointReadError, OutputError
 
 __all__ = ["CHECKPOINT_SUFFIXES", "InputFile", "AtomicFile", "tensor_memoryview", "fsync_path", "umask", "make_parent",
-           "remove_created", "publish_folder", "TMP_SUFFIX"]
+           "remove_created", "publish_folder", "signals_blocked", "TMP_SUFFIX"]
 
 #: suffix of every temporary output (file or folder) ckptavg creates
 TMP_SUFFIX = ".ckptavg-tmp"
@@ -138,6 +142,43 @@ def remove_created(folders: list[Path]) -> None:
             break
 
 
+_DEFERRED = tuple(getattr(signal, n) for n in ("SIGINT", "SIGTERM") if hasattr(signal, n))
+
+
+@contextlib.contextmanager
+def signals_blocked() -> Iterator[None]:
+    """Hold back SIGINT and SIGTERM while the block runs; one that arrives meanwhile is
+    delivered (Ctrl-C raises) when it ends. For steps that must not be cut in two: a rename
+    pair, removing a temporary output. In the main thread the Python handlers are swapped
+    for ones that only record the signal (a signal mask would not do: torch's threads would
+    take the signal); elsewhere the thread's signal mask is used.
+
+    >>> with signals_blocked():
+    ...     pass  # os.rename(a, b); os.rename(c, a)
+    """
+    if threading.current_thread() is not threading.main_thread():
+        if not hasattr(signal, "pthread_sigmask"):
+            yield
+            return
+        previous_mask = signal.pthread_sigmask(signal.SIG_BLOCK, set(_DEFERRED))
+        try:
+            yield
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous_mask)
+        return
+    caught: list[int] = []
+    previous = {}
+    for sig in _DEFERRED:
+        previous[sig] = signal.signal(sig, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if caught:
+            signal.raise_signal(caught[0])
+
+
 class AtomicFile:
     """A temporary file beside ``dest`` that becomes ``dest`` on :meth:`commit`."""
 
@@ -182,21 +223,24 @@ class AtomicFile:
         if self._done:
             return
         self._done = True
-        try:
-            self.file.close()
-        except OSError:
-            pass
-        try:
-            self.tmp.unlink()
-        except OSError:
-            pass
-        remove_created(self._created)
+        with signals_blocked():  # a second Ctrl-C must not leave the temporary file behind
+            try:
+                self.file.close()
+            except OSError:
+                pass
+            try:
+                self.tmp.unlink()
+            except OSError:
+                pass
+            remove_created(self._created)
 
 
 def publish_folder(tmp: Path, dest: Path, mode: str) -> None:
     """Rename the finished folder ``tmp`` to ``dest``: ``mode="replace"`` swaps out an earlier
     output (renamed aside, the new one renamed in, the old one deleted), else ``dest`` must be
-    absent or empty. Raises ``OSError``."""
+    absent or empty. Raises ``OSError``. Call it with signals blocked (:func:`signals_blocked`),
+    so that no interrupt falls between the two renames of a replacement; any exception between
+    them renames the old folder back."""
     os.chmod(tmp, 0o777 & ~umask())
     for q in tmp.iterdir():
         os.chmod(q, 0o666 & ~umask())
@@ -207,7 +251,7 @@ def publish_folder(tmp: Path, dest: Path, mode: str) -> None:
         os.rename(dest, old)
         try:
             os.rename(tmp, dest)
-        except OSError:
+        except BaseException:
             os.rename(old, dest)
             raise
         shutil.rmtree(old, ignore_errors=True)

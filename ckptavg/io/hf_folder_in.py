@@ -38,6 +38,8 @@ def _read_index(index_file: Path) -> dict[str, str]:
             raise ValueError("weight_map is not a name->file object")
     except (OSError, ValueError, RecursionError) as e:
         raise CheckpointReadError(f"{index_file}: invalid index file: {e}") from None
+    if not wmap:
+        raise CheckpointReadError(f"{index_file}: invalid index file: weight_map lists no tensors")
     for name, s in wmap.items():
         if not s or "/" in s or "\\" in s or s.startswith("."):
             raise CheckpointReadError(f"{index_file}: tensor {name!r}: shard name {s!r} is not a file in the folder")

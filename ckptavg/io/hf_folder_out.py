@@ -22,6 +22,8 @@ memory stays bounded by the engine's buffers whatever the model size.
 
 Everything is written into a temporary sibling folder (``.NAME.*.ckptavg-tmp``) that is
 renamed to the destination only once complete; on any error or interrupt it is removed.
+SIGINT and SIGTERM are held back during the final renames and during that cleanup, so an
+interrupt (or a second Ctrl-C) can neither split a replacement nor leave the folder behind.
 
 **An existing destination folder** is replaced only if it is empty or is an earlier
 ckptavg output (its ``model.safetensors.index.json`` or ``model.safetensors`` records
@@ -52,7 +54,7 @@ import torch
 
 from ..errors import CkptavgError, OptionError, OutputError
 from .dtypes import TORCH_TO_SAFETENSORS
-from .files import TMP_SUFFIX, fsync_path, make_parent, publish_folder, remove_created
+from .files import TMP_SUFFIX, fsync_path, make_parent, publish_folder, remove_created, signals_blocked
 from .safetensors_out import safetensors_header
 from .writer import Entry, StreamWriter
 
@@ -252,6 +254,7 @@ class ShardedSafetensorsWriter(StreamWriter):
         try:
             self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.dest.name}.", suffix=TMP_SUFFIX, dir=self.dest.parent))
         except OSError as e:
+            remove_created(self._created)
             raise OutputError(f"{self.dest}: cannot write in {self.dest.parent}: {e.strerror}") from None
         self._k = -1
         self._fd: int | None = None
@@ -387,7 +390,10 @@ class ShardedSafetensorsWriter(StreamWriter):
         return True
 
     def _publish(self) -> None:
+        """Rename the finished folder into place. Called with SIGINT/SIGTERM blocked (see
+        :meth:`commit`); see :func:`~ckptavg.io.files.publish_folder`."""
         publish_folder(self.tmp, self.dest, self.mode)
+        self._done = True  # published: from here on nothing may undo it
 
     def commit(self) -> None:
         """Finish the last shard, write the index, copy the model files and rename into place."""
@@ -398,27 +404,33 @@ class ShardedSafetensorsWriter(StreamWriter):
             self._close_shard()
             self._write_index()
             self._copy_extras()
-            try:
-                self._publish()
-            except OSError as e:
-                raise OutputError(f"{self.dest}: cannot move the finished folder into place: {e.strerror}") from None
+            with signals_blocked():
+                try:
+                    self._publish()
+                except OSError as e:
+                    raise OutputError(
+                        f"{self.dest}: cannot move the finished folder into place: {e.strerror}"
+                    ) from None
         except BaseException:
             self.abort()
             raise
         self._done = True
 
     def abort(self) -> None:
-        """Remove the temporary folder; the destination is left as it was."""
+        """Remove the temporary folder; the destination is left as it was. A second Ctrl-C
+        during the cleanup waits until it is done (signals are blocked meanwhile)."""
         if self._done:
             return
         self._done = True
-        if self._fd is not None:
-            try:
-                os.close(self._fd)
-            except OSError:
-                pass
-            self._fd = None
-        tmp = getattr(self, "tmp", None)
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
-        remove_created(getattr(self, "_created", []))
+        with signals_blocked():
+            if self._fd is not None:
+                try:
+                    os.close(self._fd)
+                except OSError:
+                    pass
+                self._fd = None
+            tmp = getattr(self, "tmp", None)
+            if tmp is not None:
+                shutil.rmtree(tmp, ignore_errors=True)
+            remove_created(getattr(self, "_created", []))
+

@@ -294,28 +294,56 @@ _NOT_METRICS = re.compile(r"_(runtime|samples_per_second|steps_per_second)$")
 
 def trainer_state(path: Path, meta: CheckpointMeta) -> None:
     """Step, epoch (fractional epochs kept) and latest eval metrics from a Hugging Face Trainer's
-    ``trainer_state.json``; a malformed file is ignored (it is not needed to average)."""
+    ``trainer_state.json``. A file that is not JSON, or whose ``global_step``, ``epoch`` or
+    ``log_history`` has the wrong type, is a :class:`CheckpointReadError` naming the file and key
+    (ordering by a silently ignored epoch would be wrong); unknown keys are ignored.
+
+    >>> m = CheckpointMeta(); trainer_state(Path("runs/checkpoint-500"), m)  # doctest: +SKIP
+    """
     f = path / "trainer_state.json"
     if not f.is_file():
         return
+
+    def bad(what: str) -> CheckpointReadError:
+        return CheckpointReadError(f"{f}: invalid trainer state: {what}")
+
     try:
         if f.stat().st_size > 64 << 20:
-            return
+            raise bad("larger than 64 MiB")
         state = json.loads(f.read_text(encoding="utf-8"))
-    except (OSError, ValueError, RecursionError):
-        return
+    except OSError as e:
+        raise bad(f"cannot read: {e.strerror}") from None
+    except RecursionError:
+        raise bad("JSON nested too deeply") from None
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, int digits limit
+        raise bad(f"not valid JSON ({' '.join(str(e).split())[:120]})") from None
     if not isinstance(state, dict):
-        return
-    gs = _number(state.get("global_step"))
-    if gs is not None and float(gs).is_integer() and gs >= 0:
+        raise bad(f"a JSON {type(state).__name__}, not an object")
+    if state.get("global_step") is not None:
+        gs = _number(state["global_step"])
+        if gs is None or not float(gs).is_integer() or gs < 0:
+            raise bad(f"'global_step' is {_shown(state['global_step'])}, not a non-negative integer")
         meta.step, meta.step_from = int(gs), "recorded"
-    ep = _as_epoch(state.get("epoch"))
-    if ep is not None:
+    if state.get("epoch") is not None:
+        ep = _as_epoch(state["epoch"])
+        if ep is None:
+            raise bad(f"'epoch' is {_shown(state['epoch'])}, not a finite non-negative number")
         meta.epoch, meta.epoch_from = ep, "recorded"
     history = state.get("log_history")
-    for entry in history if isinstance(history, list) else []:
-        if isinstance(entry, dict):
-            for k, v in entry.items():
-                x = _number(v)
-                if isinstance(k, str) and k.startswith("eval_") and x is not None and not _NOT_METRICS.search(k):
-                    meta.metrics[k] = x
+    if history is not None and not isinstance(history, list):
+        raise bad(f"'log_history' is {_shown(history)}, not a list")
+    for i, entry in enumerate(history or []):
+        if not isinstance(entry, dict):
+            raise bad(f"'log_history[{i}]' is {_shown(entry)}, not an object")
+        for k, v in entry.items():
+            x = _number(v)
+            if isinstance(k, str) and k.startswith("eval_") and x is not None and not _NOT_METRICS.search(k):
+                meta.metrics[k] = x
+
+
+def _shown(v: Any) -> str:
+    """A short description of a JSON value for an error message."""
+    if isinstance(v, (dict, list)):
+        return f"a JSON {'object' if isinstance(v, dict) else 'array'}"
+    r = repr(v) if not isinstance(v, int) or v.bit_length() < 200 else f"an integer of {len(str(v))} digits"
+    return r if len(r) <= 40 else r[:37] + "..."

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import argparse
 import bisect
+import importlib
+import importlib.util
 import pathlib
 import pickle
 import re
@@ -39,18 +41,69 @@ from .checkpoint import Checkpoint, CheckpointMeta, TensorRef
 from .files import InputFile
 from .metadata import apply_name_metadata, find_state_dict, meta_from_object
 
-__all__ = ["open_torch", "open_torch_legacy", "SAFE_GLOBALS", "is_torch_zip", "is_legacy_pickle"]
+__all__ = ["open_torch", "open_torch_legacy", "SAFE_GLOBALS", "LAZY_SAFE_GLOBALS", "is_torch_zip", "is_legacy_pickle"]
 
 _MAX_PICKLE = 1 << 30
 _QUANTIZED = {torch.qint8, torch.quint8, torch.qint32, torch.quint4x2, torch.quint2x4}
 
 #: Harmless non-tensor classes real training frameworks put into checkpoints, allowed on top of
 #: torch's own ``weights_only`` allowlist (and of ``torch.serialization.add_safe_globals``).
-#: Each only stores attributes or path parts when unpickled; none runs code.
+#: Each only stores attributes, items, path parts or a number when unpickled; none runs code.
 #: ``argparse.Namespace``: timm's CheckpointSaver and fairseq store their command-line args.
 #: ``pathlib`` paths: Lightning hyper-parameters and configs often hold paths.
 SAFE_GLOBALS: list[Any] = [argparse.Namespace, pathlib.PosixPath, pathlib.WindowsPath, pathlib.PurePosixPath,
                            pathlib.PureWindowsPath]
+
+#: More harmless classes, by the name a pickle uses, imported only when a checkpoint needs one
+#: and its package is installed: numpy scalars and their dtypes (metrics such as timm's
+#: ``best_metric`` saved as ``numpy.float64``). Nothing that can run code is listed.
+#: (Lightning's ``save_checkpoint`` stores hyper-parameters as a plain dict, so a LightningModule's
+#: Namespace/path/dict hparams need only :data:`SAFE_GLOBALS`; its ``AttributeDict`` cannot be
+#: listed: torch's weights_only unpickler fills no dict subclass but OrderedDict and Counter.)
+LAZY_SAFE_GLOBALS: dict[str, str] = {
+    "numpy._core.multiarray.scalar": "numpy:_core.multiarray.scalar",
+    "numpy.core.multiarray.scalar": "numpy:_core.multiarray.scalar",
+    "numpy.dtype": "numpy:dtype",
+    **{f"numpy.dtypes.{n}DType": f"numpy:dtypes.{n}DType" for n in (
+        "Bool", "Int8", "UInt8", "Int16", "UInt16", "Int32", "UInt32", "Int64", "UInt64", "Long", "ULong",
+        "LongLong", "ULongLong", "Float16", "Float32", "Float64", "LongDouble", "Complex64", "Complex128",
+        "CLongDouble")},
+}
+
+
+def _lazy_safe_global(name: str) -> Any | None:
+    """The object a pickle names ``name`` if it is in :data:`LAZY_SAFE_GLOBALS` and importable."""
+    target = LAZY_SAFE_GLOBALS.get(name)
+    if target is None:
+        return None
+    module, attr = target.split(":")
+    if importlib.util.find_spec(module.split(".")[0]) is None:
+        return None
+    try:
+        obj: Any = importlib.import_module(module)
+        for part in attr.split("."):
+            obj = getattr(obj, part)
+    except (ImportError, AttributeError):
+        return None
+    return obj if isinstance(obj, type) or callable(obj) else None
+
+
+def _weights_only_load(path: Any, map_location: str) -> Any:
+    """``torch.load(weights_only=True)`` with :data:`SAFE_GLOBALS`, and with each of
+    :data:`LAZY_SAFE_GLOBALS` the pickle turns out to need (imported on first need)."""
+    extra: list[Any] = []
+    while True:
+        try:
+            with torch.serialization.safe_globals([*SAFE_GLOBALS, *extra]):
+                return torch.load(path, map_location=map_location, weights_only=True)
+        except pickle.UnpicklingError as e:
+            name = _unsafe_global(str(e))
+            obj = _lazy_safe_global(name) if name is not None and len(extra) < len(LAZY_SAFE_GLOBALS) else None
+            if obj is None or any(obj is x or (isinstance(x, tuple) and x[0] is obj and x[1] == name)
+                                  for x in extra):
+                raise
+            extra.append((obj, name) if isinstance(obj, type) and name != f"{obj.__module__}.{obj.__qualname__}"
+                         else obj)
 
 
 def is_torch_zip(head: bytes) -> bool:
@@ -130,8 +183,7 @@ def _load_meta(f: InputFile, trust_pickle: bool) -> Any:
     try:
         if trust_pickle:
             return torch.load(f.path, map_location="meta", weights_only=False)
-        with torch.serialization.safe_globals(SAFE_GLOBALS):
-            return torch.load(f.path, map_location="meta", weights_only=True)
+        return _weights_only_load(f.path, "meta")
     except pickle.UnpicklingError as e:
         bad = _unsafe_global(str(e))
         if bad is not None and not trust_pickle:
@@ -144,6 +196,34 @@ def _load_meta(f: InputFile, trust_pickle: bool) -> Any:
         raise CheckpointReadError(f"{f.path}: not a valid torch checkpoint ({type(e).__name__})") from None
     except Exception as e:  # a damaged pickle or zip can fail in any way while being parsed
         raise CheckpointReadError(f"{f.path}: not a valid torch checkpoint ({type(e).__name__}: {_short(e)})") from None
+
+
+_MAX_OBJECTS = 10_000_000
+
+
+def _unshadow(obj: Any, path: Any) -> None:
+    """Remove instance attributes that a pickle set on dicts and tensors to shadow their methods
+    (BUILD on an ``OrderedDict`` making ``items`` ``5``; ``_rebuild_from_type_v2`` setting a
+    tensor's ``stride``), everywhere in the object tree, so that the code reading the tree calls
+    the real methods. Walks iteratively (any depth, cycles)."""
+    seen: set[int] = set()
+    stack = [obj]
+    while stack:
+        o = stack.pop()
+        if id(o) in seen:
+            continue
+        seen.add(id(o))
+        if len(seen) > _MAX_OBJECTS:
+            raise CheckpointReadError(f"{path}: not a valid torch checkpoint (more than {_MAX_OBJECTS} objects)")
+        if isinstance(o, (dict, torch.Tensor)):
+            attrs = getattr(o, "__dict__", None)
+            if isinstance(attrs, dict) and attrs:
+                for k in [k for k in attrs if not isinstance(k, str) or hasattr(type(o), k)]:
+                    del attrs[k]
+            if isinstance(o, dict):
+                stack.extend(dict.values(o))
+        elif isinstance(o, (list, tuple)):
+            stack.extend(o)
 
 
 def _check_view(path: Any, name: str, t: torch.Tensor, storage_nbytes: int) -> None:
@@ -227,6 +307,7 @@ def open_torch(f: InputFile, key: str | None, trust_pickle: bool) -> Checkpoint:
         sources[id(t)] = ref
         return ref
 
+    _unshadow(obj, f.path)
     sd, wkey = find_state_dict(obj, key, f.path)
     tensors: dict[str, TensorRef] = {}
     for name, t in sd.items():
@@ -268,8 +349,7 @@ def open_torch_legacy(f: InputFile, key: str | None, trust_pickle: bool) -> Chec
         if trust_pickle:
             obj = torch.load(p, map_location="cpu", weights_only=False)
         else:
-            with torch.serialization.safe_globals(SAFE_GLOBALS):
-                obj = torch.load(p, map_location="cpu", weights_only=True)
+            obj = _weights_only_load(p, "cpu")
     except pickle.UnpicklingError as e:
         bad = _unsafe_global(str(e))
         if bad is not None and not trust_pickle:
@@ -284,6 +364,7 @@ def open_torch_legacy(f: InputFile, key: str | None, trust_pickle: bool) -> Chec
         raise CheckpointReadError(f"{p}: holds a {type(obj).__name__}, not a state dict or checkpoint dict")
     if isinstance(obj, torch.nn.Module):
         obj = obj.state_dict()
+    _unshadow(obj, p)
     warnings.warn(
         CkptavgWarning(f"{p}: legacy (non-zip) torch format, loaded whole into memory: it cannot be streamed"),
         stacklevel=3,
@@ -321,6 +402,7 @@ _GLOBAL_RES = (
     re.compile(r"unsupported GLOBAL (\S+) whose module"),
     re.compile(r"unrecognized function (.+?)(?: which belongs|$)"),
     re.compile(r"new object for nn.Parameter or classes allowlisted via `add_safe_globals` but got (.+)$"),
+    re.compile(r"types allowlisted via `add_safe_globals`, but got <class '([^']+)'>"),
 )
 
 
