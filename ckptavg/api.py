@@ -24,7 +24,7 @@ from .io import Writer, open_writer, output_kind, write_state_dict
 from .io.memory_out import MemoryWriter
 from .io.writer import feed
 from .options import MergeOptions, api_signature, collect, option_fields
-from .planner import MergePlan, build_plan, parse_dtype
+from .planner import MergePlan, build_plan, human_bytes, human_seconds, parse_dtype
 
 __all__ = ["merge", "average", "plan", "recalibrate_file", "MergeReport", "BNFileReport"]
 
@@ -66,8 +66,8 @@ class MergeReport:
         what = f"{n} checkpoint{'s' if n != 1 else ''} ({self.plan.method})"
         if self.dry_run:
             return f"dry run: would average {what} into {self.output}; no tensor data read"
-        mb = self.bytes_written / 1e6
-        line = f"wrote {self.output}: {what}, {len(self.plan.tensors)} tensors, {mb:.1f} MB in {self.seconds:.1f} s"
+        size, took = human_bytes(self.bytes_written), human_seconds(self.seconds)
+        line = f"wrote {self.output}: {what}, {len(self.plan.tensors)} tensors, {size} in {took}"
         if self.bn is not None:
             line += f"; {self.bn.summary()}"
         for note in self.extra.get("output_notes", []):
