@@ -11,7 +11,6 @@ import torch
 from safetensors.torch import save_file
 
 import ckptavg
-from ckptavg.io import checkpoint as readers
 from ckptavg.io import files as readers_files
 
 from .conftest import make_state_dicts
