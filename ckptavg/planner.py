@@ -207,7 +207,7 @@ class MergePlan:
             head += f"  {metric:>10}"
         lines.append(head + "  file")
         for k, i in enumerate(self.inputs, 1):
-            row = f"  {k:>3}  {_fmt(i.epoch):>6}  {_fmt(i.step):>9}  {i.weight:>10.6f}"
+            row = f"  {k:>3}  {_fmt_epoch(i.epoch):>6}  {_fmt(i.step):>9}  {i.weight:>10.6f}"
             if metric:
                 row += f"  {_fmt(i.metrics.get(metric)):>10}"
             where = f" [{i.weights_key}]" if i.weights_key else ""
@@ -238,6 +238,13 @@ def _fmt(v: Any) -> str:
     if isinstance(v, float):
         return f"{v:.4g}"
     return str(v)
+
+
+def _fmt_epoch(v: int | float | None) -> str:
+    """Epochs as recorded: ``12``, ``2.5``, ``100.25`` (fractional ones to 4 decimals at most)."""
+    if isinstance(v, float):
+        return f"{v:.4f}".rstrip("0").rstrip(".")
+    return _fmt(v)
 
 
 def human_bytes(n: float) -> str:
