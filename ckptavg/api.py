@@ -23,7 +23,7 @@ from .errors import OptionError
 from .io import Writer, feed, open_writer, output_kind, write_state_dict
 from .io.memory_out import MemoryWriter
 from .options import MergeOptions, api_signature, collect, expand_variants, option_fields
-from .planner import MergePlan, build_plan, parse_dtype
+from .planner import MergePlan, build_plan, human_bytes, human_seconds, parse_dtype
 
 __all__ = ["merge", "average", "plan", "recalibrate_file", "MergeReport", "BNFileReport"]
 
@@ -65,10 +65,10 @@ class MergeReport:
         what = f"{n} checkpoint{'s' if n != 1 else ''} ({self.plan.method})"
         if self.dry_run:
             return f"dry run: would average {what} into {self.output}; no tensor data read"
-        mb = self.bytes_written / 1e6
+        size, took = human_bytes(self.bytes_written), human_seconds(self.seconds)
         outs = self.extra.get("outputs")
         where = f"{len(outs)} outputs ({', '.join(outs)})" if outs else str(self.output)
-        line = f"wrote {where}: {what}, {len(self.plan.tensors)} tensors, {mb:.1f} MB in {self.seconds:.1f} s"
+        line = f"wrote {where}: {what}, {len(self.plan.tensors)} tensors, {size} in {took}"
         for bn in self.bn if isinstance(self.bn, list) else [self.bn] if self.bn is not None else []:
             line += f"; {bn.summary()}"
         for note in self.extra.get("output_notes", []):

@@ -42,6 +42,34 @@ _default_showwarning = warnings.showwarning
 
 
 class _Group(click.Group):
+    def main(self, args: Any = None, prog_name: str | None = None, complete_var: str | None = None,
+             standalone_mode: bool = True, **extra: Any) -> Any:
+        """As click's, but a usage error (an unknown or mistyped option, a bad value) is one line,
+        ``ckptavg: error: ...`` with exit status 2, like every other error."""
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        try:
+            rv = super().main(args, prog_name, complete_var, False, **extra)
+        except click.UsageError as e:
+            where = e.ctx.command_path if e.ctx is not None else "ckptavg"
+            click.echo(f"ckptavg: error: {e.format_message()} (see '{where} --help')", err=True)
+            sys.exit(e.exit_code)
+        except click.ClickException as e:
+            click.echo(f"ckptavg: error: {e.format_message()}", err=True)
+            sys.exit(e.exit_code)
+        except click.Abort:
+            click.echo("ckptavg: aborted", err=True)
+            sys.exit(1)
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        # --debug is accepted after the subcommand too (ckptavg merge ... --debug)
+        if "--debug" in args:
+            end = args.index("--") if "--" in args else len(args)
+            if "--debug" in args[:end]:
+                args = ["--debug"] + [a for i, a in enumerate(args) if not (a == "--debug" and i < end)]
+        return super().parse_args(ctx, args)
+
     def invoke(self, ctx: click.Context) -> Any:
         debug = bool(ctx.params.get("debug")) or os.environ.get("CKPTAVG_DEBUG") == "1"
         try:
@@ -87,8 +115,8 @@ def cli(debug: bool) -> None:
 @cli.command(context_settings=CONTEXT)
 @click.argument("inputs", nargs=-1, required=True, metavar="CHECKPOINTS...")
 @click.option("-o", "--output", required=True, type=click.Path(),
-              help="Output: .safetensors, .pt/.pth/.bin/.ckpt for a torch file, or a folder (DIR/) for Hugging Face "
-                   "sharded safetensors.")
+              help="Output: .safetensors; .pt, .pth, .bin, .ckpt, .pth.tar or .tar for a torch file; or a folder "
+                   "(DIR/, an existing folder, or a name without extension) for Hugging Face sharded safetensors.")
 @click_options
 @click.option("--json", "as_json", is_flag=True, help="Print the plan/report as JSON on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary line.")

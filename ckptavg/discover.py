@@ -11,7 +11,8 @@ A path argument is one of:
   sub-folder that is a model folder (e.g. ``checkpoint-500/`` of a Hugging Face
   Trainer run). Files named like aliases of another checkpoint (``last.ckpt``,
   ``checkpoint_last.pt``, ``checkpoint_best.pt``, ``model_best.pth.tar``) are skipped
-  there, since they duplicate a numbered checkpoint; name them explicitly to use them.
+  there and in glob matches (unless the pattern matches nothing else), since they
+  duplicate a numbered checkpoint; the plan notes them; name them explicitly to use them.
   So are trainers' training-state files (``training_args.bin``, ``optimizer.pt``,
   ``scheduler.pt``, ``scaler.pt``, ``rng_state*.pth``).
 
@@ -33,7 +34,7 @@ from .errors import CheckpointReadError, OptionError
 from .io import is_checkpoint_folder
 from .io.files import CHECKPOINT_SUFFIXES
 
-__all__ = ["discover", "natural_key"]
+__all__ = ["discover", "discover_with_origin", "natural_key"]
 
 _ALIAS_RE = re.compile(r"^(?:checkpoint[_-]?|model[_-]?)?(?:last|best)(?:-v\d+)?$", re.IGNORECASE)
 # training-state files that trainers (Hugging Face Trainer, accelerate) keep beside checkpoints
@@ -63,11 +64,29 @@ def discover(inputs: Sequence[str | os.PathLike[str]]) -> tuple[list[Path], list
     Returns the paths and notes about skipped files (for the plan). Raises
     :class:`~ckptavg.CkptavgError` for a path that does not exist, a pattern or folder
     that matches nothing, or the same file given twice.
+
+    Example::
+
+        paths, notes = discover(["runs/"])  # runs/epoch=1.ckpt ... (runs/last.ckpt skipped, noted)
+    """
+    paths, notes, _named = discover_with_origin(inputs)
+    return paths, notes
+
+
+def discover_with_origin(inputs: Sequence[str | os.PathLike[str]]) -> tuple[list[Path], list[str], set[Path]]:
+    """:func:`discover`, plus the set of paths the user named one by one (not found through a
+    folder or a glob): the planner skips files found through a folder or glob that turn out
+    to be earlier ckptavg outputs, but keeps named ones.
+
+    Example::
+
+        paths, notes, named = discover_with_origin(["runs/*.pt", "extra.pt"])  # named == {Path("extra.pt")}
     """
     if isinstance(inputs, (str, os.PathLike)):
         inputs = [inputs]
     out: list[Path] = []
     notes: list[str] = []
+    named: set[Path] = set()
     if not inputs:
         raise OptionError("no input checkpoints given")
     for item in inputs:
@@ -82,10 +101,7 @@ def discover(inputs: Sequence[str | os.PathLike[str]]) -> tuple[list[Path], list
                         "and is not a model folder"
                     )
                 if skipped:
-                    notes.append(
-                        f"{p}: skipped {', '.join(skipped)} (aliases of numbered checkpoints or training state; "
-                        "name them to include)"
-                    )
+                    notes.append(_skipped_note(str(p), [p / n for n in skipped]))
                 out.extend(found)
             else:
                 if p.is_dir():
@@ -97,16 +113,33 @@ def discover(inputs: Sequence[str | os.PathLike[str]]) -> tuple[list[Path], list
                             f"{p / subs[0]} ... or a pattern such as {p / '*'}/"
                         )
                 out.append(p)
+                named.add(p)
         elif glob.has_magic(s):
             matches = sorted(glob.glob(s), key=natural_key)
             matches = [m for m in matches if Path(m).is_file() or is_checkpoint_folder(Path(m))]
             if not matches:
                 raise CheckpointReadError(f"{s}: no files match this pattern")
+            # as in folders: aliases (last.ckpt...) and training-state files are skipped, unless
+            # the pattern matches nothing else (then the user asked for exactly those)
+            kept = [m for m in matches if not (Path(m).is_file() and _skippable(Path(m).name))]
+            if kept and len(kept) < len(matches):
+                notes.append(_skipped_note(s, [Path(m) for m in matches if m not in kept]))
+                matches = kept
             out.extend(Path(m) for m in matches)
         else:
             raise CheckpointReadError(f"{p}: no such file or folder")
     _check_duplicates(out)
-    return out, notes
+    return out, notes, named
+
+
+def _skippable(name: str) -> bool:
+    return bool(_ALIAS_RE.match(_stem(name)) or _TRAINING_STATE_RE.match(name))
+
+
+def _skipped_note(source: str, skipped: list[Path]) -> str:
+    names = ", ".join(q.name for q in skipped)
+    return (f"{source}: skipped {names} (aliases such as last.ckpt copy or link a numbered checkpoint, which "
+            f"would then count twice; or training state); to include one on purpose, name it: {skipped[0]}")
 
 
 def _scan_folder(folder: Path) -> tuple[list[Path], list[str]]:
@@ -120,7 +153,7 @@ def _scan_folder(folder: Path) -> tuple[list[Path], list[str]]:
         if q.name.startswith("."):
             continue
         if q.is_file() and _has_suffix(q.name):
-            if _ALIAS_RE.match(_stem(q.name)) or _TRAINING_STATE_RE.match(q.name):
+            if _skippable(q.name):
                 skipped.append(q.name)
             else:
                 found.append(q)
@@ -145,7 +178,10 @@ def _check_duplicates(paths: Iterable[Path]) -> None:
             continue
         k = (st.st_dev, st.st_ino)
         if k in seen:
-            raise OptionError(f"{p}: given twice (also as {seen[k]}); each checkpoint may appear once")
+            link = next((q for q in (p, seen[k]) if q.is_symlink()), None)
+            hint = (f": {link} is a link to {link.resolve()}; leave it out (a folder or glob input skips alias "
+                    "names such as last.ckpt)") if link is not None else ""
+            raise OptionError(f"{p}: given twice (also as {seen[k]}); each checkpoint may appear once{hint}")
         seen[k] = p
 
 

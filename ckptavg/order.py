@@ -19,21 +19,33 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from .discover import natural_key
 from .errors import OptionError, SelectionError
 from .io import Checkpoint
 
-__all__ = ["Selection", "order_checkpoints", "select", "parse_range", "ORDER_RULES"]
+__all__ = ["Selection", "order_checkpoints", "select", "select_with_notes", "same_time", "parse_range", "ORDER_RULES"]
 
 ORDER_RULES = ("auto", "given", "step", "epoch", "name")
-Range = tuple[int | None, int | None]
+Range = tuple[int | float | None, int | float | None]
 
 
-def parse_range(value: str | Sequence[int | None] | range | None, option: str = "range") -> Range | None:
-    """Parse ``"12:20"``, ``"150:"``, ``":20"``, ``"7"``, a ``(lo, hi)`` pair or a ``range``."""
+def parse_range(value: str | Sequence[float | None] | range | None, option: str = "range") -> Range | None:
+    """Parse ``"12:20"``, ``"150:"``, ``":20"``, ``"7"``, a ``(lo, hi)`` pair or a ``range``.
+
+    ``--epochs`` takes fractional bounds (Hugging Face Trainer records epochs such as 2.5);
+    ``--steps`` takes integers.
+
+    Example::
+
+        parse_range("2.5:", "--epochs")  # (2.5, None)
+        parse_range("100:200", "--steps")  # (100, 200)
+    """
     if value is None:
         return None
+    allow_float = "epoch" in option
+    kinds = "numbers" if allow_float else "integers"
     if isinstance(value, range):
         if value.step != 1 or len(value) == 0:
             raise OptionError(f"{option}: a range must be non-empty with step 1")
@@ -43,20 +55,37 @@ def parse_range(value: str | Sequence[int | None] | range | None, option: str = 
         try:
             if ":" in s:
                 lo_s, hi_s = s.split(":", 1)
-                lo = int(lo_s) if lo_s.strip() else None
-                hi = int(hi_s) if hi_s.strip() else None
+                lo = _number(lo_s, allow_float) if lo_s.strip() else None
+                hi = _number(hi_s, allow_float) if hi_s.strip() else None
             else:
-                lo = hi = int(s)
+                lo = hi = _number(s, allow_float)
         except ValueError:
-            raise OptionError(f"{option}: expected A:B, A:, :B or N with integers, got {value!r}") from None
+            raise OptionError(f"{option}: expected A:B, A:, :B or N with {kinds}, got {value!r}") from None
     else:
         try:
             lo, hi = value  # type: ignore[misc]
         except (TypeError, ValueError):
             raise OptionError(f"{option}: expected a (low, high) pair, got {value!r}") from None
+        for v in (lo, hi):
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))
+                                  or (not allow_float and not float(v).is_integer())):
+                raise OptionError(f"{option}: expected {kinds}, got {value!r}")
     if lo is not None and hi is not None and lo > hi:
         raise OptionError(f"{option}: empty range {lo}:{hi} (the first number must not exceed the second)")
     return (lo, hi)
+
+
+def _number(s: str, allow_float: bool) -> int | float:
+    s = s.strip()
+    try:
+        return int(s)
+    except ValueError:
+        if not allow_float:
+            raise
+    x = float(s)
+    if not math.isfinite(x):
+        raise ValueError(s)
+    return int(x) if x.is_integer() else x
 
 
 @dataclass
@@ -150,7 +179,7 @@ def _available(items: Sequence[Checkpoint], attr: str) -> str:
     return f"available {attr}s: {shown}"
 
 
-def _in_range(v: int, r: Range) -> bool:
+def _in_range(v: float, r: Range) -> bool:
     lo, hi = r
     return (lo is None or v >= lo) and (hi is None or v <= hi)
 
@@ -165,8 +194,26 @@ def metric_value(c: Checkpoint, metric: str) -> float:
 
 
 def select(items: Sequence[Checkpoint], sel: Selection) -> list[Checkpoint]:
-    """Apply the selection to checkpoints already in training order."""
+    """Apply the selection to checkpoints already in training order.
+
+    Example::
+
+        ordered, rule = order_checkpoints(opened)
+        chosen = select(ordered, Selection(epochs=(10, None), last=5))
+    """
+    return select_with_notes(items, sel)[0]
+
+
+def select_with_notes(items: Sequence[Checkpoint], sel: Selection) -> tuple[list[Checkpoint], list[str]]:
+    """:func:`select`, plus notes for the plan about choices the user may not expect: ``--last N``
+    with fewer than N checkpoints, and a ``--best`` cut decided by a tie (the earliest wins).
+
+    Example::
+
+        chosen, notes = select_with_notes(ordered, Selection(last=10))
+    """
     sel.validate()
+    notes: list[str] = []
     out = list(items)
     for attr, rng in (("epoch", sel.epochs), ("step", sel.steps)):
         if rng is None:
@@ -183,6 +230,9 @@ def select(items: Sequence[Checkpoint], sel: Selection) -> list[Checkpoint]:
             )
         out = kept
     if sel.last is not None:
+        if sel.last > len(out):
+            notes.append(f"--last {sel.last}: only {len(out)} checkpoint{'s' if len(out) != 1 else ''} "
+                         f"{'are' if len(out) != 1 else 'is'} available, so all {len(out)} are used")
         out = out[-sel.last :]
     if sel.every is not None:
         n = len(out)
@@ -191,9 +241,44 @@ def select(items: Sequence[Checkpoint], sel: Selection) -> list[Checkpoint]:
         assert sel.metric is not None
         worst = math.inf if sel.lower_is_better else -math.inf
         vals = {id(c): (v if not math.isnan(v := metric_value(c, sel.metric)) else worst) for c in out}
+        # a stable sort of checkpoints in training order: among equal values the earliest ranks first
         ranked = sorted(out, key=lambda c: vals[id(c)], reverse=not sel.lower_is_better)
+        if len(ranked) > sel.best and vals[id(ranked[sel.best - 1])] == vals[id(ranked[sel.best])]:
+            tie = vals[id(ranked[sel.best])]
+            tied = [c for c in ranked if vals[id(c)] == tie]
+            kept = [c for c in tied if c in ranked[: sel.best]]
+            dropped = [c for c in tied if c not in kept]
+            notes.append(
+                f"--best {sel.best}: {len(tied)} checkpoints tie at {sel.metric}={tie:g}; the earliest win: kept "
+                f"{', '.join(str(c.path) for c in kept)}; left out {', '.join(str(c.path) for c in dropped)}"
+            )
         keep = {id(c) for c in ranked[: sel.best]}
         out = [c for c in out if id(c) in keep]
     if not out:
         raise SelectionError(f"the selection ({sel.describe()}) keeps no checkpoint of the {len(items)} given")
-    return out
+    return out, notes
+
+
+def same_time(items: Sequence[Checkpoint], attr: str) -> tuple[Checkpoint, Checkpoint] | None:
+    """The first two checkpoints that record the same ``attr`` (``"step"`` or ``"epoch"``), or None.
+
+    Two files at one step are usually one checkpoint saved twice (fairseq writes both
+    ``checkpoint10.pt`` and ``checkpoint_10_5000.pt``): averaging both counts it twice.
+    Power-EMA snapshots of different profiles (EDM2: different ``sigma_rel``/``gamma``)
+    legitimately share a step and are not reported.
+
+    Example::
+
+        pair = same_time(chosen, "step")
+        if pair: print(pair[0].path, pair[1].path)
+    """
+    seen: dict[Any, Checkpoint] = {}
+    for c in items:
+        v = getattr(c.meta, attr)
+        if v is None:
+            continue
+        k = (v, c.meta.sigma_rel, c.meta.gamma)
+        if k in seen:
+            return seen[k], c
+        seen[k] = c
+    return None

@@ -19,12 +19,12 @@ from typing import Any
 import torch
 
 from ._version import __version__
-from .discover import discover
-from .errors import MismatchError, OptionError
-from .io import Checkpoint, Entry, TensorRef, open_checkpoint
+from .discover import discover_with_origin
+from .errors import MismatchError, OptionError, SelectionError
+from .io import Checkpoint, Entry, TensorRef, open_checkpoint, strip_prefixes
 from .io.dtypes import dtype_kind, dtype_name
 from .options import MergeOptions
-from .order import Selection, order_checkpoints, parse_range, select
+from .order import Selection, order_checkpoints, parse_range, same_time, select_with_notes
 from .weights import (
     METHODS,
     Weights,
@@ -38,7 +38,12 @@ from .weights import (
 )
 
 __all__ = ["MergePlan", "PlannedInput", "PlannedTensor", "build_plan", "parse_dtype", "plan_tensors", "human_bytes",
-           "selection_of", "weights_for"]
+           "human_seconds", "selection_of", "weights_for", "WRAPPER_PREFIXES"]
+
+# Prefixes that training wrappers put before every tensor name: DistributedDataParallel/DataParallel
+# ("module.") and torch.compile ("_orig_mod."). Inputs that differ only by these are matched
+# automatically (and the plan says so).
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
 _DTYPE_NAMES = {
     "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
@@ -78,7 +83,7 @@ class PlannedInput:
     path: Path
     format: str
     weight: float
-    epoch: int | None
+    epoch: int | float | None  # Hugging Face Trainer records fractional epochs (2.5)
     step: int | None
     metrics: dict[str, float]
     weights_key: str | None
@@ -233,7 +238,7 @@ class MergePlan:
         lines.append(head + "  file")
         for k, i in enumerate(self.inputs, 1):
             ws = "".join(f"  {v.values[k - 1]:>10.6f}" for v in many) if len(many) > 1 else f"  {i.weight:>10.6f}"
-            row = f"  {k:>3}  {_fmt(i.epoch):>6}  {_fmt(i.step):>9}{ws}"
+            row = f"  {k:>3}  {_fmt_epoch(i.epoch):>6}  {_fmt(i.step):>9}{ws}"
             if snaps:
                 row += f"  {_fmt(i.sigma_rel):>9}"
             if metric:
@@ -268,6 +273,13 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
+def _fmt_epoch(v: int | float | None) -> str:
+    """Epochs as recorded: ``12``, ``2.5``, ``100.25`` (fractional ones to 4 decimals at most)."""
+    if isinstance(v, float):
+        return f"{v:.4f}".rstrip("0").rstrip(".")
+    return _fmt(v)
+
+
 def human_bytes(n: float) -> str:
     """``1234567`` -> ``"1.2 MB"`` (decimal units)."""
     for unit in ("B", "KB", "MB", "GB", "TB"):
@@ -275,6 +287,16 @@ def human_bytes(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1000.0
     return f"{n:.1f} TB"
+
+
+def human_seconds(t: float) -> str:
+    """``0.0123`` -> ``"12 ms"``, ``3.456`` -> ``"3.5 s"``, ``125`` -> ``"2 min 05 s"``."""
+    if t < 1:
+        return f"{t * 1000:.0f} ms"
+    if t < 60:
+        return f"{t:.1f} s"
+    m, sec = divmod(round(t), 60)
+    return f"{m} min {sec:02d} s" if m < 60 else f"{m // 60} h {m % 60:02d} min"
 
 
 def _snapshot_sigma(c: Checkpoint) -> float | None:
@@ -287,9 +309,12 @@ def _snapshot_sigma(c: Checkpoint) -> float | None:
     return None
 
 
-def weights_for(opts: MergeOptions, chosen: list[Checkpoint]) -> Weights:
-    """The weight vector of ``opts``'s method over the selected checkpoints (in order)."""
+def weights_for(opts: MergeOptions, chosen: list[Checkpoint], time_notes: list[str] | None = None) -> Weights:
+    """The weight vector of ``opts``'s method over the selected checkpoints (in order); notes about
+    the time axis used (steps, or epochs when no step is recorded) are appended to ``time_notes``."""
     n = len(chosen)
+    if time_notes is None:
+        time_notes = []
     method = opts.method.lower().replace("_", "-")
     if method not in METHODS:
         raise OptionError(f"--method must be one of {', '.join(METHODS)}, got {opts.method!r}")
@@ -306,10 +331,15 @@ def weights_for(opts: MergeOptions, chosen: list[Checkpoint]) -> Weights:
 
     def steps() -> list[int]:
         missing = [c for c in chosen if c.meta.step is None]
+        if missing and method == "power-ema" and all(c.meta.epoch is not None for c in chosen):
+            # no step recorded: the epochs are the time axis (the profile is in relative time t/T)
+            time_notes.append("power-ema: no step recorded, so the epochs are the time axis")
+            return [c.meta.epoch for c in chosen]  # type: ignore[misc]
         if missing:
             raise OptionError(
                 f"{missing[0].path}: records no step (and its file name has none); "
-                f"{'--decay-per-step' if method == 'ema' else 'power-ema'} needs the step of every checkpoint"
+                f"{'--decay-per-step needs' if method == 'ema' else 'power-ema needs the epoch or'} "
+                "the step of every checkpoint"
             )
         return [int(c.meta.step) for c in chosen]  # type: ignore[arg-type]
 
@@ -363,8 +393,14 @@ def build_plan(
     """Discover, open (headers only), order, select, weight and validate.
 
     ``variants`` (from :func:`ckptavg.options.expand_variants`): several outputs from one pass;
-    the plan then covers every checkpoint any variant selects, with one weight vector each."""
-    paths, notes = discover(inputs)  # type: ignore[arg-type]
+    the plan then covers every checkpoint any variant selects, with one weight vector each.
+
+    Example::
+
+        plan = build_plan("runs/", MergeOptions(epochs="10:"), Path("swa.pt"), "torch")
+        print(plan.format())
+    """
+    paths, notes, named = discover_with_origin(inputs)  # type: ignore[arg-type]
     sel = selection_of(options)
     sel.validate()
     accumulate = parse_dtype(options.accumulate, "--accumulate")
@@ -379,23 +415,45 @@ def build_plan(
         for p in paths:
             opened.append(open_checkpoint(p, key=options.key, strip_prefix=options.strip_prefix,
                                           trust_pickle=options.trust_pickle))
+        candidates = len(opened)
+        earlier = [c for c in opened if c.meta.ckptavg_output and c.path not in named]
+        if earlier and len(earlier) < len(opened):
+            notes.append(
+                f"skipped {', '.join(str(c.path) for c in earlier)}: an earlier ckptavg output (its metadata records "
+                f"ckptavg provenance), found through a folder or pattern; to average it on purpose, name it: "
+                f"{earlier[0].path}"
+            )
+            opened = [c for c in opened if c not in earlier]
+            for c in earlier:
+                c.close()
         ordered, rule = order_checkpoints(opened, options.order)
+        time_notes: list[str] = []
         if variants and len(variants) > 1:
             picks = []
             for _label, v in variants:
                 vsel = selection_of(v)
                 vsel.validate()
-                picks.append(select(ordered, vsel))
+                pk, sel_notes = select_with_notes(ordered, vsel)
+                notes.extend(n for n in sel_notes if n not in notes)
+                picks.append(pk)
             chosen = [c for c in ordered if any(c in pk for pk in picks)]
-            matrix = [_spread(weights_for(v, pk), pk, chosen) for (_l, v), pk in zip(variants, picks)]
+            _refuse_same_time(chosen, rule)
+            matrix = [_spread(weights_for(v, pk, time_notes), pk, chosen) for (_l, v), pk in zip(variants, picks)]
             weights = matrix[0]
         else:
-            chosen = select(ordered, sel)
-            weights = weights_for(options, chosen)
+            chosen, sel_notes = select_with_notes(ordered, sel)
+            notes.extend(sel_notes)
+            _refuse_same_time(chosen, rule)
+            weights = weights_for(options, chosen, time_notes)
             matrix = None
+        notes.extend(dict.fromkeys(time_notes))
         for c in opened:
             if c not in chosen:
                 c.close()
+        if not options.strip_prefix:
+            stripped = _match_wrapper_prefixes(chosen)
+            if stripped:
+                notes.append(stripped)
         tensors = plan_tensors(chosen, out_dtype, accumulate, options.buffers)
     except BaseException:
         for c in opened:
@@ -406,6 +464,8 @@ def build_plan(
     if len(chosen) > 1 and abs(top) > 0.9:
         k = weights.values.index(top)
         notes.append(f"{chosen[k].path} gets {top:.1%} of the weight; the average is close to that one checkpoint")
+    if output is not None:
+        notes.extend(_output_notes(chosen, output, output_format, options))
     planned = [
         PlannedInput(path=c.path, format=c.format, weight=w, epoch=c.meta.epoch, step=c.meta.step,
                      metrics=dict(c.meta.metrics), weights_key=c.weights_key, size=c.size, checkpoint=c,
@@ -417,8 +477,97 @@ def build_plan(
         notes.append(f"{len(matrix)} outputs from one pass ({sel_text})")
     return MergePlan(inputs=planned, tensors=tensors, weights=weights, order_rule=rule, variants=matrix,
                      variant_labels=[label for label, _v in variants] if matrix is not None and variants else None,
-                     selection=sel.describe(), candidates=len(opened), options=options, notes=notes,
+                     selection=sel.describe(), candidates=candidates, options=options, notes=notes,
                      output=output, output_format=output_format)
+
+
+def _refuse_same_time(chosen: Sequence[Checkpoint], rule: str) -> None:
+    """Two selected checkpoints at one step (or one epoch, when ordered by epoch) are almost always
+    one checkpoint saved twice; averaging both would count it twice."""
+    attr = "step" if rule.startswith("by step") else "epoch" if rule.startswith("by epoch") else None
+    pair = same_time(chosen, attr) if attr else None
+    if pair is None:
+        return
+    a, b = pair
+    raise SelectionError(
+        f"{a.path} and {b.path} both record {attr} {getattr(a.meta, attr)}: probably one checkpoint saved twice "
+        f"(fairseq writes checkpointE.pt and checkpoint_E_U.pt), which would count twice; select one kind "
+        f"(e.g. a pattern like 'checkpoint[0-9]*.pt', or name the files), or --order given to average both on purpose"
+    )
+
+
+def _strip_wrappers(name: str) -> str:
+    changed = True
+    while changed:
+        changed = False
+        for pre in WRAPPER_PREFIXES:
+            if name.startswith(pre):
+                name, changed = name[len(pre):], True
+    return name
+
+
+def _wrapper_chain(names: Sequence[str]) -> str:
+    """The wrapper prefixes (``module.``, ``_orig_mod.``, nested) that every name starts with."""
+    if not names:
+        return ""
+    first = names[0]
+    chain = first[: len(first) - len(_strip_wrappers(first))]
+    while chain and not all(n.startswith(chain) for n in names):
+        chain = chain[: chain[:-1].rfind(".") + 1]
+    return chain
+
+
+def _match_wrapper_prefixes(chosen: Sequence[Checkpoint]) -> str | None:
+    """When the inputs' tensor names differ only by wrapper prefixes that cover every name of a
+    checkpoint (DDP's ``module.``, torch.compile's ``_orig_mod.``), strip them; returns a note."""
+    sets = [set(c.tensors) for c in chosen]
+    if all(s == sets[0] for s in sets):
+        return None
+    chains = [_wrapper_chain(list(c.tensors)) for c in chosen]
+    if not any(chains):
+        return None
+    stripped = [{n[len(ch):] for n in c.tensors} for c, ch in zip(chosen, chains)]
+    if not all(s == stripped[0] for s in stripped):
+        return None
+    done = []
+    for c, ch in zip(chosen, chains):
+        if ch:
+            strip_prefixes(c, ch)
+            done.append(f"{ch!r} from {c.path}")
+    return (f"tensor names differed only by wrapper prefixes (DDP 'module.', torch.compile '_orig_mod.'): removed "
+            f"{'; '.join(done)} so that every input agrees (give --strip-prefix to choose yourself)")
+
+
+def _prefix_hint(a: Sequence[str], b: Sequence[str]) -> str:
+    """A ``--strip-prefix`` that would make name lists ``a`` and ``b`` agree, as an error hint."""
+    sa, sb = set(a), set(b)
+    for x, y in ((sa, sb), (sb, sa)):
+        for n in sorted(x - y)[:1]:
+            for m in y:
+                pre = n[: len(n) - len(m)]
+                if len(n) > len(m) and n.endswith(m) and pre.endswith("."):
+                    if {k[len(pre):] if k.startswith(pre) else k for k in x} == y:
+                        return f"; --strip-prefix {pre} would make the names agree"
+    return ""
+
+
+def _output_notes(chosen: Sequence[Checkpoint], output: Path, output_format: str | None,
+                  options: MergeOptions) -> list[str]:
+    notes = []
+    name = os.fspath(output)
+    if output_format == "hf-folder" and not name.endswith(("/", os.sep)) and not output.is_dir():
+        notes.append(
+            f"{output}: no file extension, so the output is a Hugging Face model folder (sharded safetensors); "
+            f"for one file, end the name in .safetensors or .pt"
+        )
+    lightning = [c for c in chosen if isinstance(c.obj, dict) and "pytorch-lightning_version" in c.obj]
+    if output_format == "torch" and lightning and not options.keep_structure:
+        notes.append(
+            f"{output}: written as a plain state dict (name -> tensor), which Lightning's load_from_checkpoint "
+            f"cannot load; add --keep-structure for a Lightning checkpoint, or load it with "
+            f"model.load_state_dict(torch.load(...))"
+        )
+    return notes
 
 
 def _check_output_not_input(output: Path, inputs: Sequence[Path]) -> None:
@@ -452,9 +601,11 @@ def plan_tensors(chosen: list[Checkpoint], out_dtype: torch.dtype | None,
             extra = [n for n in c.tensors if n not in name_set]
             if missing:
                 more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
-                raise MismatchError(f"{c.path}: tensor {missing[0]!r}{more} missing (present in {ref_ckpt.path})")
+                raise MismatchError(f"{c.path}: tensor {missing[0]!r}{more} missing (present in {ref_ckpt.path})"
+                                    + _prefix_hint(list(c.tensors), names))
             more = f" and {len(extra) - 1} more" if len(extra) > 1 else ""
-            raise MismatchError(f"{c.path}: has tensor {extra[0]!r}{more} that {ref_ckpt.path} lacks")
+            raise MismatchError(f"{c.path}: has tensor {extra[0]!r}{more} that {ref_ckpt.path} lacks"
+                                + _prefix_hint(list(c.tensors), names))
     planned: list[PlannedTensor] = []
     alias_index: dict[tuple, int] = {}
     for name in names:
