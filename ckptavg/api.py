@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from . import distributed
 from .engine import EngineStats, resolve_device, run
 from .errors import OptionError
 from .io import Writer, open_writer, output_kind, write_state_dict
@@ -172,6 +173,8 @@ def merge(inputs: Inputs, output: PathLike, **options: Any) -> MergeReport:
     """
     t0 = time.perf_counter()
     opts = collect(options, option_fields(), "merge")
+    if distributed.active(opts.distributed):  # torchrun / an initialised process group: split across ranks
+        return distributed.merge(inputs, output, opts)
     out = Path(output)
     kind = output_kind(output)
     shard_size = _check_output_options(out, kind, opts)
