@@ -34,6 +34,7 @@ initialised, and destroys only a group it created.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import tempfile
@@ -289,7 +290,9 @@ class _Group:
 
 def _first_line(e: BaseException) -> str:
     text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
+    text = text.splitlines()[0] if text else type(e).__name__
+    text = re.sub(r"^\[[^\]]*\.(cc|cpp|h):\d+\]\s*", "", text)  # gloo/c10d source locations
+    return text.split(". This is typically", 1)[0]
 
 
 def _quiet(e: BaseException) -> BaseException:
