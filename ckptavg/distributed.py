@@ -322,7 +322,8 @@ class _Ranks:
         self.rank = dist.get_rank()
         self.world = dist.get_world_size()
 
-    def agree(self, err: BaseException | None, payload: Any = None) -> list[Any]:
+    def agree(self, err: BaseException | None, payload: Any = None, lost: str = "nothing was published"
+              ) -> list[Any]:
         """Exchange (error message, payload) with every rank; raise if any rank failed."""
         msg = None
         code = 1
@@ -335,8 +336,8 @@ class _Ranks:
         except Exception as e:  # a rank died or did not answer in time
             _set_failing(True)
             raise DistributedError(
-                f"rank {self.rank} of {self.world} lost contact with the other ranks ({_first_line(e)}); nothing was "
-                f"published (if only some ranks call ckptavg.merge, pass distributed=False)") from None
+                f"rank {self.rank} of {self.world} lost contact with the other ranks ({_first_line(e)}); {lost} "
+                "(if only some ranks call ckptavg.merge, pass distributed=False)") from None
         failed = [(r, m, c) for r, (m, c, _) in enumerate(got) if m is not None]
         if failed:
             _set_failing(True)
@@ -467,7 +468,7 @@ def _merge(inputs: Any, output: str | os.PathLike[str], opts: MergeOptions, rank
                 tmp = None
             except Exception as e:
                 err = e
-        ranks.agree(err)
+        ranks.agree(err, lost="rank 0 may have published the output: check it")
         if rank != 0 and owns_tmp and tmp is not None:
             writer._done = True
             try:
