@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from . import distributed
 from .engine import EngineStats, resolve_device, run
 from .errors import OptionError
 from .io import Writer, feed, open_writer, output_kind, write_state_dict
@@ -173,7 +174,13 @@ def merge(inputs: Inputs, output: PathLike, **options: Any) -> MergeReport:
         report = ckptavg.merge("lightning_logs/", "swa.ckpt", epochs="10:", keep_structure=True)
         print(report.summary(), report.weights)
     """
-    return _merge(inputs, output, collect(options, option_fields(), "merge"))
+    opts = collect(options, option_fields(), "merge")
+    if distributed.active(opts.distributed):  # torchrun / an initialised process group: split across ranks
+        if len(expand_variants(opts)) > 1:
+            raise OptionError("several outputs from one pass are not supported across ranks yet; run one merge per "
+                              "output under torchrun")
+        return distributed.merge(inputs, output, expand_variants(opts)[0][1])
+    return _merge(inputs, output, opts)
 
 
 def _output_names(output: PathLike, labels: list[dict[str, str]]) -> list[Path]:

@@ -27,6 +27,9 @@ class _Terminated(BaseException):
 
 
 def _on_sigterm(signum: int, frame: Any) -> None:
+    dist = sys.modules.get("ckptavg.distributed")
+    if dist is not None and dist.failing():
+        return  # a merge across ranks failed and is exiting: print its error (torchrun stops the other ranks)
     raise _Terminated()
 
 
@@ -77,7 +80,8 @@ class _Group(click.Group):
         except CkptavgError as e:
             if debug:
                 raise
-            click.echo(f"ckptavg: error: {e}", err=True)
+            if not getattr(e, "ckptavg_quiet", False):  # a merge across ranks: another rank prints it
+                click.echo(f"ckptavg: error: {e}", err=True)
             ctx.exit(e.exit_code)
         except KeyboardInterrupt:
             if debug:
@@ -147,6 +151,8 @@ def merge(inputs: tuple[str, ...], output: str, quiet: bool, as_json: bool, stri
 
     report = api.merge(list(inputs), output, progress=_progress(quiet), strip_prefix=list(strip_prefix) or None,
                        **opts)
+    if report.extra.get("rank", 0) != 0:
+        return  # a merge across ranks (torchrun): rank 0 reports
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2, default=str))
     elif report.dry_run:

@@ -48,6 +48,10 @@ class OutputError(CkptavgError):
     """The output cannot be written where requested."""
 
 
+class DistributedError(CkptavgError):
+    """A merge across ranks (torchrun) failed on another rank, or the ranks lost contact."""
+
+
 class SpecError(CkptavgError):
     """A BatchNorm spec file is invalid: unknown key, wrong type, unimportable factory..."""
 

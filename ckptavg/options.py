@@ -105,6 +105,9 @@ class MergeOptions:
     dry_run: bool = _opt(False, "Print the plan (files, epochs/steps, weights) and read no tensor data.",
                          example="--dry-run", scope="output")
     progress: bool = _opt(False, "Show a progress bar on stderr.", scope="output", cli=False)
+    distributed: bool | None = _opt(None, "Split the merge across the ranks of torch.distributed: None (auto: under "
+                                    "torchrun or in an initialised process group), True, or False (this process "
+                                    "merges alone, e.g. when only rank 0 calls merge).", scope="output", cli=False)
 
 
 def option_fields(scope: str | None = None) -> list[Any]:

@@ -1,0 +1,312 @@
+"""Merges across ranks under torchrun (gloo, CPU): 2 and 3 processes on one machine, a 2-node
+rendezvous on localhost, and the failure cases (NaN or truncated input, a killed rank).
+
+Every published folder is compared tensor by tensor, byte for byte, with a single-process merge
+of the same inputs. Each spawn costs a few seconds of torch imports, so spawns are few and small.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+import ckptavg
+from ckptavg.distributed import partition, shard_layout
+from ckptavg.io.writer import Entry
+
+REPO = Path(__file__).resolve().parent.parent
+TIMEOUT = 120
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env["CKPTAVG_DIST_TIMEOUT"] = "60"  # survivors never wait longer than this in a collective
+    env["OMP_NUM_THREADS"] = "1"
+    return env
+
+
+def _torchrun_cmd(nproc: int, port: int, *args: str, nodes: tuple[int, int] | None = None) -> list[str]:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+           "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--max-restarts", "0"]
+    if nodes is not None:
+        cmd += ["--nnodes", "2", "--node-rank", str(nodes[0]), "--rdzv-id", f"ckptavg-test-{nodes[1]}"]
+    return cmd + [str(a) for a in args]
+
+
+def _start(cmd: list[str], cwd: Path) -> subprocess.Popen:
+    # a session of its own, so that the finally clause can end torchrun and its workers together
+    return subprocess.Popen(cmd, cwd=cwd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+
+
+def _finish(procs: list[subprocess.Popen]) -> list[tuple[int, str]]:
+    out = []
+    try:
+        for p in procs:
+            so, se = p.communicate(timeout=TIMEOUT)
+            out.append((p.returncode, so + se))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+    return out
+
+
+def torchrun(nproc: int, *args: str, cwd: Path) -> tuple[int, str]:
+    return _finish([_start(_torchrun_cmd(nproc, _free_port(), *args), cwd)])[0]
+
+
+def make_inputs(folder: Path, n: int = 3, *, nan_in: str | None = None) -> list[Path]:
+    """``n`` torch checkpoints: a tied embedding/head pair (first and last in plan order), fp32,
+    bf16 and int64 tensors; optionally a NaN in tensor ``nan_in`` of the second checkpoint."""
+    g = torch.Generator().manual_seed(1)
+    paths = []
+    for i in range(n):
+        emb = torch.randn(64, 96, generator=g)
+        sd = {"embed.weight": emb}
+        for k in range(5):
+            sd[f"block{k}.weight"] = torch.randn(96, 96, generator=g)
+        sd["block2.scale"] = torch.randn(96, generator=g).bfloat16()
+        sd["steps"] = torch.tensor([i, 2 * i], dtype=torch.int64)
+        sd["head.weight"] = emb  # tied: one storage under two names
+        if nan_in is not None and i == 1:
+            sd[nan_in][3, 5] = float("nan")
+        p = folder / f"ck{i}.pt"
+        torch.save(sd, p)
+        paths.append(p)
+    return paths
+
+
+def read_folder(folder: Path) -> dict[str, tuple[str, tuple, bytes]]:
+    """Every tensor of a safetensors folder: name -> (dtype, shape, raw bytes)."""
+    out = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        with safe_open(f, "pt") as fh:
+            for k in fh.keys():
+                t = fh.get_tensor(k)
+                out[k] = (str(t.dtype), tuple(t.shape), t.contiguous().view(torch.uint8).numpy().tobytes())
+    return out
+
+
+def assert_same_as_single(out: Path, inputs: list[Path], tmp: Path, **opts) -> dict:
+    ref = tmp / "single"
+    ckptavg.merge(inputs, ref, distributed=False, **opts)
+    got, want = read_folder(out), read_folder(ref)
+    assert sorted(got) == sorted(want)
+    for k in want:
+        assert got[k] == want[k], k
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"]) == set(want)
+    assert {f.name for f in out.glob("*.safetensors")} == set(index["weight_map"].values())
+    return index
+
+
+def no_leftovers(parent: Path) -> list[str]:
+    return [q.name for q in parent.iterdir() if q.name.endswith(".ckptavg-tmp")]
+
+
+# -- pure functions (no spawn)
+
+
+def test_partition_contiguous_balanced_and_aliases_follow_their_source():
+    assert partition([4, 4, 4, 4], 2) == [0, 0, 1, 1]
+    assert partition([4, 4, 4, 4], 3) == [0, 1, 1, 2]
+    assert partition([100, 1, 1, 1], 2) == [0, 1, 1, 1]
+    assert partition([4, 4, 0], 2, [None, None, 0]) == [0, 1, 0]
+    assert partition([0, 0], 2) == [0, 0]
+    owner = partition(list(range(1, 40)), 5)
+    assert owner == sorted(owner) and set(owner) == set(range(5))  # contiguous, every rank gets a part
+    entries = [Entry(f"t{i}", torch.float32, (10,)) for i in range(4)]  # 40 bytes each
+    lay = shard_layout(entries, [0, 0, 1, 1], 2, shard_size=50)
+    assert lay.names == [f"model-0000{k}-of-00004.safetensors" for k in range(1, 5)]
+    assert lay.shard_of == [0, 1, 2, 3] and lay.shard_rank == [0, 0, 1, 1]
+    assert shard_layout(entries, [0, 0, 0, 0], 2, 10**9).names == ["model.safetensors"]
+
+
+# -- spawned runs
+
+
+def test_two_ranks_console_script_bit_identical(tmp_path):
+    import shutil
+
+    exe = shutil.which("ckptavg", path=os.path.dirname(sys.executable))
+    if exe is None:
+        pytest.skip("the ckptavg console script is not installed")
+    inputs = make_inputs(tmp_path)
+    rc, text = torchrun(2, "--no-python", exe, "merge", *inputs, "-o", tmp_path / "out/", "--shard-size", "30KB",
+                        cwd=tmp_path)
+    assert rc == 0, text
+    assert text.count("wrote ") == 1, text  # rank 0 reports, once
+    index = assert_same_as_single(tmp_path / "out", inputs, tmp_path)
+    wm = index["weight_map"]
+    # the tied head (last in plan order) was written by rank 0, which owns its source: a lower shard
+    # number than the tensor before it, which rank 1 wrote
+    assert wm["head.weight"] < wm["steps"]
+    assert no_leftovers(tmp_path) == []
+
+
+_API_SCRIPT = """
+import sys, torch.distributed as dist, ckptavg
+from ckptavg.errors import CkptavgError
+dist.init_process_group("gloo")
+out, good, bad = sys.argv[1], sys.argv[2].split(","), sys.argv[3].split(",")
+report = ckptavg.merge(good, out, shard_size="30KB")
+assert dist.is_initialized(), "ckptavg destroyed a group it did not create"
+try:
+    ckptavg.merge(bad, out + "-bad")
+    outcome = "no error"
+except CkptavgError as e:
+    outcome = f"{type(e).__name__}: {e}"
+dist.barrier()  # the group still works
+with open(f"result-{dist.get_rank()}.txt", "w") as fh:  # one file per rank: stdout lines would interleave
+    fh.write(f"RANK{dist.get_rank()} shards={len(report.extra['shards'])} error={outcome}")
+dist.destroy_process_group()
+"""
+
+
+def test_three_ranks_api_in_initialised_group(tmp_path):
+    good = make_inputs(tmp_path)
+    (tmp_path / "bad").mkdir()
+    bad = make_inputs(tmp_path / "bad", nan_in="block4.weight")  # rank 2's part
+    script = tmp_path / "api_merge.py"
+    script.write_text(_API_SCRIPT)
+    out = tmp_path / "soup"
+    rc, text = torchrun(3, script, out, ",".join(map(str, good)), ",".join(map(str, bad)), cwd=tmp_path)
+    assert rc == 0, text
+    assert_same_as_single(out, good, tmp_path, shard_size="30KB")
+    lines = [(tmp_path / f"result-{r}.txt").read_text() for r in range(3)]
+    for line in lines:  # every rank raised, naming the file and the tensor
+        assert "NonFiniteError" in line or "DistributedError" in line, line
+        assert "ck1.pt" in line and "'block4.weight'" in line, line
+    assert [line.startswith("RANK2") for line in lines if "NonFiniteError" in line] == [True]
+    assert not (tmp_path / "soup-bad").exists() and no_leftovers(tmp_path) == []
+
+
+def test_two_nodes_rendezvous_on_localhost(tmp_path):
+    inputs = make_inputs(tmp_path)
+    port = _free_port()
+    args = ["-m", "ckptavg", "merge", *map(str, inputs), "-o", str(tmp_path / "out/"), "--shard-size", "30KB"]
+    procs = [_start(_torchrun_cmd(1, port, *args, nodes=(k, port)), tmp_path) for k in (0, 1)]
+    results = _finish(procs)
+    for rc, text in results:
+        assert rc == 0, text
+    index = assert_same_as_single(tmp_path / "out", inputs, tmp_path)
+    assert len(set(index["weight_map"].values())) >= 2
+    assert "2 ranks" in "".join(t for _, t in results)
+
+
+def _one_error_line(text: str) -> str:
+    errors = [line for line in text.splitlines() if "ckptavg: error:" in line]
+    assert len(errors) == 1, text
+    return errors[0]
+
+
+def _every_rank_failed(text: str, n: int) -> None:
+    # torchrun's failure report lists each worker that exited non-zero
+    lines = [line.strip() for line in text.splitlines()]
+    ranks = {int(line.split(":")[1].split()[0]) for line in lines if line.startswith("rank ")}
+    codes = [line.split(":")[1].split()[0] for line in lines if line.startswith("exitcode ")]
+    assert ranks == set(range(n)) and codes == ["1"] * n, text
+
+
+def test_nan_on_one_rank_nobody_publishes(tmp_path):
+    inputs = make_inputs(tmp_path, nan_in="block4.weight")  # on rank 1 of 2
+    rc, text = torchrun(2, "-m", "ckptavg", "merge", *inputs, "-o", tmp_path / "out/", cwd=tmp_path)
+    assert rc != 0
+    line = _one_error_line(text)
+    assert "ck1.pt" in line and "'block4.weight'" in line and "nan" in line, line
+    _every_rank_failed(text, 2)
+    assert not (tmp_path / "out").exists() and no_leftovers(tmp_path) == []
+
+
+def test_truncated_input_nobody_publishes(tmp_path):
+    g = torch.Generator().manual_seed(2)
+    inputs = []
+    for i in range(2):
+        p = tmp_path / f"m{i}.safetensors"
+        save_file({f"w{k}": torch.randn(64, 64, generator=g) for k in range(4)}, p)
+        inputs.append(p)
+    data = inputs[1].read_bytes()
+    inputs[1].write_bytes(data[: len(data) - 1000])  # cuts into w3, rank 1's tensor
+    rc, text = torchrun(2, "-m", "ckptavg", "merge", *inputs, "-o", tmp_path / "out/", cwd=tmp_path)
+    assert rc != 0
+    line = _one_error_line(text)
+    assert "m1.safetensors" in line and "'w3'" in line, line
+    _every_rank_failed(text, 2)
+    assert not (tmp_path / "out").exists() and no_leftovers(tmp_path) == []
+
+
+def _children(pid: int) -> list[int]:
+    kids = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                stat = (d / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                kids.append(int(d.name))
+    return kids
+
+
+def test_killed_rank_nobody_publishes(tmp_path):
+    g = torch.Generator().manual_seed(3)
+    inputs = []
+    for i in range(3):
+        p = tmp_path / f"big{i}.safetensors"
+        save_file({f"w{k}": torch.randn(1 << 20, generator=g) for k in range(8)}, p)  # 32 MiB each
+        inputs.append(p)
+    env_chunk = os.environ.get("CKPTAVG_CHUNK_ELEMS")
+    os.environ["CKPTAVG_CHUNK_ELEMS"] = "8192"  # many small steps: rank 1 is surely still at work when killed
+    try:
+        proc = _start(_torchrun_cmd(2, _free_port(), "-m", "ckptavg", "merge", *map(str, inputs), "-o",
+                                    str(tmp_path / "out/")), tmp_path)
+    finally:
+        if env_chunk is None:
+            os.environ.pop("CKPTAVG_CHUNK_ELEMS")
+        else:
+            os.environ["CKPTAVG_CHUNK_ELEMS"] = env_chunk
+    try:
+        victim = None
+        deadline = time.monotonic() + TIMEOUT
+        while victim is None and time.monotonic() < deadline and proc.poll() is None:
+            # wait until rank 0 made the temporary folder (planning is over), then kill rank 1
+            if no_leftovers(tmp_path):
+                for pid in _children(proc.pid):
+                    try:
+                        env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+                    except OSError:
+                        continue
+                    if b"RANK=1" in env:
+                        victim = pid
+            time.sleep(0.002)
+        assert victim is not None, "rank 1 was not found while the merge ran"
+        os.kill(victim, signal.SIGKILL)
+        rc, text = _finish([proc])[0]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert rc != 0, text
+    assert "Signal 9" in text or "SIGKILL" in text, text
+    assert not (tmp_path / "out").exists()
+    assert no_leftovers(tmp_path) == [], text
