@@ -14,6 +14,8 @@ Example::
     ckptavg.merge(["ft1/", "ft2/", "ft3/"], "soup/")  # Hugging Face folders in, sharded folder out
     ckptavg.merge("lightning_logs/", "swa.ckpt", keep_structure=True)  # load_from_checkpoint accepts it
     print(ckptavg.inspect("runs/").format())  # what each checkpoint holds, headers only
+    print(ckptavg.sweep("runs/", "bn.toml", "best.pt", last="2,4,8,16").format())  # which average is best?
+    print(ckptavg.soup(["ft1/", "ft2/", "ft3/"], "eval.toml", "soup/").format())   # greedy soup
 """
 
 from typing import TYPE_CHECKING, Any
@@ -30,6 +32,7 @@ _LAZY = {
     "inspect": "inspection", "InspectReport": "inspection", "CheckpointInfo": "inspection",
     "MergePlan": "planner", "MergeOptions": "options",
     "PowerEMA": "power_ema", "PowerEMACallback": "lightning_callback",
+    "sweep": "sweeping", "soup": "sweeping", "SweepReport": "sweeping", "SoupReport": "sweeping",
 }
 
 if TYPE_CHECKING:
@@ -40,6 +43,7 @@ if TYPE_CHECKING:
     from .options import MergeOptions
     from .planner import MergePlan
     from .power_ema import PowerEMA
+    from .sweeping import SoupReport, SweepReport, soup, sweep
 
 
 def __getattr__(name: str) -> Any:
@@ -65,6 +69,10 @@ __all__ = [
     "inspect",
     "recalibrate_bn",
     "recalibrate_file",
+    "sweep",
+    "soup",
+    "SweepReport",
+    "SoupReport",
     "MergeReport",
     "MergeOptions",
     "BNReport",

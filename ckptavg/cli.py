@@ -113,6 +113,8 @@ def cli(debug: bool) -> None:
       ckptavg merge runs/ -o x.pt --dry-run
       ckptavg merge ft1/ ft2/ ft3/ -o soup/
       ckptavg inspect runs/
+      ckptavg sweep runs/ --spec bn.toml --last 2,4,8,16 -o best.pt
+      ckptavg soup ft1/ ft2/ ft3/ --spec eval.toml -o soup/
     """
 
 
@@ -236,6 +238,98 @@ def inspect_cmd(inputs: tuple[str, ...], as_json: bool, key: str | None, strip_p
         bad = report.errors[0]
         more = f" (and {len(report.errors) - 1} more unreadable)" if len(report.errors) > 1 else ""
         raise CheckpointReadError(f"{bad.error}{more}")
+
+
+def _eval_options(command: Any) -> Any:
+    """The options sweep and soup share (spec, output, device, memory bound, plot, output format)."""
+    for decorator in reversed([
+        click.option("--spec", "spec", required=True, type=click.Path(dir_okay=False),
+                     help="Spec (TOML) with [model], [data] (for BatchNorm) and [eval] (held-out loader, metric)."),
+        click.option("-o", "--output", type=click.Path(),
+                     help="Write the chosen model here (any output of merge: .safetensors, .pt, DIR/...)."),
+        click.option("--device", help="Device for evaluation and BN recalibration (overrides [run].device)."),
+        click.option("--max-memory", default="8GB", show_default=True, metavar="SIZE",
+                     help="Refuse when one copy of the model exceeds SIZE (averages are held in memory)."),
+        click.option("--plot", type=click.Path(dir_okay=False), metavar="FILE.png",
+                     help="Plot the scores into a PNG (needs matplotlib: pip install 'ckptavg[plot]')."),
+        click.option("--json", "as_json", is_flag=True, help="Print the table as JSON on stdout."),
+        click.option("-q", "--quiet", is_flag=True, help="No progress bar and no notes."),
+    ]):
+        command = decorator(command)
+    return command
+
+
+_FIXED = ["order", "every", "key", "strip_prefix", "trust_pickle", "allow_nonfinite", "accumulate", "buffers",
+          "dtype", "bn_mode"]
+
+
+def _echo_report(report: Any, as_json: bool, quiet: bool, notes: list[str]) -> None:
+    if not quiet:
+        for note in notes:
+            click.echo(f"ckptavg: note: {note}", err=True)
+    if as_json:
+        click.echo(json.dumps(report.to_dict(), indent=2, default=str))
+    else:
+        click.echo(report.format())
+
+
+@cli.command("sweep", context_settings=CONTEXT)
+@click.argument("inputs", nargs=-1, required=True, metavar="CHECKPOINTS...")
+@_eval_options
+@click.option("--last", metavar="N[,N...]", help="Windows: the N newest checkpoints, per value (e.g. 2,4,8,16).")
+@click.option("--epochs", metavar="A:B[,A:B...]", help="Windows: epoch ranges, per value (e.g. 10:,20:,30:).")
+@click.option("--steps", metavar="A:B[,A:B...]", help="Windows: step ranges, per value (e.g. 5000:,8000:).")
+@click.option("--method", metavar="M[,M...]", help="Methods to try: uniform, ema, power-ema (default uniform, plus "
+              "ema/power-ema when --decay/--sigma-rel are given).")
+@click.option("--decay", metavar="D[,D...]", help="EMA decays per checkpoint to try (with ema).")
+@click.option("--sigma-rel", metavar="S[,S...]", help="Power-EMA widths to try (with power-ema).")
+@click_options(only=_FIXED)
+def sweep_cmd(inputs: tuple[str, ...], strip_prefix: tuple[str, ...], as_json: bool, quiet: bool, **opts: Any) -> None:
+    """Evaluate candidate averages of CHECKPOINTS with the spec's [eval] metric; write the best.
+
+    \b
+    Examples:
+      ckptavg sweep runs/ --spec bn.toml -o best.pt
+      ckptavg sweep runs/ --spec bn.toml --last 2,4,8,16 -o best.safetensors --plot sweep.png
+      ckptavg sweep runs/ --spec bn.toml --epochs 10:,20: --method uniform,ema --decay 0.5,0.9
+      ckptavg sweep snapshots/ --spec bn.toml --method power-ema --sigma-rel 0.05,0.1,0.2 --json
+
+    Candidates: every combination of a window (--last x --epochs x --steps; default the 2, 4,
+    8, ... newest and all) and a method (uniform; ema per --decay; power-ema per --sigma-rel),
+    plus the last and the best single checkpoint as baselines (scored as saved). Averages are
+    computed in memory and BatchNorm-recalibrated with [data] when the model has BatchNorm.
+    Ties go to the earlier row: an average must beat the baselines strictly.
+    """
+    from .sweeping import sweep
+
+    report = sweep(list(inputs), opts.pop("spec"), opts.pop("output"), progress=_progress(quiet),
+                   strip_prefix=list(strip_prefix) or None, **opts)
+    _echo_report(report, as_json, quiet, report.notes)
+
+
+@cli.command("soup", context_settings=CONTEXT)
+@click.argument("inputs", nargs=-1, required=True, metavar="CHECKPOINTS...")
+@_eval_options
+@click_options(only=["epochs", "steps", "last", "best", "metric", "lower_is_better", *_FIXED])
+def soup_cmd(inputs: tuple[str, ...], strip_prefix: tuple[str, ...], as_json: bool, quiet: bool, **opts: Any) -> None:
+    """Greedy soup of CHECKPOINTS (after the selection options) with the spec's [eval] metric.
+
+    \b
+    Examples:
+      ckptavg soup ft1/ ft2/ ft3/ ft4/ --spec eval.toml -o soup/
+      ckptavg soup runs/ --spec bn.toml --epochs 10: -o soup.pt --plot soup.png
+      ckptavg soup runs/ --spec bn.toml --last 8 --json
+
+    Ingredients are tried in order of their own score, best first (ties: the earlier
+    checkpoint); the soup starts as the best one and takes each next one if the uniform
+    average with it scores at least as well. The uniform soup of all ingredients is reported
+    beside it. Averages are BatchNorm-recalibrated with [data] when the model has BatchNorm.
+    """
+    from .sweeping import soup
+
+    report = soup(list(inputs), opts.pop("spec"), opts.pop("output"), progress=_progress(quiet),
+                  strip_prefix=list(strip_prefix) or None, **opts)
+    _echo_report(report, as_json, quiet, [])
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -134,13 +134,16 @@ def api_signature(func: Callable[..., Any], allowed: Sequence[Any]) -> inspect.S
     return inspect.Signature(own + extra, return_annotation=inspect.signature(func).return_annotation)
 
 
-def click_options(command: Callable[..., Any]) -> Callable[..., Any]:
-    """Decorate a click command with every declared option that has a command-line form."""
+def click_options(command: Callable[..., Any] | None = None, *, only: Sequence[str] | None = None) -> Any:
+    """Decorate a click command with every declared option that has a command-line form
+    (``@click_options``), or with the options named in ``only`` (``@click_options(only=[...])``)."""
     import click
 
+    if command is None:
+        return lambda cmd: click_options(cmd, only=only)
     for f in reversed(fields(MergeOptions)):
         md = f.metadata
-        if not md["cli"]:
+        if not md["cli"] or (only is not None and f.name not in only):
             continue
         flag = "--" + f.name.replace("_", "-")
         kw: dict[str, Any] = {"help": md["help"]}

@@ -17,6 +17,11 @@ Example (see the README for every key)::
     [run]
     device = "cpu"
 
+    [eval]                                 # optional: for ckptavg sweep / soup
+    loader = "data.py:val_loader"          # a held-out loader (or dataset = ..., as in [data])
+    metric = "metrics.py:accuracy"         # a callable (model, loader) -> float
+    higher_is_better = true                # the default
+
 :func:`load_spec` parses and validates the file, imports the modules it names and resolves
 every reference (so a typo fails before any averaging work starts) but calls no factory:
 :meth:`BNSpec.build_model` and :meth:`BNSpec.build_loader` do that when asked. Every mistake
@@ -51,7 +56,7 @@ import torch
 from ..errors import SpecError
 from .core import check_device, device_or_error, exc_text, parse_device
 
-__all__ = ["BNSpec", "TransformSpec", "load_spec", "check_device", "DEFAULT_BATCH_SIZE"]
+__all__ = ["BNSpec", "EvalSpec", "TransformSpec", "load_spec", "check_device", "DEFAULT_BATCH_SIZE"]
 
 #: Batch size of the DataLoader built around a ``[data].dataset`` when the spec gives none.
 DEFAULT_BATCH_SIZE = 64
@@ -61,6 +66,8 @@ _SECTIONS: dict[str, tuple[str, ...]] = {
     "data": ("loader", "dataset", "args", "kwargs", "transforms", "batch_size", "num_workers", "max_batches",
              "input", "call"),
     "run": ("device",),
+    "eval": ("loader", "dataset", "args", "kwargs", "transforms", "batch_size", "num_workers", "metric",
+             "higher_is_better"),
 }
 _DATASET_ONLY = ("transforms", "batch_size", "num_workers")
 _TRANSFORM_KEYS = ("name", "args", "kwargs")
@@ -110,6 +117,45 @@ class TransformSpec:
 
 
 @dataclass
+class EvalSpec:
+    """The optional ``[eval]`` section: a held-out loader and a metric ``(model, loader) -> float``.
+
+    The loader takes the forms of ``[data]`` (``loader`` or ``dataset`` with ``args``, ``kwargs``,
+    ``transforms``, ``batch_size``, ``num_workers``); ``metric`` is a reference to a callable.
+    Used by ``ckptavg sweep`` / ``ckptavg soup`` (see :mod:`ckptavg.evaluate`).
+
+    Example::
+
+        >>> spec = load_spec("bn.toml")                      # doctest: +SKIP
+        >>> spec.eval.metric, spec.eval.higher_is_better     # doctest: +SKIP
+        ('metrics.py:accuracy', True)
+    """
+
+    metric: str
+    higher_is_better: bool = True
+    loader: str | None = None
+    dataset: str | None = None
+    args: list[Any] = field(default_factory=list)
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    transforms: list[TransformSpec] = field(default_factory=list)
+    batch_size: int = DEFAULT_BATCH_SIZE
+    num_workers: int = 0
+    _data_obj: Any = field(default=None, repr=False)
+    _metric_obj: Any = field(default=None, repr=False)
+    _transform_objs: list[Any] = field(default_factory=list, repr=False)
+
+    @property
+    def data_entry(self) -> str:
+        """``[eval].loader`` or ``[eval].dataset``, whichever the spec uses."""
+        return "[eval].loader" if self.loader is not None else "[eval].dataset"
+
+    @property
+    def metric_function(self) -> Callable[[torch.nn.Module, Any], Any]:
+        """The resolved ``[eval].metric`` callable."""
+        return self._metric_obj
+
+
+@dataclass
 class BNSpec:
     """A parsed and validated recalibration spec (see :func:`load_spec`).
 
@@ -140,6 +186,7 @@ class BNSpec:
     input: int | str | None = None
     call: str | None = None
     device: str | None = None
+    eval: EvalSpec | None = None
     _factory_obj: Any = field(default=None, repr=False)
     _data_obj: Any = field(default=None, repr=False)
     _call_obj: Any = field(default=None, repr=False)
@@ -177,26 +224,43 @@ class BNSpec:
 
     def build_loader(self) -> Iterable[Any]:
         """The iterable of batches: ``[data].loader``'s result, or a DataLoader over ``[data].dataset``."""
-        entry, ref, obj = self.data_entry, self.loader or self.dataset, self._data_obj
+        return self._build_batches(self.data_entry, self.loader, self.dataset, self._data_obj, self.data_args,
+                                   self.data_kwargs, self._transform_objs, self.batch_size, self.num_workers)
+
+    def build_eval_loader(self) -> Iterable[Any]:
+        """The held-out batches of ``[eval]`` (as :meth:`build_loader` for ``[data]``).
+
+        Raises :class:`SpecError` when the spec has no ``[eval]`` section.
+        """
+        ev = self.eval
+        if ev is None:
+            raise self.error("[eval]", "missing section (give loader and metric to evaluate models)")
+        return self._build_batches(ev.data_entry, ev.loader, ev.dataset, ev._data_obj, ev.args, ev.kwargs,
+                                   ev._transform_objs, ev.batch_size, ev.num_workers)
+
+    def _build_batches(self, entry: str, loader: str | None, dataset: str | None, obj: Any, args: list[Any],
+                       kwargs_in: dict[str, Any], transform_objs: list[Any], batch_size: int,
+                       num_workers: int) -> Iterable[Any]:
+        ref = loader or dataset
         with _on_sys_path(self.folder, front=False):
-            if self.loader is not None and not callable(obj):
+            if loader is not None and not callable(obj):
                 result = obj  # an iterable defined at module level (a DataLoader, a list...)
             else:
-                kwargs = dict(self.data_kwargs)
-                if self.dataset is not None and self._transform_objs:
+                kwargs = dict(kwargs_in)
+                if dataset is not None and transform_objs:
                     v2, v1 = _torchvision_transforms()
-                    kwargs["transform"] = (v2 or v1).Compose(list(self._transform_objs))
+                    kwargs["transform"] = (v2 or v1).Compose(list(transform_objs))
                 try:
-                    result = obj(*self.data_args, **kwargs)
+                    result = obj(*args, **kwargs)
                 except Exception as exc:
                     raise self.error(entry, f"{ref!r} raised {_user_error(exc)}") from exc
-        if self.dataset is not None:
+        if dataset is not None:
             if not _iterable(result):
                 raise self.error(entry, f"{ref!r} returned {_describe(result)}, not a dataset")
             from torch.utils.data import DataLoader
 
             try:
-                return DataLoader(result, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers)
+                return DataLoader(result, batch_size=batch_size, shuffle=False, num_workers=num_workers)
             except Exception as exc:
                 raise self.error(entry, f"cannot batch {ref!r}: {_user_error(exc)}") from exc
         if isinstance(result, torch.Tensor) or not _iterable(result):
@@ -362,7 +426,7 @@ class _Parser:
 
     # -- transforms ----------------------------------------------------------------------
 
-    def parse_transforms(self, items: list[Any]) -> tuple[list[TransformSpec], list[Any]]:
+    def parse_transforms(self, items: list[Any], section: str = "data") -> tuple[list[TransformSpec], list[Any]]:
         specs: list[TransformSpec] = []
         objs: list[Any] = []
         if not items:
@@ -370,9 +434,10 @@ class _Parser:
         try:
             v2, v1 = _torchvision_transforms()
         except ImportError as exc:
-            raise self.error("[data].transforms", f"torchvision is needed for transforms: {_user_error(exc)}") from exc
+            message = f"torchvision is needed for transforms: {_user_error(exc)}"
+            raise self.error(f"[{section}].transforms", message) from exc
         for i, item in enumerate(items):
-            where = f"[data].transforms[{i}]"
+            where = f"[{section}].transforms[{i}]"
             if isinstance(item, str):
                 item = {"name": item}
             if not isinstance(item, dict):
@@ -402,6 +467,51 @@ class _Parser:
             specs.append(TransformSpec(name=name, args=args, kwargs=kwargs))
         return specs, objs
 
+    # -- [eval] ---------------------------------------------------------------------------
+
+    def parse_eval(self, table: Mapping[str, Any]) -> EvalSpec:
+        """The optional ``[eval]`` section: a held-out source (the forms of ``[data]``) and a metric."""
+        loader, dataset = self.get(table, "loader", "[eval]", "str"), self.get(table, "dataset", "[eval]", "str")
+        if (loader is None) == (dataset is None):
+            what = "both" if loader is not None else "neither"
+            raise self.error("[eval]", f"give exactly one of 'loader' or 'dataset' (found {what})")
+        for key in _DATASET_ONLY:
+            if loader is not None and key in table:
+                raise self.error(
+                    f"[eval].{key}",
+                    "only valid with 'dataset' (a 'loader' builds its own batches: pass its options in [eval].kwargs)",
+                )
+        metric = self.get(table, "metric", "[eval]", "str")
+        if metric is None:
+            example = '"metrics.py:accuracy"'
+            raise self.error("[eval].metric", f"missing (a callable (model, loader) -> float, e.g. {example})")
+        higher = table.get("higher_is_better", True)
+        if not isinstance(higher, bool):
+            raise self.error("[eval].higher_is_better", f"expected true or false, got {_describe(higher)}")
+        args = self.get(table, "args", "[eval]", "list")
+        kwargs = self.resolve_paths(self.get(table, "kwargs", "[eval]", "table"))
+        batch_size = self.get(table, "batch_size", "[eval]", "int>=1")
+        num_workers = self.get(table, "num_workers", "[eval]", "int>=0")
+        transform_items = self.get(table, "transforms", "[eval]", "list")
+        if transform_items and "transform" in kwargs:
+            raise self.error("[eval].transforms", "[eval].kwargs already has a 'transform': give one or the other")
+        entry = "[eval].loader" if loader is not None else "[eval].dataset"
+        if dataset is not None:
+            data_obj = self.resolve_callable(dataset, entry)
+        else:
+            data_obj = self.resolve_ref(loader, entry)
+            if not callable(data_obj):
+                if not _iterable(data_obj):
+                    raise self.error(entry, f"{loader!r} is {_describe(data_obj)}: neither callable nor iterable")
+                if args or kwargs:
+                    raise self.error("[eval].kwargs", f"{loader!r} is not callable, so it takes no args/kwargs")
+        metric_obj = self.resolve_callable(metric, "[eval].metric")
+        transforms, transform_objs = self.parse_transforms(transform_items, "eval")
+        return EvalSpec(metric=metric, higher_is_better=higher, loader=loader, dataset=dataset, args=args,
+                        kwargs=kwargs, transforms=transforms, batch_size=batch_size or DEFAULT_BATCH_SIZE,
+                        num_workers=num_workers or 0, _data_obj=data_obj, _metric_obj=metric_obj,
+                        _transform_objs=transform_objs)
+
     # -- the whole document --------------------------------------------------------------
 
     def parse(self) -> BNSpec:
@@ -410,7 +520,7 @@ class _Parser:
             if key not in _SECTIONS:
                 close = difflib.get_close_matches(key, list(_SECTIONS), n=1)
                 hint = f"did you mean [{close[0]}]? " if close else ""
-                raise self.error(f"[{key}]", f"unknown section ({hint}expected [model], [data], [run])")
+                raise self.error(f"[{key}]", f"unknown section ({hint}expected [model], [data], [run], [eval])")
             if not isinstance(value, dict):
                 raise self.error(f"[{key}]", f"expected a table (section), got {_describe(value)}")
         for section in ("model", "data"):
@@ -480,6 +590,7 @@ class _Parser:
                     raise self.error("[data].kwargs", f"{loader!r} is not callable, so it takes no args/kwargs")
         call_obj = self.resolve_callable(call, "[data].call") if call is not None else None
         transforms, transform_objs = self.parse_transforms(transform_items)
+        eval_spec = self.parse_eval(doc["eval"]) if "eval" in doc else None
 
         return BNSpec(
             path=self.path,
@@ -498,6 +609,7 @@ class _Parser:
             input=selector,
             call=call,
             device=device,
+            eval=eval_spec,
             _factory_obj=factory_obj,
             _data_obj=data_obj,
             _call_obj=call_obj,

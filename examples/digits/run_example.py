@@ -94,6 +94,14 @@ def main() -> None:
     if args.check and swa_bn < last:
         sys.exit(f"check failed: SWA + BN recalibration ({swa_bn:.2%}) is below the last checkpoint ({last:.2%})")
 
+    # Evaluation-driven averaging (sweep_soup.py): choose on the validation split, report on test.
+    import sweep_soup
+
+    chosen = sweep_soup.run(ckptavg, work, spec, first, **run)
+    print(f"\n| {'model':<50} | test accuracy |\n|{'-' * 52}|--------------:|")
+    for name, path in chosen:
+        print(f"| {name:<50} | {test_accuracy(path):>13.2%} |")
+
 
 if __name__ == "__main__":
     main()
