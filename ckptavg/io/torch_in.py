@@ -178,6 +178,16 @@ class _Records:
         return name, h, size
 
 
+def _refuse_unsafe(path: Any, e: Exception, trust_pickle: bool) -> None:
+    """Raise the refusal for a pickle that names a global weights-only loading does not allow."""
+    bad = _unsafe_global(str(e))
+    if bad is not None and not trust_pickle:
+        raise UnsafePickleError(
+            f"{path}: refusing to load: the pickle needs {bad}, which weights_only loading does not allow "
+            f"(it could run code); pass --trust-pickle (trust_pickle=True) only if you trust this file"
+        ) from None
+
+
 def _load_meta(f: InputFile, trust_pickle: bool) -> Any:
     """The checkpoint's object tree with every storage on the meta device (no data read)."""
     try:
@@ -185,12 +195,7 @@ def _load_meta(f: InputFile, trust_pickle: bool) -> Any:
             return torch.load(f.path, map_location="meta", weights_only=False)
         return _weights_only_load(f.path, "meta")
     except pickle.UnpicklingError as e:
-        bad = _unsafe_global(str(e))
-        if bad is not None and not trust_pickle:
-            raise UnsafePickleError(
-                f"{f.path}: refusing to load: the pickle needs {bad}, which weights_only loading does not allow "
-                f"(it could run code); pass --trust-pickle (trust_pickle=True) only if you trust this file"
-            ) from None
+        _refuse_unsafe(f.path, e, trust_pickle)
         raise CheckpointReadError(f"{f.path}: not a valid torch checkpoint (bad pickle: {_short(e)})") from None
     except (MemoryError, RecursionError, OverflowError) as e:
         raise CheckpointReadError(f"{f.path}: not a valid torch checkpoint ({type(e).__name__})") from None
@@ -351,12 +356,7 @@ def open_torch_legacy(f: InputFile, key: str | None, trust_pickle: bool) -> Chec
         else:
             obj = _weights_only_load(p, "cpu")
     except pickle.UnpicklingError as e:
-        bad = _unsafe_global(str(e))
-        if bad is not None and not trust_pickle:
-            raise UnsafePickleError(
-                f"{p}: refusing to load: the pickle needs {bad}, which weights_only loading does not allow "
-                f"(it could run code); pass --trust-pickle (trust_pickle=True) only if you trust this file"
-            ) from None
+        _refuse_unsafe(p, e, trust_pickle)
         raise CheckpointReadError(f"{p}: not a checkpoint ckptavg can read ({_short(e)})") from None
     except Exception as e:
         raise CheckpointReadError(f"{p}: not a checkpoint ckptavg can read ({_short(e)})") from None
