@@ -299,9 +299,9 @@ def plan(inputs: Inputs, output: PathLike | None = None, **options: Any) -> Merg
         for item in p.inputs:
             print(item.path, item.epoch, item.weight)
     """
-    opts = collect(options, option_fields(), "plan")
+    variants = expand_variants(collect(options, option_fields(), "plan"))
     out, kind = (Path(output), output_kind(output)) if output is not None else (None, None)
-    return build_plan(inputs, opts, out, kind)
+    return build_plan(inputs, variants[0][1], out, kind, variants)
 
 
 def average(inputs: Inputs, **options: Any) -> dict[str, torch.Tensor]:
@@ -318,7 +318,11 @@ def average(inputs: Inputs, **options: Any) -> dict[str, torch.Tensor]:
         model.load_state_dict(sd)
     """
     allowed = option_fields("plan") + [f for f in option_fields("output") if f.name == "progress"]
-    opts = collect(options, allowed, "average")
+    variants = expand_variants(collect(options, allowed, "average"))
+    if len(variants) > 1:
+        raise OptionError(f"average returns one state dict: give one value for {', '.join(variants[0][0])} "
+                          "(merge writes several outputs from one pass)")
+    opts = variants[0][1]
     resolve_device(opts.device)
     p = build_plan(inputs, opts)
     try:
