@@ -1,4 +1,11 @@
-"""Merging across the ranks of ``torch.distributed`` (torchrun), into one sharded safetensors folder.
+"""Merging across the ranks of ``torch.distributed`` (torchrun), into one sharded safetensors folder
+or one DCP folder (``-o NAME.dcp``: rank R writes ``__R_0.distcp``, rank 0 the ``.metadata`` from
+every rank's chunk records, exchanged in the agreement after writing).
+
+With ``--bn-spec`` (precise mode only) every rank averages the whole model in memory, the
+recalibration runs batch ``k`` of the spec's loader on rank ``k % world`` and combines the
+per-layer moments with ``all_reduce`` (:func:`ckptavg.bn.core._combine_ranks`), and each rank
+writes its share of the recalibrated tensors.
 
 ``torchrun --nproc-per-node K -m ckptavg merge IN... -o OUT/`` (or ``ckptavg.merge`` called on every
 rank of an initialised process group) splits the output tensors across the K ranks:

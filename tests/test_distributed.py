@@ -228,9 +228,30 @@ def _every_rank_failed(text: str, n: int) -> None:
     assert ranks == set(range(n)) and codes == ["1"] * n, text
 
 
+# The CLI with rank 0 held up after each collective, as a loaded machine may deschedule it: rank 1
+# (quiet) then exits first and torchrun sends SIGTERM to rank 0 before it has printed the error. This
+# once made the NaN test fail under load (rank 0 exited 143, "terminated", no error line); the ranks now
+# wait for each other once they agreed on the failure, so the delay must not change the outcome.
+_SLOW_RANK0 = """
+import os, sys, time
+import torch.distributed as dist
+_orig = dist.all_gather_object
+def _slow(*a, **k):
+    r = _orig(*a, **k)
+    if os.environ["RANK"] == "0":
+        time.sleep(1.5)
+    return r
+dist.all_gather_object = _slow
+from ckptavg.cli import main
+sys.argv = ["ckptavg"] + sys.argv[1:]
+main()
+"""
+
+
 def test_nan_on_one_rank_nobody_publishes(tmp_path):
     inputs = make_inputs(tmp_path, nan_in="block4.weight")  # on rank 1 of 2
-    rc, text = torchrun(2, "-m", "ckptavg", "merge", *inputs, "-o", tmp_path / "out/", cwd=tmp_path)
+    (tmp_path / "slow_rank0.py").write_text(_SLOW_RANK0)
+    rc, text = torchrun(2, tmp_path / "slow_rank0.py", "merge", *inputs, "-o", tmp_path / "out/", cwd=tmp_path)
     assert rc != 0
     line = _one_error_line(text)
     assert "ck1.pt" in line and "'block4.weight'" in line and "nan" in line, line

@@ -12,6 +12,10 @@ a folder that ``torch.distributed.checkpoint.load`` reads into a model, plain or
   a state dict nested as ``{"model": ...}`` would look for ``model.``-prefixed keys);
 * ``ckptavg.json``: the merge's provenance (ignored by DCP).
 
+Under torchrun (:mod:`ckptavg.distributed`) each rank writes its own tensors into
+``__{rank}_0.distcp`` with a :class:`DcpPartWriter` and rank 0 writes ``.metadata`` from every
+rank's records (:func:`write_dcp_metadata`).
+
 Tied names point at one stored chunk. Everything is written into a temporary sibling folder
 renamed into place once complete (:func:`ckptavg.io.files.publish_folder`); an existing
 destination is replaced only if empty or an earlier ckptavg DCP output.
