@@ -339,7 +339,18 @@ def main(argv: list[str] | None = None) -> None:
         signal.signal(signal.SIGTERM, _on_sigterm)
     except ValueError:  # not in the main thread
         pass
-    cli.main(args=argv, prog_name="ckptavg")
+    try:
+        cli.main(args=argv, prog_name="ckptavg")
+    except SystemExit as e:
+        dist = sys.modules.get("ckptavg.distributed")
+        if dist is not None and dist.failing():
+            # A merge across ranks failed and every rank knows it. Exit at once: during the interpreter's
+            # teardown SIGTERM has its default effect again, and torchrun sends it to every rank as soon
+            # as one exits, which would turn this rank's exit status 1 into "killed by SIGTERM".
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(e.code if isinstance(e.code, int) else 1)
+        raise
 
 
 if __name__ == "__main__":  # pragma: no cover

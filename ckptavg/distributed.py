@@ -1,4 +1,11 @@
-"""Merging across the ranks of ``torch.distributed`` (torchrun), into one sharded safetensors folder.
+"""Merging across the ranks of ``torch.distributed`` (torchrun), into one sharded safetensors folder
+or one DCP folder (``-o NAME.dcp``: rank R writes ``__R_0.distcp``, rank 0 the ``.metadata`` from
+every rank's chunk records, exchanged in the agreement after writing).
+
+With ``--bn-spec`` (precise mode only) every rank averages the whole model in memory, the
+recalibration runs batch ``k`` of the spec's loader on rank ``k % world`` and combines the
+per-layer moments with ``all_reduce`` (:func:`ckptavg.bn.core._combine_ranks`), and each rank
+writes its share of the recalibrated tensors.
 
 ``torchrun --nproc-per-node K -m ckptavg merge IN... -o OUT/`` (or ``ckptavg.merge`` called on every
 rank of an initialised process group) splits the output tensors across the K ranks:
@@ -33,6 +40,7 @@ initialised, and destroys only a group it created.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -49,7 +57,8 @@ import torch
 import torch.distributed as dist
 
 from .errors import CkptavgError, DistributedError, OptionError, OutputError
-from .io.files import TMP_SUFFIX, make_parent, remove_created
+from .io.dcp_out import DcpPartWriter, check_dcp_destination, data_name, write_dcp_metadata
+from .io.files import TMP_SUFFIX, make_parent, publish_folder, remove_created, signals_blocked
 from .io.hf_folder_out import ShardedSafetensorsWriter, check_destination, folder_extras, shard_names
 from .io.safetensors_out import safetensors_header
 from .io.writer import Entry, StreamWriter
@@ -341,12 +350,18 @@ class _Ranks:
         failed = [(r, m, c) for r, (m, c, _) in enumerate(got) if m is not None]
         if failed:
             _set_failing(True)
-            if err is not None:
-                raise _quiet(err) if self.rank != 0 else err
-            r, m, c = failed[0]
-            e = DistributedError(f"{m} (on rank {r} of {self.world}; nothing was published)")
-            e.exit_code = c
-            raise _quiet(e) if self.rank != 0 else e
+            # Every rank now ignores torchrun's SIGTERM (see failing()); wait until all of them do before
+            # any exits: a quiet rank exiting first makes torchrun terminate the rank that is to print.
+            try:
+                dist.barrier()
+            except Exception:
+                pass
+            if err is None:
+                r, m, c = failed[0]
+                err = DistributedError(f"{m} (on rank {r} of {self.world}; nothing was published)")
+                err.exit_code = c  # type: ignore[attr-defined]
+            err.ckptavg_agreed = True  # type: ignore[attr-defined]
+            raise _quiet(err) if self.rank != 0 else err
         return [p for _, _, p in got]
 
 
@@ -374,10 +389,55 @@ def merge(inputs: Any, output: str | os.PathLike[str], opts: MergeOptions) -> An
         group.leave()
 
 
+def _local_entries(entries: Sequence[Entry], mine: Sequence[int]) -> list[Entry]:
+    """``entries[g] for g in mine``, with alias indices renumbered within ``mine``."""
+    pos = {g: j for j, g in enumerate(mine)}
+    return [Entry(entries[g].name, entries[g].dtype, entries[g].shape,
+                  None if entries[g].alias_of is None else pos[entries[g].alias_of]) for g in mine]
+
+
+class _RankDcpWriter(DcpPartWriter):
+    """One rank's part of a DCP output: its tensors in ``__{rank}_0.distcp`` of the shared temporary
+    folder. Rank 0 writes ``.metadata`` from every rank's records (:meth:`write_metadata`) and
+    publishes (:meth:`commit`)."""
+
+    def __init__(self, dest: Path, tmp: Path, entries: Sequence[Entry], mine: Sequence[int], rank: int,
+                 mode: str) -> None:
+        self.tmp = tmp
+        self.mode = mode
+        self.rank = rank
+        self._done = False
+        super().__init__(dest, tmp, data_name(rank), _local_entries(entries, mine))
+
+    def write_metadata(self, entries: Sequence[Entry], records: dict[str, Any], provenance: dict[str, str]) -> None:
+        """Rank 0: ``.metadata`` (every rank's records) and ``ckptavg.json`` into the temporary folder."""
+        try:
+            write_dcp_metadata(self.tmp, entries, records, provenance)
+        except OSError as e:
+            raise OutputError(f"{self.dest}: cannot write the DCP metadata: {e.strerror}") from None
+
+    def commit(self) -> None:
+        """Rename the shared temporary folder into place (rank 0, after every rank agreed)."""
+        try:
+            with signals_blocked():
+                publish_folder(self.tmp, self.dest, self.mode)
+                self._done = True
+        except OSError as e:
+            raise OutputError(f"{self.dest}: cannot move the finished folder into place: {e.strerror}") from None
+
+    def abort(self) -> None:
+        """Remove this rank's data file (the folder itself is removed by its creator)."""
+        if self._done:
+            return
+        self._done = True
+        super().abort()
+
+
 def _merge(inputs: Any, output: str | os.PathLike[str], opts: MergeOptions, ranks: _Ranks) -> Any:
     from .api import MergeReport, _check_output_options
     from .engine import _auto_chunk, resolve_device, run
-    from .io import output_kind
+    from .io import feed, output_kind
+    from .io.memory_out import MemoryWriter
     from .planner import build_plan, parse_dtype
 
     t0 = time.perf_counter()
@@ -385,8 +445,10 @@ def _merge(inputs: Any, output: str | os.PathLike[str], opts: MergeOptions, rank
     p: MergePlan | None = None
     tmp: Path | None = None
     created: list[Path] = []
-    writer: _RankShardWriter | None = None
+    writer: _RankShardWriter | _RankDcpWriter | None = None
     owns_tmp = rank == 0
+    spec: Any = None
+    bn_report: Any = None
 
     def remove_tmp() -> None:
         if writer is not None:
@@ -401,19 +463,30 @@ def _merge(inputs: Any, output: str | os.PathLike[str], opts: MergeOptions, rank
         try:
             out = Path(output)
             kind = output_kind(output)
-            if kind != "hf-folder":
-                raise OptionError(f"{out}: a merge across ranks (torchrun) writes a sharded folder: give -o DIR/")
-            if opts.keep_structure or opts.bn_spec is not None:
-                raise OptionError("--keep-structure and --bn-spec are not supported in a merge across ranks (torchrun)")
+            if kind not in ("hf-folder", "dcp"):
+                raise OptionError(f"{out}: a merge across ranks (torchrun) writes a folder: give -o DIR/ (sharded "
+                                  "safetensors) or -o NAME.dcp (a DCP folder)")
+            if opts.keep_structure:
+                raise OptionError("--keep-structure is not supported in a merge across ranks (torchrun)")
+            if opts.bn_spec is not None and opts.bn_mode != "precise":
+                raise OptionError("--bn-mode torch cannot be split across ranks (torchrun): its cumulative average "
+                                  "depends on the order of the forward calls; use --bn-mode precise")
             shard_size = _check_output_options(out, kind, opts)
             device = _engine_device(opts.device)
             resolve_device(device)
             p = build_plan(inputs, opts, out, kind)
-            mode = check_destination(out)
-            entries = p.entries()
-            for e in entries:  # the single-process writer's dtype check, before anything is written
-                if e.dtype not in _storable():
-                    raise OutputError(f"{out}: tensor {e.name!r} has dtype {e.dtype}, which safetensors cannot store")
+            if kind == "hf-folder":
+                mode = check_destination(out)
+                for e in p.entries():  # the single-process writer's dtype check, before anything is written
+                    if e.dtype not in _storable():
+                        raise OutputError(f"{out}: tensor {e.name!r} has dtype {e.dtype}, which safetensors cannot "
+                                          "store")
+            else:
+                mode = check_dcp_destination(out)
+            if opts.bn_spec is not None:
+                from .bn import load_spec
+
+                spec = load_spec(opts.bn_spec)
             if rank == 0 and not opts.dry_run:
                 created = make_parent(out)
                 try:
@@ -429,8 +502,12 @@ def _merge(inputs: Any, output: str | os.PathLike[str], opts: MergeOptions, rank
             return MergeReport(plan=p, output=out, dry_run=True, seconds=time.perf_counter() - t0,
                                extra={"rank": rank, "world_size": world})
 
-        # 2. every rank streams its part into its own shards
+        # 2. every rank streams its part into its own files (with BatchNorm: every rank averages the
+        #    whole model, the recalibration is split across the ranks, each writes its part)
+        entries = p.entries()
         read = 0
+        records: dict[str, Any] | None = None
+        layout: ShardLayout | None = None
         try:
             assert tmp is not None
             if rank != 0:
@@ -442,28 +519,59 @@ def _merge(inputs: Any, output: str | os.PathLike[str], opts: MergeOptions, rank
                     pass
             owner = partition([_cost(t, p.weights.coeffs) for t in p.tensors], world,
                               [t.alias_of for t in p.tensors])
-            layout = shard_layout(entries, owner, world, shard_size)
-            source = next((i.path for i in reversed(p.inputs) if i.format == "hf-folder"), None)
-            writer = _RankShardWriter(out, tmp, entries, layout, rank, p.provenance(), mode, source,
-                                      parse_dtype(opts.dtype))
-            mine = layout.local(rank)
-            pos = {g: j for j, g in enumerate(mine)}
-            sub = [replace(p.tensors[g], alias_of=None if p.tensors[g].alias_of is None else pos[p.tensors[g].alias_of])
-                   for g in mine]
+            mine = [g for g, o in enumerate(owner) if o == rank]
+            if kind == "hf-folder":
+                layout = shard_layout(entries, owner, world, shard_size)
+                source = next((i.path for i in reversed(p.inputs) if i.format == "hf-folder"), None)
+                writer = _RankShardWriter(out, tmp, entries, layout, rank, p.provenance(), mode, source,
+                                          parse_dtype(opts.dtype))
+            else:
+                writer = _RankDcpWriter(out, tmp, entries, mine, rank, mode)
             chunk = int(os.environ.get("CKPTAVG_CHUNK_ELEMS", 0)) or _auto_chunk(p)  # the whole plan's chunking
-            stats = run(replace(p, tensors=sub), writer, device=device, progress=opts.progress and rank == 0,
-                        allow_nonfinite=opts.allow_nonfinite, chunk_elems=chunk)
+            if spec is None:
+                pos = {g: j for j, g in enumerate(mine)}
+                sub = [replace(p.tensors[g],
+                               alias_of=None if p.tensors[g].alias_of is None else pos[p.tensors[g].alias_of])
+                       for g in mine]
+                stats = run(replace(p, tensors=sub), writer, device=device, progress=opts.progress and rank == 0,
+                            allow_nonfinite=opts.allow_nonfinite, chunk_elems=chunk)
+            else:
+                from .bn import recalibrate_state_dict
+
+                mem = MemoryWriter(entries)
+                stats = run(p, mem, device=device, progress=opts.progress and rank == 0,
+                            allow_nonfinite=opts.allow_nonfinite, chunk_elems=chunk)
+                mem.commit()
+                ranks.agree(None)  # every rank has the model before the recalibration's collectives
+                new, bn_report = recalibrate_state_dict(mem.result, spec, mode=opts.bn_mode, device=None,
+                                                        progress=opts.progress and rank == 0, ranks=ranks)
+                result = {**mem.result, **new}
+                feed(writer, [result[entries[g].name] for g in mine if entries[g].alias_of is None])
             read = stats.bytes_read
             writer.finish()
+            if isinstance(writer, _RankDcpWriter):
+                records = writer.records()
         except Exception as e:
+            if getattr(e, "ckptavg_agreed", False):
+                raise  # every rank knows already (a collective inside the recalibration)
             err = e
             _uninterrupted(writer.abort if writer is not None else lambda: None)
-        done = ranks.agree(err, (read, writer.bytes_written if writer is not None else 0, owns_tmp))
+        done = ranks.agree(err, (read, writer.bytes_written if writer is not None else 0, owns_tmp, records))
 
-        # 3. rank 0 publishes; then ranks that wrote into a folder of their own node publish it there
+        # 3. rank 0 writes the DCP metadata and publishes; then ranks that wrote into a folder of their
+        #    own node publish it there
         assert writer is not None
         if rank == 0:
             try:
+                if isinstance(writer, _RankDcpWriter):
+                    every: dict[str, Any] = {}
+                    for d in done:
+                        every.update(d[3])
+                    prov = dict(p.provenance())
+                    if bn_report is not None:
+                        prov["ckptavg_bn"] = json.dumps({"mode": bn_report.mode, "layers": len(bn_report.layers),
+                                                         "batches": bn_report.batches, "samples": bn_report.samples})
+                    writer.write_metadata(entries, every, prov)
                 writer.commit()
                 tmp = None
             except Exception as e:
@@ -475,15 +583,21 @@ def _merge(inputs: Any, output: str | os.PathLike[str], opts: MergeOptions, rank
                 os.rename(tmp, out)
                 tmp = None
             except OSError as e:
-                raise OutputError(f"{out}: this node's shards stay in {tmp}: cannot rename it ({e.strerror})") from None
-        notes = [f"{len(layout.names)} shard{'s' if len(layout.names) != 1 else ''} written by {world} "
-                 f"rank{'s' if world != 1 else ''}"]
+                raise OutputError(f"{out}: this node's part stays in {tmp}: cannot rename it ({e.strerror})") from None
+        if layout is not None:
+            notes = [f"{len(layout.names)} shard{'s' if len(layout.names) != 1 else ''} written by {world} "
+                     f"rank{'s' if world != 1 else ''}"]
+            extra = {"shards": list(layout.names), "rank_of_shard": list(layout.shard_rank)}
+        else:
+            notes = [f"DCP folder, {world} data file{'s' if world != 1 else ''} written by {world} "
+                     f"rank{'s' if world != 1 else ''}"]
+            extra = {"data_files": [data_name(r) for r in range(world)]}
         if any(d[2] for d in done[1:]):
-            notes.append("no shared file system: other nodes hold their own shards under the same path")
-        extra = {"rank": rank, "world_size": world, "shards": list(layout.names), "output_notes": notes,
-                 "rank_of_shard": list(layout.shard_rank)}
+            notes.append("no shared file system: other nodes hold their own part under the same path")
+        extra.update({"rank": rank, "world_size": world, "output_notes": notes})
         return MergeReport(plan=p, output=out, bytes_written=sum(d[1] for d in done),
-                           bytes_read=sum(d[0] for d in done), seconds=time.perf_counter() - t0, extra=extra)
+                           bytes_read=sum(d[0] for d in done), seconds=time.perf_counter() - t0, bn=bn_report,
+                           extra=extra)
     except BaseException:
         _uninterrupted(remove_tmp)
         raise

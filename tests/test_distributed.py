@@ -228,9 +228,30 @@ def _every_rank_failed(text: str, n: int) -> None:
     assert ranks == set(range(n)) and codes == ["1"] * n, text
 
 
+# The CLI with rank 0 held up after each collective, as a loaded machine may deschedule it: rank 1
+# (quiet) then exits first and torchrun sends SIGTERM to rank 0 before it has printed the error. This
+# once made the NaN test fail under load (rank 0 exited 143, "terminated", no error line); the ranks now
+# wait for each other once they agreed on the failure, so the delay must not change the outcome.
+_SLOW_RANK0 = """
+import os, sys, time
+import torch.distributed as dist
+_orig = dist.all_gather_object
+def _slow(*a, **k):
+    r = _orig(*a, **k)
+    if os.environ["RANK"] == "0":
+        time.sleep(1.5)
+    return r
+dist.all_gather_object = _slow
+from ckptavg.cli import main
+sys.argv = ["ckptavg"] + sys.argv[1:]
+main()
+"""
+
+
 def test_nan_on_one_rank_nobody_publishes(tmp_path):
     inputs = make_inputs(tmp_path, nan_in="block4.weight")  # on rank 1 of 2
-    rc, text = torchrun(2, "-m", "ckptavg", "merge", *inputs, "-o", tmp_path / "out/", cwd=tmp_path)
+    (tmp_path / "slow_rank0.py").write_text(_SLOW_RANK0)
+    rc, text = torchrun(2, tmp_path / "slow_rank0.py", "merge", *inputs, "-o", tmp_path / "out/", cwd=tmp_path)
     assert rc != 0
     line = _one_error_line(text)
     assert "ck1.pt" in line and "'block4.weight'" in line and "nan" in line, line
@@ -310,3 +331,129 @@ def test_killed_rank_nobody_publishes(tmp_path):
     assert "Signal 9" in text or "SIGKILL" in text, text
     assert not (tmp_path / "out").exists()
     assert no_leftovers(tmp_path) == [], text
+
+
+# -- DCP output and BatchNorm recalibration across ranks
+
+
+def _load_dcp_plain(folder: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a DCP folder, loaded by ``dcp.load`` in this (single) process."""
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import FileSystemReader
+
+    md = FileSystemReader(str(folder)).read_metadata()
+    target = {k: torch.empty(tuple(m.size), dtype=m.properties.dtype) for k, m in md.state_dict_metadata.items()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.load(target, checkpoint_id=folder)
+    return target
+
+
+def _raw(t: torch.Tensor) -> tuple[str, tuple, bytes]:
+    return str(t.dtype), tuple(t.shape), t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+def test_two_ranks_dcp_output_same_as_single_process(tmp_path):
+    inputs = make_inputs(tmp_path)
+    rc, text = torchrun(2, "-m", "ckptavg", "merge", *inputs, "-o", tmp_path / "out.dcp", cwd=tmp_path)
+    assert rc == 0, text
+    assert text.count("wrote ") == 1 and "2 data files written by 2 ranks" in text, text
+    out = tmp_path / "out.dcp"
+    assert sorted(q.name for q in out.iterdir()) == [".metadata", "__0_0.distcp", "__1_0.distcp", "ckptavg.json"]
+    ckptavg.merge(inputs, tmp_path / "single.dcp", distributed=False)
+    got, want = _load_dcp_plain(out), _load_dcp_plain(tmp_path / "single.dcp")
+    assert sorted(got) == sorted(want)
+    for k in want:
+        assert _raw(got[k]) == _raw(want[k]), k
+    # each rank wrote a share; the tied head is stored once, in the data file holding its source
+    from torch.distributed.checkpoint import FileSystemReader
+
+    md = FileSystemReader(str(out)).read_metadata()
+    files = {idx.fqn: info.relative_path for idx, info in md.storage_data.items()}
+    assert set(files.values()) == {"__0_0.distcp", "__1_0.distcp"}
+    same = [info for idx, info in md.storage_data.items() if idx.fqn in ("embed.weight", "head.weight")]
+    assert same[0] == same[1]
+    assert no_leftovers(tmp_path) == []
+
+
+def test_two_ranks_dcp_output_nan_nobody_publishes(tmp_path):
+    inputs = make_inputs(tmp_path, nan_in="block4.weight")  # on rank 1 of 2
+    rc, text = torchrun(2, "-m", "ckptavg", "merge", *inputs, "-o", tmp_path / "out.dcp", cwd=tmp_path)
+    assert rc != 0
+    line = _one_error_line(text)
+    assert "ck1.pt" in line and "'block4.weight'" in line and "nan" in line, line
+    _every_rank_failed(text, 2)
+    assert not (tmp_path / "out.dcp").exists() and no_leftovers(tmp_path) == []
+
+
+BN_MODEL_PY = """
+import torch
+
+class Net(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.bn0 = torch.nn.BatchNorm2d(3)  # input mean ~100 over a spread ~2: the shifted path
+        self.conv = torch.nn.Conv2d(3, 6, 3, padding=1)
+        self.bn = torch.nn.BatchNorm2d(6)
+        self.head = torch.nn.Linear(6, 4)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.bn(self.conv(self.bn0(x + 100.0)))).mean((2, 3)))
+
+def build():
+    return Net().double()
+
+def loader(n=5, batch_size=8):
+    g = torch.Generator().manual_seed(0)
+    return [(torch.randn(batch_size, 3, 8, 8, generator=g, dtype=torch.float64) * (k + 1) + k, 0) for k in range(n)]
+"""
+
+
+def test_two_ranks_bn_precise_equals_single_process(tmp_path):
+    (tmp_path / "models.py").write_text(BN_MODEL_PY)
+    spec = tmp_path / "bn.toml"
+    spec.write_text('[model]\nfactory = "models.py:build"\n[data]\nloader = "models.py:loader"\n')
+    g = torch.Generator().manual_seed(5)
+    inputs = []
+    for i in range(3):
+        p = tmp_path / f"m{i}.safetensors"
+        net_sd = {"bn0.weight": torch.rand(3, generator=g, dtype=torch.float64) + 0.5,
+                  "bn0.bias": torch.randn(3, generator=g, dtype=torch.float64),
+                  "bn0.running_mean": torch.zeros(3, dtype=torch.float64),
+                  "bn0.running_var": torch.ones(3, dtype=torch.float64),
+                  "bn0.num_batches_tracked": torch.tensor(7),
+                  "conv.weight": torch.randn(6, 3, 3, 3, generator=g, dtype=torch.float64),
+                  "conv.bias": torch.randn(6, generator=g, dtype=torch.float64),
+                  "bn.weight": torch.rand(6, generator=g, dtype=torch.float64) + 0.5,
+                  "bn.bias": torch.randn(6, generator=g, dtype=torch.float64),
+                  "bn.running_mean": torch.zeros(6, dtype=torch.float64),
+                  "bn.running_var": torch.ones(6, dtype=torch.float64),
+                  "bn.num_batches_tracked": torch.tensor(7),
+                  "head.weight": torch.randn(4, 6, generator=g, dtype=torch.float64),
+                  "head.bias": torch.randn(4, generator=g, dtype=torch.float64)}
+        save_file(net_sd, p)
+        inputs.append(p)
+    rc, text = torchrun(2, "-m", "ckptavg", "merge", *inputs, "-o", tmp_path / "out.dcp", "--bn-spec", spec,
+                        "--buffers", "average", cwd=tmp_path)
+    assert rc == 0, text
+    assert "over 5 batches / 40 samples" in text, text
+    got = _load_dcp_plain(tmp_path / "out.dcp")
+    ckptavg.merge(inputs, tmp_path / "single.safetensors", bn_spec=str(spec), buffers="average", distributed=False)
+    from safetensors.torch import load_file
+
+    want = load_file(tmp_path / "single.safetensors")
+    assert sorted(got) == sorted(want)
+    for k in want:
+        if k.endswith(("running_mean", "running_var")):
+            torch.testing.assert_close(got[k], want[k], rtol=1e-10, atol=0)
+            assert not torch.equal(want[k], torch.zeros_like(want[k]) + (k.endswith("var")))  # recalibrated
+        else:  # num_batches_tracked: the forward calls over every rank (5), as in one process
+            assert _raw(got[k]) == _raw(want[k]), k
+    assert got["bn.num_batches_tracked"].item() == 5
+    # refused: torch mode across ranks (one error line, every rank non-zero)
+    rc, text = torchrun(2, "-m", "ckptavg", "merge", *inputs, "-o", tmp_path / "t.dcp", "--bn-spec", spec,
+                        "--bn-mode", "torch", cwd=tmp_path)
+    assert rc != 0 and "--bn-mode torch cannot be split across ranks" in _one_error_line(text), text
+    assert not (tmp_path / "t.dcp").exists() and no_leftovers(tmp_path) == []

@@ -470,9 +470,18 @@ def _recalibrate(
     max_batches: int | None,
     progress: bool,
     total: int | None,
+    ranks: Any = None,
 ) -> tuple[BNReport, dict[nn.Module, tuple[torch.Tensor, torch.Tensor]]]:
-    """The pass itself; returns the report and, in precise mode, the float64 (mean, var) per layer."""
+    """The pass itself; returns the report and, in precise mode, the float64 (mean, var) per layer.
+
+    ``ranks``: an object with ``rank``, ``world`` and ``agree(error_or_None)`` (raises on every
+    rank if any rank failed) for a pass split across the ranks of an initialised process group:
+    see :func:`_combine_ranks`."""
     _check_args(mode, max_batches)
+    rank, world = (ranks.rank, ranks.world) if ranks is not None else (0, 1)
+    if ranks is not None and mode != "precise":
+        raise OptionError("--bn-mode torch cannot be split across ranks (torchrun): its cumulative average depends "
+                          "on the order of the forward calls; use --bn-mode precise, or recalibrate in one process")
     named = [(name, m) for name, m in model.named_modules() if is_bn_like(m)]
     if not named:
         return BNReport(mode, [], 0, 0, 0.0, skipped=True), {}
@@ -527,17 +536,35 @@ def _recalibrate(
             file=sys.stderr,
             disable=not progress,
         )
-        with torch.no_grad():
-            iterator: Iterator[Any] = iter(batches)
-            while max_batches is None or batches_seen < max_batches:
-                try:
-                    batch = next(iterator)
-                except StopIteration:
-                    break
-                n = feed(model, batch, dev)
-                batches_seen += 1
-                samples += n or 0
-                bar.update(1)
+        try:
+            with torch.no_grad():
+                iterator: Iterator[Any] = iter(batches)
+                index = 0  # of the batch in the whole loader; batch k is rank k % world's
+                while max_batches is None or index < max_batches:
+                    try:
+                        batch = next(iterator)
+                    except StopIteration:
+                        break
+                    if index % world == rank:
+                        n = feed(model, batch, dev)
+                        batches_seen += 1
+                        samples += n or 0
+                        bar.update(1)
+                    elif index == 0 and mode == "precise":
+                        # every rank runs the first batch once, as the single process does, so that each
+                        # layer picks the same shift reference (see _Moments); its moments are dropped
+                        feed(model, batch, dev)
+                        for acc in moments.values():
+                            acc.count = acc.calls = 0
+                            acc.mean = acc.m2 = None
+                    index += 1
+        except Exception as exc:
+            if ranks is not None:
+                ranks.agree(exc)  # tells the other ranks, which raise too; raises here
+            raise
+        if ranks is not None:
+            ranks.agree(None)
+            batches_seen, samples = _combine_ranks([moments[m] for _, m in named], batches_seen, samples)
         if batches_seen == 0:
             raise OptionError("the loader yielded no batches: BatchNorm statistics left unchanged")
 
@@ -592,6 +619,68 @@ def _recalibrate(
         unused=unused,
     )
     return report, precise_stats
+
+
+def _combine_ranks(layers: list[_Moments], batches: int, samples: int) -> tuple[int, int]:
+    """Turn each rank's moments into those of every rank's inputs together (on every rank), with
+    ``all_reduce`` in float64: ``N = sum n_r``, the mean ``G = sum n_r m_r / N`` and
+    ``M2 = sum (M2_r + n_r (m_r - G)^2)`` (the law of total variance, as Chan's update, so no
+    sum of squares cancels), each rank's mean ``m_r`` taken with its shift added back. Forward
+    calls, batches and samples are summed. Returns the total (batches, samples)."""
+    import torch.distributed as dist
+
+    nccl = "nccl" in str(dist.get_backend())
+    dev = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
+    f64 = torch.float64
+
+    def channels(acc: _Moments) -> int:
+        if acc.mean is not None:
+            return acc.mean.numel()
+        rm = getattr(acc.module, "running_mean", None)
+        return rm.numel() if _initialised(rm) else 0
+
+    sizes = torch.tensor([channels(acc) for acc in layers], dtype=f64, device=dev)
+    if layers:
+        dist.all_reduce(sizes, op=dist.ReduceOp.MAX)  # a layer that never ran here still takes part
+    width = [int(c) for c in sizes.tolist()]
+
+    def mean_here(acc: _Moments, c: int) -> torch.Tensor:
+        if acc.mean is None or acc.shift is None:
+            return torch.zeros(c, dtype=f64, device=dev)
+        return (acc.mean + acc.shift.to(acc.mean.device, f64)).to(dev).reshape(-1)
+
+    counts = [float(acc.count) for acc in layers]
+    head = torch.tensor([batches, samples, *[acc.calls for acc in layers], *counts], dtype=f64, device=dev)
+    sums = [mean_here(acc, c) * n for acc, c, n in zip(layers, width, counts)]
+    flat = torch.cat([head, *sums])
+    dist.all_reduce(flat)
+    total_calls = flat[2:2 + len(layers)].tolist()
+    total_counts = flat[2 + len(layers):2 + 2 * len(layers)].tolist()
+    means, pos = [], 2 + 2 * len(layers)
+    for c, n in zip(width, total_counts):
+        means.append(flat[pos:pos + c] / n if n > 0 else flat[pos:pos + c])
+        pos += c
+    parts = []
+    for acc, c, n, g in zip(layers, width, counts, means):
+        if acc.mean is None or acc.m2 is None or n == 0:
+            parts.append(torch.zeros(c, dtype=f64, device=dev))
+        else:
+            parts.append(acc.m2.to(dev).reshape(-1) + (mean_here(acc, c) - g).square() * n)
+    m2 = torch.cat(parts) if parts else torch.zeros(0, dtype=f64, device=dev)
+    if layers:
+        dist.all_reduce(m2)
+    pos = 0
+    for acc, c, calls, n, g in zip(layers, width, total_calls, total_counts, means):
+        shape_dev = acc.mean.device if acc.mean is not None else acc.module.running_mean.device
+        acc.calls, acc.count = int(calls), int(n)
+        if n > 0:
+            acc.mean = g.to(shape_dev)
+            acc.m2 = m2[pos:pos + c].to(shape_dev)
+            acc.shift = torch.zeros(c, dtype=f64, device=shape_dev)
+        else:
+            acc.mean = acc.m2 = None
+        pos += c
+    return int(flat[0].item()), int(flat[1].item())
 
 
 def recalibrate_bn(

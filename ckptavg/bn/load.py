@@ -135,6 +135,7 @@ def recalibrate_state_dict(
     device: torch.device | str | None = None,
     progress: bool = False,
     max_batches: int | None = None,
+    ranks: Any = None,
 ) -> tuple[dict[str, torch.Tensor], BNReport]:
     """Recalibrate the BatchNorm statistics of a state dict with the model and data a spec names.
 
@@ -149,6 +150,10 @@ def recalibrate_state_dict(
         device: overrides the spec's ``[run].device`` (default CPU).
         progress: tqdm progress bar on stderr.
         max_batches: overrides the spec's ``[data].max_batches``.
+        ranks: set by a merge across ranks (:mod:`ckptavg.distributed`): every rank passes the
+            same state dict, runs batch ``k`` of the loader when ``k % world == rank`` and the
+            precise moments are combined across ranks, so every rank returns the statistics a
+            single process would compute over the whole loader (``precise`` mode only).
 
     Returns:
         ``(new_state_dict, report)``. The new dict has exactly the input's keys in the input's
@@ -187,6 +192,7 @@ def recalibrate_state_dict(
             max_batches=max_batches,
             progress=progress,
             total=_total(loader, max_batches),
+            ranks=ranks,
         )
     except OptionError as exc:
         raise spec.error(spec.data_entry, str(exc)) from exc

@@ -12,6 +12,10 @@ a folder that ``torch.distributed.checkpoint.load`` reads into a model, plain or
   a state dict nested as ``{"model": ...}`` would look for ``model.``-prefixed keys);
 * ``ckptavg.json``: the merge's provenance (ignored by DCP).
 
+Under torchrun (:mod:`ckptavg.distributed`) each rank writes its own tensors into
+``__{rank}_0.distcp`` with a :class:`DcpPartWriter` and rank 0 writes ``.metadata`` from every
+rank's records (:func:`write_dcp_metadata`).
+
 Tied names point at one stored chunk. Everything is written into a temporary sibling folder
 renamed into place once complete (:func:`ckptavg.io.files.publish_folder`); an existing
 destination is replaced only if empty or an earlier ckptavg DCP output.
@@ -40,12 +44,13 @@ from typing import Any
 import torch
 
 from ..errors import OutputError
-from .files import fsync_path, publish_folder, signals_blocked
+from .files import TMP_SUFFIX, fsync_path, publish_folder, signals_blocked
 from .hf_folder_out import check_destination
 from .torch_out import StorageRef, TensorStub, TorchWriter
 from .writer import Entry, StreamWriter
 
-__all__ = ["DcpWriter", "DATA_NAME", "PROVENANCE_NAME", "check_dcp_destination", "is_dcp_output"]
+__all__ = ["DcpWriter", "DcpPartWriter", "DATA_NAME", "PROVENANCE_NAME", "check_dcp_destination", "data_name",
+           "dcp_metadata", "is_dcp_output", "make_temporary_folder", "write_dcp_metadata"]
 
 DATA_NAME = "__0_0.distcp"
 PROVENANCE_NAME = "ckptavg.json"
@@ -86,9 +91,10 @@ class _BlobOut:
     current end of the data file: positions are relative to the archive's start, so its zip
     offsets are too (torch reads each chunk as a file view starting there)."""
 
-    def __init__(self, raw: Any, dest: Path) -> None:
+    def __init__(self, raw: Any, dest: Path, name: str = DATA_NAME) -> None:
         self.raw = raw
         self.dest = dest
+        self.name = name
         self.base = raw.tell()
         self.file = self  # TorchWriter's zip sink seeks and tells through .file
 
@@ -107,7 +113,7 @@ class _BlobOut:
                 n = self.raw.write(mv)
                 mv = mv[n:]
         except OSError as e:
-            raise OutputError(f"{self.dest}: write failed ({DATA_NAME}): {e.strerror}") from None
+            raise OutputError(f"{self.dest}: write failed ({self.name}): {e.strerror}") from None
 
     def commit(self) -> None:
         pass  # the data file is synced once, when the whole folder is committed
@@ -116,32 +122,51 @@ class _BlobOut:
         pass  # the folder writer removes the temporary folder
 
 
-class DcpWriter(StreamWriter):
-    """Streams a DCP folder: one chunk per tensor in ``__0_0.distcp``, then ``.metadata``.
-    See the module docstring for the layout."""
+def data_name(rank: int) -> str:
+    """The data file of ``rank`` in a DCP folder (torch's own naming, ``__{rank}_0.distcp``).
 
-    def __init__(self, dest: Path, entries: Sequence[Entry], metadata: Mapping[str, str] | None = None) -> None:
+    Example::
+
+        data_name(1)  # '__1_0.distcp'
+    """
+    return f"__{rank}_0.distcp"
+
+
+#: where one tensor's chunk is stored: (data file name relative to the folder, offset, length)
+Record = tuple[str, int, int]
+
+
+class DcpPartWriter(StreamWriter):
+    """One data file of a DCP folder: each entry streamed as one chunk (a ``torch.save`` archive)
+    into ``folder / name``; :meth:`records` says where each entry's chunk lies. Used alone by
+    one rank of a merge across ranks (:mod:`ckptavg.distributed`) and, as the base of
+    :class:`DcpWriter`, by a single-process merge.
+
+    Example::
+
+        part = DcpPartWriter(Path("avg.dcp"), tmp_folder, data_name(rank), my_entries)
+        for t in my_tensors:
+            part.write(t)
+        part.finish()
+        records = part.records()  # {"fc.weight": ("__1_0.distcp", 0, 4711), ...}
+    """
+
+    def __init__(self, dest: Path, folder: Path, name: str, entries: Sequence[Entry]) -> None:
         self.dest = Path(dest)
-        self.mode = check_dcp_destination(self.dest)
-        self.provenance = {str(k): str(v) for k, v in (metadata or {}).items()}
+        self.folder = Path(folder)
+        self.name = name
         self._stored: list[tuple[int, int] | None] = [None] * len(entries)
         self._w: TorchWriter | None = None
         self._raw: Any = None
-        self._done = False
+        self._closed = False
         try:
-            self.dest.parent.mkdir(parents=True, exist_ok=True)
-            self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.dest.name}.", suffix=".ckptavg-tmp",
-                                             dir=self.dest.parent))
+            self._raw = open(self.folder / name, "xb", buffering=0)  # noqa: SIM115 (closed in finish/abort)
         except OSError as e:
-            raise OutputError(f"{self.dest}: cannot write in {self.dest.parent}: {e.strerror}") from None
+            raise OutputError(f"{self.dest}: cannot create {name}: {e.strerror}") from None
         try:
-            self._raw = open(self.tmp / DATA_NAME, "xb", buffering=0)  # noqa: SIM115 (closed in commit/abort)
             super().__init__(entries)
-        except OSError as e:
-            self.abort()
-            raise OutputError(f"{self.dest}: cannot create {DATA_NAME}: {e.strerror}") from None
         except BaseException:
-            self.abort()
+            self._close_part(remove=True)
             raise
 
     # -- StreamWriter hooks: each tensor is one torch.save archive, streamed
@@ -150,7 +175,7 @@ class DcpWriter(StreamWriter):
         e = self.entries[i]
         stub = TensorStub(StorageRef("0", e.dtype, e.nbytes), e.shape)
         self._w = TorchWriter(self.dest, [Entry(e.name, e.dtype, e.shape)], obj=stub, stubs=[stub],
-                              out=_BlobOut(self._raw, self.dest))
+                              out=_BlobOut(self._raw, self.dest, self.name))
 
     def _data(self, i: int, mv: memoryview) -> None:
         assert self._w is not None
@@ -171,44 +196,127 @@ class DcpWriter(StreamWriter):
 
     # -- finishing
 
-    def _metadata(self) -> Any:
-        from torch.distributed.checkpoint.filesystem import CURRENT_DCP_VERSION, _StorageInfo
-        from torch.distributed.checkpoint.metadata import (
-            ChunkStorageMetadata,
-            Metadata,
-            MetadataIndex,
-            StorageMeta,
-            TensorProperties,
-            TensorStorageMetadata,
-        )
+    def finish(self) -> None:
+        """Check every entry was written, then flush, fsync and close the data file."""
+        self._check_complete()
+        try:
+            self._raw.flush()
+            os.fsync(self._raw.fileno())
+        except OSError as e:
+            raise OutputError(f"{self.dest}: cannot finish writing {self.name}: {e.strerror}") from None
+        self._close_part(remove=False)
 
-        sdm: dict[str, Any] = {}
-        storage: dict[Any, Any] = {}
+    def records(self) -> dict[str, Record]:
+        """Entry name -> (data file, offset, length) of its chunk, for the ``.metadata``."""
+        out = {}
         for e, where in zip(self.entries, self._stored):
-            assert where is not None
-            zeros = torch.Size([0] * len(e.shape))
-            size = torch.Size(e.shape)
-            sdm[e.name] = TensorStorageMetadata(properties=TensorProperties(dtype=e.dtype), size=size,
-                                                chunks=[ChunkStorageMetadata(offsets=zeros, sizes=size)])
-            storage[MetadataIndex(e.name, zeros, 0)] = _StorageInfo(DATA_NAME, where[0], where[1])
-        return Metadata(state_dict_metadata=sdm, planner_data={e.name: (e.name,) for e in self.entries},
-                        storage_data=storage, storage_meta=StorageMeta(save_id=str(uuid.uuid4())),
-                        version=CURRENT_DCP_VERSION)
+            assert where is not None, e.name
+            out[e.name] = (self.name, where[0], where[1])
+        return out
+
+    def _close_part(self, remove: bool) -> None:
+        if self._w is not None:
+            self._w.abort()
+            self._w = None
+        if self._raw is not None and not self._closed:
+            self._closed = True
+            try:
+                self._raw.close()
+            except OSError:
+                pass
+        if remove:
+            try:
+                (self.folder / self.name).unlink()
+            except OSError:
+                pass
+
+    def abort(self) -> None:
+        """Close and remove this data file (the folder is its creator's to remove)."""
+        self._close_part(remove=True)
+
+
+def dcp_metadata(entries: Sequence[Entry], records: Mapping[str, Record]) -> Any:
+    """torch's ``Metadata`` of a DCP folder holding every entry whole, one chunk each, at ``records``.
+
+    Example::
+
+        md = dcp_metadata(plan.entries(), part.records())
+    """
+    from torch.distributed.checkpoint.filesystem import CURRENT_DCP_VERSION, _StorageInfo
+    from torch.distributed.checkpoint.metadata import (
+        ChunkStorageMetadata,
+        Metadata,
+        MetadataIndex,
+        StorageMeta,
+        TensorProperties,
+        TensorStorageMetadata,
+    )
+
+    sdm: dict[str, Any] = {}
+    storage: dict[Any, Any] = {}
+    for e in entries:
+        name, offset, length = records[e.name]
+        zeros = torch.Size([0] * len(e.shape))
+        size = torch.Size(e.shape)
+        sdm[e.name] = TensorStorageMetadata(properties=TensorProperties(dtype=e.dtype), size=size,
+                                            chunks=[ChunkStorageMetadata(offsets=zeros, sizes=size)])
+        storage[MetadataIndex(e.name, zeros, 0)] = _StorageInfo(name, offset, length)
+    return Metadata(state_dict_metadata=sdm, planner_data={e.name: (e.name,) for e in entries},
+                    storage_data=storage, storage_meta=StorageMeta(save_id=str(uuid.uuid4())),
+                    version=CURRENT_DCP_VERSION)
+
+
+def write_dcp_metadata(folder: Path, entries: Sequence[Entry], records: Mapping[str, Record],
+                       provenance: Mapping[str, str]) -> None:
+    """Write (and fsync) ``.metadata`` and ``ckptavg.json`` into the temporary ``folder``. Raises ``OSError``.
+
+    Example::
+
+        write_dcp_metadata(tmp, plan.entries(), records, plan.provenance())
+    """
+    with open(folder / _METADATA_NAME, "xb") as fh:
+        pickle.dump(dcp_metadata(entries, records), fh)  # as torch's FileSystemWriter.finish pickles it
+    (folder / PROVENANCE_NAME).write_text(json.dumps(dict(provenance), indent=2) + "\n", encoding="utf-8")
+    for n in (_METADATA_NAME, PROVENANCE_NAME):
+        fsync_path(folder / n)
+
+
+def make_temporary_folder(dest: Path) -> Path:
+    """A fresh temporary sibling folder of ``dest`` (renamed into place when complete).
+
+    Example::
+
+        tmp = make_temporary_folder(Path("avg.dcp"))  # avg.dcp's parent / .avg.dcp.XXXX.ckptavg-tmp
+    """
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=TMP_SUFFIX, dir=dest.parent))
+    except OSError as e:
+        raise OutputError(f"{dest}: cannot write in {dest.parent}: {e.strerror}") from None
+
+
+class DcpWriter(DcpPartWriter):
+    """Streams a DCP folder in one process: one chunk per tensor in ``__0_0.distcp``, then
+    ``.metadata``. See the module docstring for the layout."""
+
+    def __init__(self, dest: Path, entries: Sequence[Entry], metadata: Mapping[str, str] | None = None) -> None:
+        dest = Path(dest)
+        self.mode = check_dcp_destination(dest)
+        self.provenance = {str(k): str(v) for k, v in (metadata or {}).items()}
+        self._done = False
+        self.tmp = make_temporary_folder(dest)
+        try:
+            super().__init__(dest, self.tmp, DATA_NAME, entries)
+        except BaseException:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            raise
 
     def commit(self) -> None:
         """Sync the data file, write ``.metadata`` and the provenance, rename the folder into place."""
-        self._check_complete()
         try:
+            self.finish()
             try:
-                self._raw.flush()
-                os.fsync(self._raw.fileno())
-                self._raw.close()
-                with open(self.tmp / _METADATA_NAME, "xb") as fh:
-                    pickle.dump(self._metadata(), fh)  # as torch's FileSystemWriter.finish pickles it
-                (self.tmp / PROVENANCE_NAME).write_text(json.dumps(self.provenance, indent=2) + "\n",
-                                                        encoding="utf-8")
-                for n in (_METADATA_NAME, PROVENANCE_NAME):
-                    fsync_path(self.tmp / n)
+                write_dcp_metadata(self.tmp, self.entries, self.records(), self.provenance)
                 with signals_blocked():
                     publish_folder(self.tmp, self.dest, self.mode)
                     self._done = True
@@ -224,14 +332,5 @@ class DcpWriter(StreamWriter):
         if self._done:
             return
         self._done = True
-        if self._w is not None:
-            self._w.abort()
-            self._w = None
-        if self._raw is not None:
-            try:
-                self._raw.close()
-            except OSError:
-                pass
-        tmp = getattr(self, "tmp", None)
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
+        self._close_part(remove=False)
+        shutil.rmtree(self.tmp, ignore_errors=True)
