@@ -760,6 +760,7 @@ def plot_sweep(report: SweepReport, path: PathLike) -> PlotData:
             ax.axhline(r.score, color=color, linestyle=style, label=f"baseline: {r.name} ({r.described})")
     ax.set_xlabel(xlabel)
     ax.set_ylabel(report.metric)
+    _log_if_wide(ax, [r.score for r in report.rows])
     w = report.winner
     ax.set_title(f"sweep winner: {w.name} ({_fmt_score(w.score)})", fontsize=10)
     if kind == "line" and xlabel.startswith("checkpoints"):
@@ -769,6 +770,14 @@ def plot_sweep(report: SweepReport, path: PathLike) -> PlotData:
     data = _save(fig, ax, path, kind, xlabel)
     data.baselines = {k.split(" (")[0]: v for k, v in data.baselines.items()}
     return data
+
+
+def _log_if_wide(ax: Any, scores: Sequence[float]) -> None:
+    """A log scale when the scores are positive and span more than a factor of 20 (losses): on a
+    linear scale the baselines would flatten the candidates into one line."""
+    vals = [v for v in scores if v is not None and math.isfinite(v)]
+    if len(vals) > 1 and min(vals) > 0 and max(vals) / min(vals) > 20:
+        ax.set_yscale("log")
 
 
 def plot_soup(report: SoupReport, path: PathLike) -> PlotData:
@@ -797,6 +806,7 @@ def plot_soup(report: SoupReport, path: PathLike) -> PlotData:
     ax.axhline(report.uniform_score, color="tab:red", linestyle="--", label="baseline: uniform soup")
     ax.set_xlabel("ingredients tried (best first)")
     ax.set_ylabel(report.metric)
+    _log_if_wide(ax, [*soup_scores, report.best_ingredient_score, report.uniform_score])
     ax.set_title(f"greedy soup: {len(report.members)} of {report.ingredients} ingredients "
                  f"({_fmt_score(report.score)})", fontsize=10)
     return _save(fig, ax, path, "line", "ingredients tried (best first)")
