@@ -79,6 +79,9 @@ class StreamWriter:
                 return
             e = self.entries[self._i]
             if e.alias_of is not None:
+                out = getattr(self, "out", None)
+                if hasattr(out, "flush"):
+                    out.flush()  # an alias may re-read bytes written earlier
                 self._alias(self._i, e.alias_of)
                 continue
             self._begin(self._i)
