@@ -142,10 +142,12 @@ class _Unit:
             self.pieces.append((is_copy, lo, hi))
 
 
-def _schedule(plan: MergePlan, chunk: int, copy_cap: int, acc_of: list[torch.dtype | None]) -> Iterator[_Unit]:
+def _schedule(plan: MergePlan, chunk: int, copy_cap: int, acc_of: list[torch.dtype | None],
+              numels: list[int]) -> Iterator[_Unit]:
     u = _Unit()
     for j, pt in enumerate(plan.tensors):
-        if pt.alias_of is not None or pt.numel == 0:
+        numel = numels[j]
+        if pt.alias_of is not None or numel == 0:
             continue
         if pt.kind == "copy":
             total = pt.refs[-1].nbytes
@@ -169,7 +171,6 @@ def _schedule(plan: MergePlan, chunk: int, copy_cap: int, acc_of: list[torch.dty
         acc = acc_of[j]
         assert acc is not None
         key = (tuple(r.dtype for r in pt.refs), acc, pt.out_dtype)
-        numel = pt.numel
         if (u.key is not None and u.key != key) or (u.n and u.n + numel > chunk):
             yield u
             u = _Unit()
@@ -304,11 +305,11 @@ def run(plan: MergePlan, writers: Writer | Sequence[Writer], *, weights: Sequenc
     acc_of = [accumulator_dtype(pt) if pt.kind == "average" else None for pt in plan.tensors]
 
     # buffer sizes
-    avg = [(j, t) for j, t in enumerate(plan.tensors) if t.kind == "average" and t.alias_of is None and t.numel]
-    total_avg = sum(t.numel for _, t in avg)
+    numels = [t.numel for t in plan.tensors]
+    avg = [(j, t) for j, t in enumerate(plan.tensors) if t.kind == "average" and t.alias_of is None and numels[j]]
+    total_avg = sum(numels[j] for j, _ in avg)
     max_elems = max(1, min(chunk, total_avg))
     max_in = max((r.itemsize for _, t in avg for r in t.refs), default=1)
-    max_acc = max((acc_of[j].itemsize for j, _ in avg), default=4)  # type: ignore[union-attr]
     max_out = max((t.out_dtype.itemsize for _, t in avg), default=1)
     copy_total = sum(t.refs[-1].nbytes for t in plan.tensors if t.kind == "copy" and t.alias_of is None)
     copy_cap = max(1, chunk * 4)
@@ -357,7 +358,7 @@ def run(plan: MergePlan, writers: Writer | Sequence[Writer], *, weights: Sequenc
     def reader() -> None:
         gap = memoryview(bytearray(MAX_GAP))
         try:
-            units = _schedule(plan, chunk, copy_cap, acc_of)
+            units = _schedule(plan, chunk, copy_cap, acc_of, numels)
             cur = next(units, None)
             while cur is not None:
                 nxt = next(units, None)
