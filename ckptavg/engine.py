@@ -334,9 +334,13 @@ def run(plan: MergePlan, writers: Writer | Sequence[Writer], *, weights: Sequenc
             scratch[dt] = torch.empty(min(SUB, max_elems), dtype=dt, device=dev)
         return scratch[dt]
 
+    # an accumulator is handed to the writer (so a second one is needed meanwhile) only when it
+    # already has the output dtype; otherwise the cast goes to an output buffer
+    handed = set() if cuda else {acc_of[j] for j, t in avg if acc_of[j] == t.out_dtype}
+
     def acc_pool(o: _Output, dt: torch.dtype) -> _Pool:
         if dt not in o.accs:
-            o.accs[dt] = _Pool(lambda: torch.empty(max_elems, dtype=dt, device=dev), 1 if cuda else 2, stop)
+            o.accs[dt] = _Pool(lambda: torch.empty(max_elems, dtype=dt, device=dev), 2 if dt in handed else 1, stop)
         return o.accs[dt]
 
     stats = EngineStats()
