@@ -614,6 +614,8 @@ class Bench:
             del cmds["naive"]
         for name in ("fairseq", "timm"):  # the projects' own scripts, when a local copy is given
             script = getattr(self.args, name)
+            if name == "fairseq" and case.in_fmt != "pt":
+                continue  # fairseq's script reads torch checkpoints only
             if script and Path(script).is_file():
                 cmds[name] = self.timed([self.py, str(HERE / "script_baseline.py"), name, script, out, *ins])
             elif script:

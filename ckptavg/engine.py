@@ -110,9 +110,12 @@ def accumulator_dtype(pt: PlannedTensor) -> torch.dtype:
 
 def _auto_chunk(plan: MergePlan) -> int:
     """Half the largest averaged tensor (so buffers stay ~2x the largest tensor), at least
-    256K elements (so per-chunk overhead stays negligible) and at most 2M elements."""
-    largest = max((t.numel for t in plan.tensors if t.kind == "average"), default=1)
-    return min(DEFAULT_CHUNK_ELEMS, max(1 << 18, -(-largest // 2)))
+    256K elements (so per-chunk overhead stays negligible) and at most 2M elements (1M with a
+    float64 accumulator: 8 MB per accumulator either way)."""
+    avg = [t for t in plan.tensors if t.kind == "average"]
+    largest = max((t.numel for t in avg), default=1)
+    wide = any(accumulator_dtype(t).itemsize > 4 for t in avg)
+    return min(DEFAULT_CHUNK_ELEMS // (2 if wide else 1), max(1 << 18, -(-largest // 2)))
 
 
 # ------------------------------------------------------------------------------------------
@@ -620,7 +623,8 @@ def _finish(plan: MergePlan, unit: _Unit, o: _Output, acc_pool: Any, cuda: bool,
     elif cuda:
         out.copy_(a.to(od) if a.dtype != od else a)  # cast on the device, synchronous copy to host
     else:
-        out.copy_(a)
+        for s0 in range(0, n, SUB):  # in cache-sized blocks: a cast may go through a temporary
+            out[s0 : s0 + SUB].copy_(a[s0 : s0 + SUB])
     pool.put(full)
     if not allow_nonfinite and od.is_floating_point and od.itemsize < a.dtype.itemsize:
         _check_cast(plan, unit, out)
