@@ -21,9 +21,10 @@ Three threads work on consecutive units at the same time:
 
 Each input chunk is read once, however many outputs there are (``weights``: one weight
 vector per output); inputs whose weight is 0 in every output are not read at all. Memory is
-bounded by a handful of chunk-sized buffers (three read buffers, two accumulators and two
-output buffers per output), whatever the number of inputs or the model size; nothing is
-memory-mapped, so the page cache does not count against the process.
+bounded by a handful of chunk-sized buffers (three read buffers; per output one accumulator,
+or two where the accumulator itself is written, and two output buffers for casts), whatever the
+number of inputs or the model size; nothing is memory-mapped, so the page cache does not count
+against the process.
 
 CUDA (``device="cuda"``) uses the same code: the read buffers are pinned, each chunk is
 copied to the device with ``non_blocking=True`` and accumulated there; a CUDA event per read
