@@ -627,8 +627,10 @@ def plan_tensors(chosen: list[Checkpoint], out_dtype: torch.dtype | None,
         if kind in ("float", "complex"):
             if kind == "float":
                 odt = out_dtype or last.dtype
-                acc = torch.float64 if (accumulate == torch.float64 or
-                                        any(r.dtype == torch.float64 for r in refs)) else torch.float32
+                # float64 also for 16-bit inputs: their sums are then exact (the engine's choice)
+                acc = torch.float64 if (accumulate == torch.float64 or any(r.dtype == torch.float64 for r in refs)
+                                        or all(r.dtype in (torch.float16, torch.bfloat16) for r in refs)
+                                        ) else torch.float32
             else:
                 odt = last.dtype
                 acc = torch.complex128 if (accumulate == torch.float64 or

@@ -16,6 +16,7 @@ import ctypes
 import os
 import shutil
 import signal
+import sys
 import tempfile
 import threading
 from collections.abc import Iterator
@@ -51,7 +52,51 @@ class InputFile:
                 self._fd = os.open(self.path, os.O_RDONLY)
             except OSError as e:
                 raise CheckpointReadError(f"{self.path}: cannot open: {e.strerror}") from None
+            if hasattr(os, "posix_fadvise"):
+                try:  # tensors are read front to back: a larger read-ahead window
+                    os.posix_fadvise(self._fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+                except OSError:
+                    pass
         return self._fd
+
+    def advise_willneed(self, offset: int, n: int) -> None:
+        """Ask the kernel to start reading ``n`` bytes at ``offset`` in the background."""
+        if n > 0 and hasattr(os, "posix_fadvise"):
+            try:
+                os.posix_fadvise(self.fd(), offset, n, os.POSIX_FADV_WILLNEED)
+            except OSError:
+                pass
+
+    def preadv_into(self, bufs: list[memoryview], offset: int) -> None:
+        """Fill the buffers, in order, with the consecutive bytes at ``offset`` (one ``preadv``
+        call for many buffers); a short file is a read error."""
+        fd = self.fd()
+        bufs = list(bufs)
+        want = sum(len(b) for b in bufs)
+        got = 0
+        k = 0
+        while k < len(bufs):
+            batch = bufs[k : k + 512]
+            try:
+                n = os.preadv(fd, batch, offset + got)
+            except OSError as e:
+                raise CheckpointReadError(f"{self.path}: read failed: {e.strerror}") from None
+            if n <= 0:
+                raise CheckpointReadError(
+                    f"{self.path}: file ended early (truncated?): needed bytes up to "
+                    f"{offset + want}, file has {offset + got}"
+                )
+            got += n
+            # skip the buffers filled completely; continue inside a partly filled one
+            while n and k < len(bufs):
+                if n >= len(bufs[k]):
+                    n -= len(bufs[k])
+                    k += 1
+                else:
+                    bufs[k] = bufs[k][n:]
+                    n = 0
+            while k < len(bufs) and not len(bufs[k]):
+                k += 1
 
     def pread_into(self, mv: memoryview, offset: int) -> None:
         """Fill ``mv`` with the bytes at ``offset``; a short file is a read error."""
@@ -179,6 +224,30 @@ def signals_blocked() -> Iterator[None]:
             signal.raise_signal(caught[0])
 
 
+#: write buffer of an output file (small tensors are gathered into writes of this size)
+_WRITE_BUFFER = 1 << 20
+#: an output file starts writing back to disk every this many bytes (Linux sync_file_range)
+FLUSH_EVERY = 32 << 20
+_SFR_WRITE = 2  # SYNC_FILE_RANGE_WRITE
+_SFR_WAIT_ALL = 7  # WAIT_BEFORE | WRITE | WAIT_AFTER
+
+
+def _load_sync_file_range() -> Any:
+    """libc's ``sync_file_range`` (Linux), or None. Python's os module does not offer it."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_sync_file_range = _load_sync_file_range()
+
+
 class AtomicFile:
     """A temporary file beside ``dest`` that becomes ``dest`` on :meth:`commit`."""
 
@@ -194,17 +263,51 @@ class AtomicFile:
             remove_created(self._created)
             raise OutputError(f"{self.dest}: cannot write in {parent}: {e.strerror}") from None
         self.tmp = Path(tmp)
-        self.file = os.fdopen(fd, "w+b", buffering=0)
+        # Buffered: many small tensors become few system calls; large writes go straight through.
+        self.file = os.fdopen(fd, "w+b", buffering=_WRITE_BUFFER)
+        self._fd = fd
+        self._flushed = 0  # bytes handed to writeback (sync_file_range) so far
+        self._waited = 0  # bytes known to be on disk
+        self._pending = 0  # bytes written since the last write-behind
         self._done = False
 
     def write(self, data: Any) -> None:
+        """Append bytes; every ``FLUSH_EVERY`` bytes, start writing them back to disk and wait for
+        the previous batch, so dirty pages never pile up and the final fsync has little to do."""
         try:
             mv = memoryview(data).cast("B")
+            self._pending += len(mv)
             while mv:
                 n = self.file.write(mv)
                 mv = mv[n:]
         except OSError as e:
             raise OutputError(f"{self.dest}: write failed: {e.strerror}") from None
+        if self._pending >= FLUSH_EVERY and _sync_file_range is not None:
+            self._pending = 0
+            self._write_behind()
+
+    def flush(self) -> None:
+        """Hand buffered bytes to the kernel (before reading the file back)."""
+        try:
+            self.file.flush()
+        except OSError as e:
+            raise OutputError(f"{self.dest}: write failed: {e.strerror}") from None
+
+    def _write_behind(self) -> None:
+        global _sync_file_range
+        self.flush()
+        pos = os.lseek(self._fd, 0, os.SEEK_CUR)
+        fn = _sync_file_range
+        if fn is None or pos <= self._flushed:
+            return
+        # start writeback of the new range; wait for the range started last time
+        if fn(self._fd, self._flushed, pos - self._flushed, _SFR_WRITE) != 0 or (
+                self._flushed > self._waited and
+                fn(self._fd, self._waited, self._flushed - self._waited, _SFR_WAIT_ALL) != 0):
+            _sync_file_range = None  # not supported here (some file systems): fsync does it all at the end
+            return
+        self._waited = self._flushed
+        self._flushed = pos
 
     def commit(self) -> None:
         try:

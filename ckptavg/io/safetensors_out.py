@@ -46,6 +46,8 @@ def safetensors_header(dest: Path, entries: Sequence[Entry], metadata: Mapping[s
 class SafetensorsWriter(StreamWriter):
     """Streams a ``.safetensors`` file: header first (all offsets known), then data."""
 
+    _one_stream = True  # _data appends to the one file whatever the entry
+
     def __init__(self, dest: Path, entries: Sequence[Entry], metadata: Mapping[str, str] | None = None) -> None:
         head, self._offsets = safetensors_header(dest, entries, metadata)
         self._data_start = len(head)

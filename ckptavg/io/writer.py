@@ -58,27 +58,39 @@ class Writer(Protocol):
 
 class StreamWriter:
     """Base of the writers: splits the incoming byte stream at entry boundaries and calls the
-    hooks ``_begin``/``_data``/``_end`` per entry and ``_alias`` for tied entries."""
+    hooks ``_begin``/``_data``/``_end`` per entry and ``_alias`` for tied entries.
+
+    A subclass whose ``_data`` appends to one stream whatever the entry (and whose ``_begin``
+    and ``_end`` do nothing) sets ``_one_stream = True``: the bytes of many consecutive
+    entries then reach ``_data`` in one call (100,000 small tensors: a few calls, not 100,000).
+    """
+
+    _one_stream = False
 
     def __init__(self, entries: Sequence[Entry]) -> None:
         self.entries = list(entries)
+        self._sizes = [-1 if e.alias_of is not None else e.nbytes for e in self.entries]
         self._i = -1
         self._left = 0
         self.bytes_written = 0
         self._advance()
 
     def _advance(self) -> None:
+        sizes = self._sizes
         while True:
             self._i += 1
-            if self._i >= len(self.entries):
+            if self._i >= len(sizes):
                 return
-            e = self.entries[self._i]
-            if e.alias_of is not None:
-                self._alias(self._i, e.alias_of)
+            size = sizes[self._i]
+            if size < 0:
+                out = getattr(self, "out", None)
+                if hasattr(out, "flush"):
+                    out.flush()  # an alias may re-read bytes written earlier
+                self._alias(self._i, self.entries[self._i].alias_of)  # type: ignore[arg-type]
                 continue
             self._begin(self._i)
-            self._left = e.nbytes
-            if self._left == 0:
+            self._left = size
+            if size == 0:
                 self._end(self._i)
                 continue
             return
@@ -86,17 +98,34 @@ class StreamWriter:
     def write(self, data: Any) -> None:
         """Append bytes (a buffer, or a contiguous CPU tensor) to the stream of tensor data."""
         mv = tensor_memoryview(data) if isinstance(data, torch.Tensor) else memoryview(data).cast("B")
+        sizes = self._sizes
         while mv:
-            if self._i >= len(self.entries):
+            if self._i >= len(sizes):
                 raise RuntimeError("more bytes written than the plan holds")
             n = min(len(mv), self._left)
+            if self._one_stream and n < len(mv):
+                # extend over the following entries up to the next alias (which re-reads written bytes)
+                k = self._i + 1
+                while n < len(mv) and k < len(sizes) and sizes[k] >= 0:
+                    n += sizes[k]
+                    k += 1
+                n = min(n, len(mv))
             self._data(self._i, mv[:n])
             self.bytes_written += n
-            self._left -= n
             mv = mv[n:]
-            if self._left == 0:
+            while True:
+                if n < self._left:
+                    self._left -= n
+                    n = 0
+                    break
+                n -= self._left
+                self._left = 0
                 self._end(self._i)
                 self._advance()
+                if n == 0 or self._i >= len(sizes):
+                    break
+            if n:
+                raise RuntimeError("more bytes written than the plan holds")
 
     def _check_complete(self) -> None:
         if self._i < len(self.entries):
