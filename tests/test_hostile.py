@@ -411,5 +411,12 @@ def test_float64_accumulation_is_correctly_rounded_under_cancellation(tmp_path):
         paths.append(tmp_path / f"c_{i}.pt")
     exact = torch.tensor([sum(vals) / 3], dtype=torch.float64).bfloat16()  # 1/3 rounded once
     assert ckptavg.average(paths, accumulate="float64")["w"].item() == exact.item() == 0.333984375
-    # float32 sums absorb the 1 (2^30 + 1 rounds to 2^30): the documented cancellation case
-    assert ckptavg.average(paths)["w"].item() == 0.0
+    # 16-bit inputs are accumulated in float64 by default: the same correctly rounded mean
+    assert ckptavg.average(paths)["w"].item() == exact.item()
+    # float32 inputs accumulated in float32 absorb the 1 (2^30 + 1 rounds to 2^30): the documented
+    # cancellation case; --accumulate float64 gives the correctly rounded mean
+    for i, v in enumerate(vals):
+        torch.save({"w": torch.tensor([v], dtype=torch.float32)}, tmp_path / f"f_{i}.pt")
+    f32 = [tmp_path / f"f_{i}.pt" for i in range(3)]
+    assert ckptavg.average(f32)["w"].item() == 0.0
+    assert ckptavg.average(f32, accumulate="float64")["w"].item() == torch.tensor(1 / 3, dtype=torch.float32).item()
