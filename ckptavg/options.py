@@ -169,7 +169,10 @@ def click_options(command: Callable[..., Any] | None = None, *, only: Sequence[s
 
 
 def _values(name: str, value: Any) -> list[Any]:
-    """One option's values: a list/tuple given in Python, or a comma-separated string (the CLI)."""
+    """One option's values: a list given in Python, or a comma-separated string (the CLI). For
+    ``epochs``/``steps`` a tuple ``(low, high)`` or a ``range`` is one range, not two values."""
+    if name in ("epochs", "steps") and isinstance(value, (tuple, range)):
+        return [value]
     if isinstance(value, (list, tuple)):
         return list(value)
     if isinstance(value, str) and "," in value:
