@@ -1002,6 +1002,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--cases", help="comma-separated globs or substrings of case names to run")
     p.add_argument("--list", action="store_true", help="print the cases and exit")
     p.add_argument("--reference", action="store_true", help="add the 8 x 512 MiB fp32 reference case")
+    p.add_argument("--dcp", action="store_true",
+                   help="the DCP case alone: 8 x 96 MiB DCP folders written by a real 2-rank dcp.save (dcp_cases.py)")
     p.add_argument("--cold", action="store_true",
                    help="evict the inputs from the page cache before every timed read (cat, naive, ckptavg...)")
     p.add_argument("--many-small", action="store_true",
@@ -1042,6 +1044,31 @@ def child_env(python: str) -> dict:
     return env
 
 
+def run_dcp_case(args: argparse.Namespace) -> int:
+    """DCP inputs written by a real multi-rank ``dcp.save`` (see dcp_cases.py): peak RSS above an
+    import-only process and net time against reading the inputs once, for DCP and safetensors output."""
+    import dcp_cases
+
+    root = Path(args.workdir or tempfile.gettempdir())
+    work = Path(tempfile.mkdtemp(prefix="ckptavg-bench-dcp-", dir=root))
+    try:
+        n, mib = (4, 32) if args.quick else (8, 96)
+        folders = dcp_cases.make_dcp_checkpoints(work / "inputs", n=n, mib=mib, world=2)
+        res = dcp_cases.measure(folders, work / "outputs", repeats=args.repeats or (1 if args.quick else 3))
+        print(f"dcp-n{n}: {n} x {mib} MiB DCP folders (2-rank dcp.save), cat {res['cat_seconds']:.2f} s")
+        for kind in ("dcp", "safetensors"):
+            r = res[kind]
+            print(f"  -o {kind:12} net {r['net_seconds']:6.2f} s  net/cat {r['net_seconds'] / res['cat_seconds']:6.1f}"
+                  f"  peak RSS above import {r['peak_rss_mib']:6.1f} MiB")
+        json_path = Path(args.json) if args.json else \
+            HERE / "results" / f"bench-dcp-{datetime.datetime.now():%Y%m%d-%H%M%S}.json"
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(res, indent=1))
+        return 0
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def main(argv: list[str]) -> int:
     if argv and argv[0] == "_generate":
         return op_generate(argv[1]) or 0
@@ -1053,6 +1080,8 @@ def main(argv: list[str]) -> int:
         return op_forward(argv[1], argv[2], argv[3], int(argv[4]), int(argv[5])) or 0
 
     args = parse_args(argv)
+    if args.dcp:
+        return run_dcp_case(args)
     cases = select_cases(build_cases(args.quick, args.reference, args.many_small), args.cases)
     if args.profile:
         cases = select_cases(cases, args.profile_case)[:1]
