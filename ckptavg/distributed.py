@@ -373,7 +373,7 @@ def _engine_device(device: str) -> str:
 
 def merge(inputs: Any, output: str | os.PathLike[str], opts: MergeOptions) -> Any:
     """Merge across the ranks of ``torch.distributed`` into a sharded safetensors folder; returns
-    the :class:`~ckptavg.api.MergeReport` (bytes summed over the ranks; ``extra["rank"]``).
+    the :class:`~ckptavg.outputs.MergeReport` (bytes summed over the ranks; ``extra["rank"]``).
     Called by :func:`ckptavg.merge` when :func:`active`; call that instead.
 
     Example::
@@ -434,10 +434,10 @@ class _RankDcpWriter(DcpPartWriter):
 
 
 def _merge(inputs: Any, output: str | os.PathLike[str], opts: MergeOptions, ranks: _Ranks) -> Any:
-    from .api import MergeReport, _check_output_options
     from .engine import _auto_chunk, resolve_device, run
     from .io import feed, output_kind
     from .io.memory_out import MemoryWriter
+    from .outputs import MergeReport, check_output_options
     from .planner import build_plan, parse_dtype
 
     t0 = time.perf_counter()
@@ -471,7 +471,7 @@ def _merge(inputs: Any, output: str | os.PathLike[str], opts: MergeOptions, rank
             if opts.bn_spec is not None and opts.bn_mode != "precise":
                 raise OptionError("--bn-mode torch cannot be split across ranks (torchrun): its cumulative average "
                                   "depends on the order of the forward calls; use --bn-mode precise")
-            shard_size = _check_output_options(out, kind, opts)
+            shard_size = check_output_options(out, kind, opts)
             device = _engine_device(opts.device)
             resolve_device(device)
             p = build_plan(inputs, opts, out, kind)

@@ -1,0 +1,87 @@
+"""What a merge writes and reports: the checks of the output options (before anything is read)
+and :class:`MergeReport`. Shared by the one-process path (:mod:`ckptavg.api`) and the path across
+ranks (:mod:`ckptavg.distributed`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import OptionError
+from .options import MergeOptions
+from .planner import MergePlan, human_bytes, human_seconds
+
+__all__ = ["MergeReport", "check_output_options"]
+
+
+@dataclass
+class MergeReport:
+    """What a merge did: the plan (files, weights), the output and the cost.
+
+    ``files`` and ``weights`` list the selected checkpoints in training order.
+    """
+
+    plan: MergePlan
+    output: Path | None
+    bytes_written: int = 0
+    bytes_read: int = 0
+    seconds: float = 0.0
+    dry_run: bool = False
+    bn: Any = None  # BN recalibration report, when a spec was given
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def files(self) -> list[Path]:
+        return self.plan.paths
+
+    @property
+    def weights(self) -> list[float]:
+        return [i.weight for i in self.plan.inputs]
+
+    @property
+    def method(self) -> str:
+        return self.plan.method
+
+    def summary(self) -> str:
+        """One line for the end of a run."""
+        n = len(self.plan.inputs)
+        what = f"{n} checkpoint{'s' if n != 1 else ''} ({self.plan.method})"
+        if self.dry_run:
+            return f"dry run: would average {what} into {self.output}; no tensor data read"
+        size, took = human_bytes(self.bytes_written), human_seconds(self.seconds)
+        outs = self.extra.get("outputs")
+        where = f"{len(outs)} outputs ({', '.join(outs)})" if outs else str(self.output)
+        line = f"wrote {where}: {what}, {len(self.plan.tensors)} tensors, {size} in {took}"
+        for bn in self.bn if isinstance(self.bn, list) else [self.bn] if self.bn is not None else []:
+            line += f"; {bn.summary()}"
+        for note in self.extra.get("output_notes", []):
+            line += f"; {note}"
+        return line
+
+    def to_dict(self) -> dict[str, Any]:
+        d = self.plan.to_dict()
+        d.update(bytes_written=self.bytes_written, bytes_read=self.bytes_read, seconds=round(self.seconds, 3),
+                 dry_run=self.dry_run)
+        d.update(self.extra)  # folder output / keep-structure details
+        return d
+
+
+def check_output_options(out: Path, kind: str, opts: MergeOptions) -> int:
+    """Validate the output options together (before anything is read); returns the shard size."""
+    from .io.hf_folder_out import parse_size
+
+    if opts.keep_optimizer and not opts.keep_structure:
+        raise OptionError("--keep-optimizer only applies with --keep-structure")
+    if opts.keep_structure and kind != "torch":
+        raise OptionError(
+            f"{out}: --keep-structure writes a torch checkpoint like its inputs: give an output ending in "
+            ".ckpt/.pt/.pth/.bin"
+        )
+    if opts.shard_size is not None and kind != "hf-folder":
+        raise OptionError(f"{out}: --shard-size applies to folder output (-o DIR/), not to a single file")
+    if opts.bn_mode not in ("precise", "torch"):
+        raise OptionError(f"--bn-mode must be precise or torch, got {opts.bn_mode!r}")
+    return parse_size(opts.shard_size)
+
+
