@@ -352,7 +352,7 @@ def run(plan: MergePlan, writers: Writer | Sequence[Writer], *, weights: Sequenc
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=plan.read_bytes, unit="B", unit_scale=True, unit_divisor=1024, desc="averaging",
+        bar = tqdm(total=plan.read_bytes, unit="B", unit_scale=True, unit_divisor=1000, desc="averaging",
                    file=sys.stderr, leave=False, dynamic_ncols=True)
 
     ready: queue.Queue[Any] = queue.Queue()
