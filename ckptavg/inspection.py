@@ -57,6 +57,8 @@ class CheckpointInfo:
     size: int = 0  # bytes on disk
     shards: int = 1
     prefix: str | None = None  # a first name component every tensor name shares ("module.", "model.")
+    sigma_rel: float | None = None  # power-EMA snapshot profile (relative width), when recorded
+    gamma: float | None = None  # ... its exponent
     error: str | None = None
     names: dict[str, tuple[tuple[int, ...], str]] = field(default_factory=dict, repr=False)
 
@@ -68,7 +70,8 @@ class CheckpointInfo:
             "training_state": self.training_state, "epoch": self.epoch, "epoch_from": self.epoch_from,
             "step": self.step, "step_from": self.step_from, "metrics": self.metrics, "tensors": self.tensors,
             "tied": self.tied, "parameters": self.parameters, "dtypes": self.dtypes, "bytes": self.size,
-            "shards": self.shards, "prefix": self.prefix, "error": self.error,
+            "shards": self.shards, "prefix": self.prefix, "sigma_rel": self.sigma_rel, "gamma": self.gamma,
+            "error": self.error,
         }
 
 
@@ -121,6 +124,8 @@ class InspectReport:
                 fmt += f" ({c.framework})"
             if c.shards > 1:
                 fmt += f", {c.shards} shards"
+            if c.sigma_rel is not None:
+                fmt += f", power-EMA sigma_rel {c.sigma_rel:g}"
             weights = c.weights_key or ("(top level)" if c.format in ("torch", "torch-legacy") else "-")
             if c.other_weight_sets:
                 weights += " +" + ",".join(c.other_weight_sets)
@@ -243,6 +248,11 @@ def _describe(c: Checkpoint) -> CheckpointInfo:
                           epoch=c.meta.epoch, epoch_from=c.meta.epoch_from, step=c.meta.step,
                           step_from=c.meta.step_from, metrics=dict(c.meta.metrics), size=c.size,
                           shards=len(c.files) if c.format == "hf-folder" else 1)
+    if c.meta.sigma_rel is not None or c.meta.gamma is not None:
+        from .weights import gamma_to_sigma_rel, sigma_rel_to_gamma
+
+        info.sigma_rel = c.meta.sigma_rel if c.meta.sigma_rel is not None else gamma_to_sigma_rel(c.meta.gamma)
+        info.gamma = c.meta.gamma if c.meta.gamma is not None else sigma_rel_to_gamma(c.meta.sigma_rel)
     if isinstance(c.obj, Mapping) and c.weights_key is not None:
         info.other_weight_sets = [k for k in WEIGHT_SET_KEYS
                                   if k != c.weights_key and is_weight_set(get_dotted(c.obj, k))]

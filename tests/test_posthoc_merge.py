@@ -90,3 +90,12 @@ def test_snapshot_errors(tmp_path, run_cli):
                            "--sigma-rel", "0.07", "-o", tmp_path / "o.pt")
     assert code != 0 and "plain checkpoint among power-EMA snapshots" in err
     assert not (tmp_path / "o.pt").exists()
+
+
+def test_inspect_shows_each_snapshot_profile(tmp_path, run_cli):
+    _train(tmp_path / "snaps", steps=40)
+    report = ckptavg.inspect(tmp_path / "snaps")
+    assert {c.sigma_rel for c in report.checkpoints} == {0.05, 0.10}
+    assert all(c.gamma is not None and c.gamma > 0 for c in report.checkpoints)
+    code, out, _ = run_cli("inspect", tmp_path / "snaps")
+    assert code == 0 and "power-EMA sigma_rel 0.05" in out and "power-EMA sigma_rel 0.1" in out
