@@ -143,6 +143,9 @@ def _merge(inputs: Inputs, output: PathLike, opts: MergeOptions,
     outs = _output_names(output, [label for label, _v in variants])
     opts = variants[0][1]
     kinds = [output_kind(o) for o in outs]
+    if len(outs) > 1 and opts.keep_structure:
+        raise OptionError("--keep-structure writes one checkpoint; give one value for "
+                          f"{', '.join(variants[0][0])}, or write the several outputs without --keep-structure")
     shard_size = 0
     for o, k in zip(outs, kinds):
         shard_size = check_output_options(o, k, opts)

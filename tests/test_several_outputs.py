@@ -82,3 +82,9 @@ def test_template_errors_and_failure_publishes_nothing(runs, tmp_path, run_cli):
     code, _, err = run_cli("merge", runs, "--epochs", "1:3,1:8", "-o", tmp_path / "w-{epochs}.safetensors")
     assert code == 1 and "nan" in err
     assert list(tmp_path.glob("w-*")) == [] and list(tmp_path.glob(".w-*")) == []
+
+
+def test_keep_structure_takes_one_output(runs, tmp_path, run_cli):
+    code, _, err = run_cli("merge", runs, "--last", "2,4", "--keep-structure", "-o", tmp_path / "s-{last}.ckpt")
+    assert code == 2 and "--keep-structure writes one checkpoint" in err
+    assert list(tmp_path.glob("s-*")) == []
