@@ -122,7 +122,8 @@ def cli(debug: bool) -> None:
 @click.argument("inputs", nargs=-1, required=True, metavar="CHECKPOINTS...")
 @click.option("-o", "--output", required=True, type=click.Path(),
               help="Output: .safetensors; .pt, .pth, .bin, .ckpt, .pth.tar or .tar for a torch file; or a folder "
-                   "(DIR/, an existing folder, or a name without extension) for Hugging Face sharded safetensors.")
+                   "(DIR/, an existing folder, or a name without extension) for Hugging Face sharded safetensors; "
+                   "NAME.dcp for a PyTorch DCP folder; a template such as 'ema-{decay}.pt' for several outputs.")
 @click_options
 @click.option("--json", "as_json", is_flag=True, help="Print the plan/report as JSON on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary line.")
@@ -144,10 +145,13 @@ def merge(inputs: tuple[str, ...], output: str, quiet: bool, as_json: bool, stri
       ckptavg merge ft1/ ft2/ ft3/ -o soup/ --shard-size 2GB
       ckptavg merge lightning_logs/ -o swa.ckpt --epochs 10: --keep-structure
       ckptavg merge runs/ -o ema.pth.tar --key state_dict_ema --strip-prefix module.
+      ckptavg merge snaps/ --method power-ema --sigma-rel 0.05,0.1 -o 'ema-{sigma_rel}.safetensors'
 
-    Floating tensors are averaged in float32 (or float64) and cast once to the output
-    dtype; integer and bool tensors (e.g. num_batches_tracked) come from the last
-    selected checkpoint. Checkpoints are loaded with weights_only=True.
+    Floating tensors are averaged in float32 (float64 for 16-bit and float64 inputs, or
+    with --accumulate float64) and cast once to the output dtype; integer and bool tensors
+    (e.g. num_batches_tracked) come from the last selected checkpoint. Checkpoints are
+    loaded with weights_only=True. Several values of a sweepable option write several
+    outputs from one pass: -o 'ema-{decay}.pt' --method ema --decay 0.5,0.9.
     """
     from . import api
 

@@ -153,8 +153,9 @@ def click_options(command: Callable[..., Any] | None = None, *, only: Sequence[s
             kw["is_flag"] = True
         elif md["sweep"]:
             kw["type"] = str  # a value, or several separated by commas: one output each (see expand_variants)
-            if md["choices"]:
-                kw["metavar"] = "|".join(md["choices"])
+            one = "|".join(md["choices"]) if md["choices"] else (md["metavar"] or f.name.upper().replace("_", "-"))
+            kw["metavar"] = f"{one}[,...]"
+            kw["help"] = md["help"] + " Several values, comma separated: one output each."
         elif md["choices"]:
             kw["type"] = click.Choice(list(md["choices"]))
         elif md["cli_type"] is not None:
