@@ -292,8 +292,16 @@ class _Group:
             raise DistributedError(f"cannot join the process group: {_first_line(e)}") from None
         self.created = True
 
-    def leave(self) -> None:
+    def leave(self, clean: bool = False) -> None:
+        """Destroy a group joined here. After a success every rank first waits for the others
+        (a barrier), so that no rank tears down gloo while a peer is still finishing its last
+        exchange (that aborted the process with "terminate called without an active exception")."""
         if self.created and dist.is_initialized():
+            if clean:
+                try:
+                    dist.barrier()
+                except Exception:
+                    pass
             dist.destroy_process_group()
 
 
@@ -384,9 +392,12 @@ def merge(inputs: Any, output: str | os.PathLike[str], opts: MergeOptions) -> An
     _set_failing(False)
     group = _Group(opts.device)
     try:
-        return _merge(inputs, output, opts, _Ranks())
-    finally:
+        report = _merge(inputs, output, opts, _Ranks())
+    except BaseException:
         group.leave()
+        raise
+    group.leave(clean=True)
+    return report
 
 
 def _local_entries(entries: Sequence[Entry], mine: Sequence[int]) -> list[Entry]:
