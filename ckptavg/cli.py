@@ -347,10 +347,11 @@ def main(argv: list[str] | None = None) -> None:
         cli.main(args=argv, prog_name="ckptavg")
     except SystemExit as e:
         dist = sys.modules.get("ckptavg.distributed")
-        if dist is not None and dist.failing():
+        if dist is not None and (dist.failing() or (dist.joined() and not e.code)):
             # A merge across ranks failed and every rank knows it. Exit at once: during the interpreter's
             # teardown SIGTERM has its default effect again, and torchrun sends it to every rank as soon
-            # as one exits, which would turn this rank's exit status 1 into "killed by SIGTERM".
+            # as one exits, which would turn this rank's exit status 1 into "killed by SIGTERM". After a
+            # success under torchrun the output is published and the group left: nothing remains to run.
             sys.stdout.flush()
             sys.stderr.flush()
             os._exit(e.code if isinstance(e.code, int) else 1)

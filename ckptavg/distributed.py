@@ -96,6 +96,22 @@ def _set_failing(value: bool) -> None:
     _FAILING = value
 
 
+_JOINED = False
+
+
+def joined() -> bool:
+    """True once this process joined (and left) a process group for a merge under torchrun: the
+    command line then exits without the interpreter's teardown, as after a failure (gloo's
+    destructors and torchrun's SIGTERM have nothing left to do there but can still abort the exit).
+
+    Example::
+
+        if ckptavg.distributed.joined():
+            os._exit(0)
+    """
+    return _JOINED
+
+
 def failing() -> bool:
     """True once the ranks agreed that this merge failed: the process is on its way out (the CLI's
     SIGTERM handler, which torchrun triggers when another rank exits, then lets it print its error).
@@ -397,6 +413,9 @@ def merge(inputs: Any, output: str | os.PathLike[str], opts: MergeOptions) -> An
         group.leave()
         raise
     group.leave(clean=True)
+    if group.created:
+        global _JOINED
+        _JOINED = True
     return report
 
 
