@@ -71,7 +71,7 @@ class InputFile:
         """Fill the buffers, in order, with the consecutive bytes at ``offset`` (one ``preadv``
         call for many buffers); a short file is a read error."""
         fd = self.fd()
-        bufs = list(bufs)
+        bufs = [b for b in bufs if len(b)]  # an empty buffer would read as a short file
         want = sum(len(b) for b in bufs)
         got = 0
         k = 0
@@ -100,20 +100,7 @@ class InputFile:
 
     def pread_into(self, mv: memoryview, offset: int) -> None:
         """Fill ``mv`` with the bytes at ``offset``; a short file is a read error."""
-        fd = self.fd()
-        want = len(mv)
-        got = 0
-        while got < want:
-            try:
-                n = os.preadv(fd, [mv[got:]], offset + got)
-            except OSError as e:
-                raise CheckpointReadError(f"{self.path}: read failed: {e.strerror}") from None
-            if n <= 0:
-                raise CheckpointReadError(
-                    f"{self.path}: file ended early (truncated?): needed bytes up to "
-                    f"{offset + want}, file has {offset + got}"
-                )
-            got += n
+        self.preadv_into([mv], offset)
 
     def pread(self, offset: int, n: int) -> bytes:
         buf = bytearray(n)
