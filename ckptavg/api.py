@@ -44,16 +44,20 @@ def _make_writer(p: MergePlan, out: Path, kind: str, opts: MergeOptions, shard_s
     return open_writer(kind, out, p.entries(), p.provenance(), **extra)
 
 
-def _execute(p: MergePlan, writer: Writer, opts: MergeOptions, n_main: int,
-             bn_overrides: dict[str, Any] | None = None) -> tuple[EngineStats, Any]:
-    """Run the engine into ``writer`` (through BatchNorm recalibration when asked) and commit;
-    on any failure abort it, so nothing is left at the destination. ``bn_overrides``: the
-    ``device``/``max_batches`` given to ``ckptavg bn`` over the spec's own."""
+def _execute(p: MergePlan, writers: list[Writer], opts: MergeOptions, n_main: int,
+             bn_overrides: dict[str, Any] | None = None, weights: list[Any] | None = None
+             ) -> tuple[EngineStats, Any]:
+    """Run the engine into ``writers`` (one per weight vector of ``weights``; one pass over the
+    inputs) or, with a BatchNorm spec, into one writer through the recalibration; then commit every
+    writer. On any failure every one is aborted, so nothing is left at any destination.
+    ``bn_overrides``: the ``device``/``max_batches`` given to ``ckptavg bn`` over the spec's own."""
     bn_report = None
     try:
         if opts.bn_spec is None:
-            stats = run(p, writer, device=opts.device, progress=opts.progress, allow_nonfinite=opts.allow_nonfinite)
+            stats = run(p, writers, weights=weights, device=opts.device, progress=opts.progress,
+                        allow_nonfinite=opts.allow_nonfinite)
         else:
+            (writer,) = writers  # recalibration runs the model: one output at a time
             from .bn import load_spec, recalibrate_state_dict
 
             spec = load_spec(opts.bn_spec)
@@ -67,9 +71,11 @@ def _execute(p: MergePlan, writer: Writer, opts: MergeOptions, n_main: int,
             new, bn_report = recalibrate_state_dict(main, spec, mode=opts.bn_mode, progress=opts.progress, **over)
             result = {**mem.result, **new}
             feed(writer, [result[e.name] for e in entries if e.alias_of is None])
-        writer.commit()
+        for w in writers:
+            w.commit()
     except BaseException:
-        writer.abort()
+        for w in writers:
+            w.abort()
         raise
     return stats, bn_report
 
@@ -178,46 +184,28 @@ def _merge(inputs: Inputs, output: PathLike, opts: MergeOptions,
                 p.notes.extend(structured.summary_notes())
             return MergeReport(plan=p, output=outs[0], dry_run=True, seconds=time.perf_counter() - t0, extra=extra)
         weights = p.variants or [p.weights]
-        if len(outs) == 1:
-            writer = _make_writer(p, outs[0], kinds[0], opts, shard_size, structured)
-            stats, bn_report = _execute(p, writer, opts, n_main, bn_overrides)
-            written = writer.bytes_written
-            extra.update(writer.report() if hasattr(writer, "report") else {})
-        elif opts.bn_spec is not None:
+        if len(outs) > 1 and opts.bn_spec is not None:
             # BatchNorm runs the model per output: one pass each (the averages themselves are cheap)
             written, bn_report, stats = 0, [], EngineStats()
             for o, k, w in zip(outs, kinds, weights):
                 pw = replace(p, weights=w, variants=None)
                 writer = _make_writer(pw, o, k, opts, shard_size, structured)
-                st, rep = _execute(pw, writer, opts, n_main, bn_overrides)
+                st, rep = _execute(pw, [writer], opts, n_main, bn_overrides)
                 written += writer.bytes_written
                 stats.bytes_read += st.bytes_read
                 bn_report.append(rep)
         else:
             writers = [_make_writer(replace(p, weights=w), o, k, opts, shard_size, structured)
                        for o, k, w in zip(outs, kinds, weights)]
-            stats = _execute_many(p, writers, weights, opts)
-            written, bn_report = sum(w.bytes_written for w in writers), None
+            stats, bn_report = _execute(p, writers, opts, n_main, bn_overrides, weights)
+            written = sum(w.bytes_written for w in writers)
+            if len(writers) == 1 and hasattr(writers[0], "report"):
+                extra.update(writers[0].report())
         return MergeReport(plan=p, output=outs[0], bytes_written=written, bytes_read=stats.bytes_read,
                            seconds=time.perf_counter() - t0, bn=bn_report, extra=extra)
     finally:
         for i in p.inputs:
             i.checkpoint.close()
-
-
-def _execute_many(p: MergePlan, writers: list[Writer], weights: list[Any], opts: MergeOptions) -> EngineStats:
-    """Several outputs from one pass over the inputs; each output is committed only if all succeeded
-    (on any failure every one is aborted)."""
-    try:
-        stats = run(p, writers, weights=weights, device=opts.device, progress=opts.progress,
-                    allow_nonfinite=opts.allow_nonfinite)
-        for w in writers:
-            w.commit()
-    except BaseException:
-        for w in writers:
-            w.abort()
-        raise
-    return stats
 
 
 def plan(inputs: Inputs, output: PathLike | None = None, **options: Any) -> MergePlan:
@@ -261,7 +249,7 @@ def average(inputs: Inputs, **options: Any) -> dict[str, torch.Tensor]:
     p = build_plan(inputs, opts)
     try:
         writer = MemoryWriter(p.entries())
-        _execute(p, writer, opts, len(p.tensors))
+        _execute(p, [writer], opts, len(p.tensors))
     finally:
         for i in p.inputs:
             i.checkpoint.close()
