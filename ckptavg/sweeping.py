@@ -161,12 +161,18 @@ def _check_output(output: PathLike | None, paths: Sequence[str]) -> tuple[Path |
     return out, kind
 
 
-def _write(out: Path, kind: str, state_dict: dict[str, torch.Tensor], provenance: dict[str, str], name: str,
-           table: dict[str, Any]) -> int:
-    """Write the chosen model with the plan's provenance and the table (metadata string, or a JSON
-    sidecar ``OUTPUT.ckptavg.json`` for torch files, whose plain state dict has no metadata)."""
+def _write(out: Path, kind: str, state_dict: dict[str, torch.Tensor], sources: Any, opts: dict[str, Any],
+           bn: tuple[str, Path] | None, name: str, table: dict[str, Any]) -> int:
+    """Write the chosen model with the provenance of its plan (``sources`` averaged with ``opts``;
+    ``bn``: the recalibration mode and spec, when it was recalibrated) and the table (metadata
+    string, or a JSON sidecar ``OUTPUT.ckptavg.json`` for torch files, whose plain state dict has no
+    metadata)."""
     from .io import write_state_dict
 
+    _, _, p = _plan_sources(sources, opts)
+    provenance = p.provenance()
+    if bn is not None:
+        provenance["ckptavg_bn"] = json.dumps({"mode": bn[0], "spec": os.fspath(bn[1])})
     text = json.dumps(table, separators=(",", ":"), default=str)
     metadata = {**provenance, name: text}
     written = write_state_dict(state_dict, out, metadata)
@@ -476,11 +482,8 @@ def sweep(
                          notes=notes)
     if out is not None:
         w = rows[winner]
-        _, _, p = _plan_sources(w.checkpoints if w.kind != "average" else inputs, w.options)
-        provenance = p.provenance()
-        if w.bn_recalibrated:
-            provenance["ckptavg_bn"] = json.dumps({"mode": bn_mode, "spec": os.fspath(ev.spec.path)})
-        _write(out, kind, state[winner], provenance, "ckptavg_sweep", report.to_dict())  # type: ignore[arg-type]
+        _write(out, kind, state[winner], w.checkpoints if w.kind != "average" else inputs,  # type: ignore[arg-type]
+               w.options, (bn_mode, ev.spec.path) if w.bn_recalibrated else None, "ckptavg_sweep", report.to_dict())
     if plot is not None:
         report.plot = plot_sweep(report, plot)
     report.seconds = time.perf_counter() - t0
@@ -648,11 +651,8 @@ def soup(
                         uniform_score=uniform_score, ingredients=n, metric=ev.metric_name, higher_is_better=higher,
                         output=out)
     if out is not None:
-        _, _, p = _plan_sources(report.members, {"order": "given", **avg_opts})
-        provenance = p.provenance()
-        if len(members) > 1 and ev.has_bn:
-            provenance["ckptavg_bn"] = json.dumps({"mode": bn_mode, "spec": os.fspath(ev.spec.path)})
-        _write(out, kind, soup_sd, provenance, "ckptavg_soup", report.to_dict())  # type: ignore[arg-type]
+        _write(out, kind, soup_sd, report.members, {"order": "given", **avg_opts},  # type: ignore[arg-type]
+               (bn_mode, ev.spec.path) if len(members) > 1 and ev.has_bn else None, "ckptavg_soup", report.to_dict())
     if plot is not None:
         report.plot = plot_soup(report, plot)
     report.seconds = time.perf_counter() - t0
