@@ -113,10 +113,11 @@ def merge(inputs: Inputs, output: PathLike, **options: Any) -> MergeReport:
     """
     opts = collect(options, option_fields(), "merge")
     if distributed.active(opts.distributed):  # torchrun / an initialised process group: split across ranks
-        if len(expand_variants(opts)) > 1:
+        variants = expand_variants(opts)
+        if len(variants) > 1:
             raise OptionError("several outputs from one pass are not supported across ranks yet; run one merge per "
                               "output under torchrun")
-        return distributed.merge(inputs, output, expand_variants(opts)[0][1])
+        return distributed.merge(inputs, output, variants[0][1])
     return _merge(inputs, output, opts)
 
 
