@@ -70,6 +70,9 @@ class InputFile:
     def preadv_into(self, bufs: list[memoryview], offset: int) -> None:
         """Fill the buffers, in order, with the consecutive bytes at ``offset`` (one ``preadv``
         call for many buffers); a short file is a read error."""
+        self._read(bufs, offset)
+
+    def _read(self, bufs: list[memoryview], offset: int) -> None:
         fd = self.fd()
         bufs = [b for b in bufs if len(b)]  # an empty buffer would read as a short file
         want = sum(len(b) for b in bufs)
@@ -100,7 +103,7 @@ class InputFile:
 
     def pread_into(self, mv: memoryview, offset: int) -> None:
         """Fill ``mv`` with the bytes at ``offset``; a short file is a read error."""
-        self.preadv_into([mv], offset)
+        self._read([mv], offset)
 
     def pread(self, offset: int, n: int) -> bytes:
         buf = bytearray(n)
