@@ -1,8 +1,10 @@
 """Engine internals that the merge tests do not reach: 16-bit cancellation, many tiny tensors,
-output write-behind."""
+output write-behind, and the worker threads (same bytes for any count, first error in plan
+order)."""
 
 from __future__ import annotations
 
+import os
 import time
 
 import pytest
@@ -10,6 +12,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import ckptavg
+from ckptavg import engine
+from ckptavg.errors import NonFiniteError, OptionError
 from ckptavg.io import files
 
 from .conftest import fp64_mean
@@ -65,3 +69,103 @@ def test_write_behind_keeps_the_file_exact(tmp_path, monkeypatch):
         assert f._flushed > 0
     f.commit()
     assert dest.read_bytes() == bytes(data.numpy())
+
+
+def _mixed_checkpoints(tmp_path, n=4):
+    """Large and tiny float tensors, bf16 ones, and integer buffers, in a file order that
+    makes the engine pack, split and copy within the same units."""
+    g = torch.Generator().manual_seed(3)
+    paths, sds = [], []
+    for k in range(n):
+        sd = {
+            "big": torch.randn(50, 23, generator=g),
+            "tiny.0": torch.randn(3, generator=g),
+            "steps": torch.tensor(10 * k),
+            "tiny.1": torch.randn(2, 2, generator=g),
+            "half": torch.randn(311, generator=g).to(torch.bfloat16),
+            "ids": torch.arange(40, dtype=torch.int32) + k,
+            "wide": torch.randn(7, 61, generator=g, dtype=torch.float64),
+        }
+        sds.append(sd)
+        paths.append(tmp_path / f"c{k}.safetensors")
+        save_file(sd, str(paths[-1]))
+    return paths, sds
+
+
+def test_worker_count_does_not_change_a_byte(tmp_path, monkeypatch):
+    paths, sds = _mixed_checkpoints(tmp_path)
+    monkeypatch.setattr(engine, "BLOCK_ELEMS", 17)  # blocks cut through tensors and packed segments
+    monkeypatch.setenv("CKPTAVG_CHUNK_ELEMS", "97")
+    outs = {}
+    for workers in ("1", "3"):
+        monkeypatch.setenv("CKPTAVG_WORKERS", workers)
+        ckptavg.merge(paths, tmp_path / f"w{workers}-{{last}}.safetensors", last=[4, 3], order="given")
+        outs[workers] = [(tmp_path / f"w{workers}-{k}.safetensors").read_bytes() for k in (4, 3)]
+    assert outs["1"] == outs["3"]
+    got = load_file(str(tmp_path / "w3-4.safetensors"))
+    for name in ("big", "tiny.0", "tiny.1", "half", "wide"):
+        ref = fp64_mean([sd[name] for sd in sds])
+        if name == "wide":
+            torch.testing.assert_close(got[name], ref, rtol=1e-15, atol=1e-15)
+        elif name == "half":
+            assert torch.equal(got[name], ref.to(torch.bfloat16))  # float64 sums: correctly rounded
+        else:
+            torch.testing.assert_close(got[name].double(), ref, rtol=4e-6, atol=2e-6)
+    assert torch.equal(got["ids"], sds[-1]["ids"]) and torch.equal(got["steps"], sds[-1]["steps"])
+
+
+def test_first_error_in_plan_order_is_reported(tmp_path, monkeypatch):
+    g = torch.Generator().manual_seed(5)
+    names = [f"layer.{i:02d}" for i in range(12)]
+    paths = []
+    for k in range(3):
+        sd = {n: torch.randn(64, generator=g) for n in names}
+        if k == 1:
+            sd["layer.04"][10] = float("nan")  # the first bad tensor in plan order
+            sd["layer.09"][0] = float("inf")
+            sd["layer.11"][3] = float("nan")
+        paths.append(tmp_path / f"c{k}.safetensors")
+        save_file(sd, str(paths[-1]))
+    monkeypatch.setenv("CKPTAVG_CHUNK_ELEMS", "64")  # one unit per tensor
+    monkeypatch.setenv("CKPTAVG_WORKERS", "4")
+    for attempt in range(5):
+        out = tmp_path / f"o{attempt}.safetensors"
+        with pytest.raises(NonFiniteError, match=r"c1\.safetensors: tensor 'layer\.04' holds nan at index \[10\]"):
+            ckptavg.merge(paths, out, order="given")
+        assert not out.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c0.safetensors", "c1.safetensors", "c2.safetensors"]
+
+
+@pytest.mark.parametrize("value", ["0", "two", "-1"])
+def test_bad_worker_count_is_an_option_error(tmp_path, monkeypatch, value):
+    paths, _ = _mixed_checkpoints(tmp_path, 2)
+    monkeypatch.setenv("CKPTAVG_WORKERS", value)
+    with pytest.raises(OptionError, match="CKPTAVG_WORKERS must be a positive integer"):
+        ckptavg.merge(paths, tmp_path / "o.safetensors")
+    assert not (tmp_path / "o.safetensors").exists()
+
+
+def test_write_behind_drops_written_pages_from_the_cache(tmp_path, monkeypatch):
+    """The output is not kept in the page cache once on disk (it would only evict other data)."""
+    if files._sync_file_range is None or not hasattr(os, "posix_fadvise"):
+        pytest.skip("sync_file_range/posix_fadvise not available here")
+    monkeypatch.setattr(files, "FLUSH_EVERY", 1 << 16)
+    dropped = []
+    real = os.posix_fadvise
+
+    def spy(fd, offset, length, advice):
+        if advice == os.POSIX_FADV_DONTNEED:
+            dropped.append((offset, length))
+        return real(fd, offset, length, advice)
+
+    monkeypatch.setattr(os, "posix_fadvise", spy)
+    dest = tmp_path / "o.bin"
+    f = files.AtomicFile(dest)
+    data = os.urandom(1 << 20)
+    for k in range(0, len(data), 50_000):
+        f.write(data[k : k + 50_000])
+    f.commit()
+    assert dest.read_bytes() == data
+    assert dropped and dropped[0][0] == 0
+    assert all(a + n == b for (a, n), (b, _) in zip(dropped, dropped[1:]))  # contiguous, in order
+    assert dropped[-1][0] + dropped[-1][1] >= len(data) // 2

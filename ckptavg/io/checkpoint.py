@@ -8,6 +8,7 @@ metrics). The engine then asks each :class:`TensorRef` for byte ranges of its te
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,8 @@ from ..errors import CheckpointReadError
 from .files import InputFile
 
 __all__ = ["TensorRef", "CheckpointMeta", "Checkpoint", "bytes_to_tensor"]
+
+_MATERIALIZE_LOCK = threading.Lock()
 
 
 @dataclass(eq=False)
@@ -70,7 +73,8 @@ class TensorRef:
             assert self.file is not None
             self.file.pread_into(mv, self.offset + start)
             return
-        src = self.materialize()
+        with _MATERIALIZE_LOCK:  # two engine workers reading one tensor's slices build it once
+            src = self.materialize()
         flat = src.reshape(-1).view(torch.uint8) if src.numel() else torch.empty(0, dtype=torch.uint8)
         if len(mv):
             torch.frombuffer(mv, dtype=torch.uint8).copy_(flat[start : start + len(mv)])

@@ -36,6 +36,9 @@ TMP_SUFFIX = ".ckptavg-tmp"
 CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".ckpt", ".bin", ".pth.tar", ".tar")
 
 
+_OPEN_LOCK = threading.Lock()
+
+
 class InputFile:
     """A file opened lazily for positioned reads (``pread``), shared by its tensors."""
 
@@ -47,7 +50,11 @@ class InputFile:
         self._fd: int | None = None
 
     def fd(self) -> int:
-        if self._fd is None:
+        if self._fd is not None:
+            return self._fd
+        with _OPEN_LOCK:  # the engine's workers may reach a file at the same time
+            if self._fd is not None:
+                return self._fd
             try:
                 self._fd = os.open(self.path, os.O_RDONLY)
             except OSError as e:
@@ -57,7 +64,7 @@ class InputFile:
                     os.posix_fadvise(self._fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
                 except OSError:
                     pass
-        return self._fd
+            return self._fd
 
     def advise_willneed(self, offset: int, n: int) -> None:
         """Ask the kernel to start reading ``n`` bytes at ``offset`` in the background."""
@@ -296,6 +303,15 @@ class AtomicFile:
                 fn(self._fd, self._waited, self._flushed - self._waited, _SFR_WAIT_ALL) != 0):
             _sync_file_range = None  # not supported here (some file systems): fsync does it all at the end
             return
+        if self._flushed > self._waited and hasattr(os, "posix_fadvise"):
+            # Those pages are on disk now: drop them from the page cache. The output is not read
+            # again, so caching it would only evict other data; and the next writes reuse the
+            # freed pages instead of taking fresh memory (measured here: writing 512 MiB took
+            # 0.2-0.25 s this way, against 0.26-0.36 s keeping them and 0.4-1.9 s for a plain write).
+            try:
+                os.posix_fadvise(self._fd, self._waited, self._flushed - self._waited, os.POSIX_FADV_DONTNEED)
+            except OSError:
+                pass
         self._waited = self._flushed
         self._flushed = pos
 
