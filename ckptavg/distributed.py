@@ -464,7 +464,7 @@ class _RankDcpWriter(DcpPartWriter):
 
 
 def _merge(inputs: Any, output: str | os.PathLike[str], opts: MergeOptions, ranks: _Ranks) -> Any:
-    from .engine import _auto_chunk, resolve_device, run
+    from .engine import _auto_chunk, resolve_device, run, worker_count
     from .io import feed, output_kind
     from .io.memory_out import MemoryWriter
     from .outputs import MergeReport, check_output_options
@@ -557,7 +557,8 @@ def _merge(inputs: Any, output: str | os.PathLike[str], opts: MergeOptions, rank
                                           parse_dtype(opts.dtype))
             else:
                 writer = _RankDcpWriter(out, tmp, entries, mine, rank, mode)
-            chunk = int(os.environ.get("CKPTAVG_CHUNK_ELEMS", 0)) or _auto_chunk(p)  # the whole plan's chunking
+            # the whole plan's chunking
+            chunk = int(os.environ.get("CKPTAVG_CHUNK_ELEMS", 0)) or _auto_chunk(p, worker_count())
             if spec is None:
                 pos = {g: j for j, g in enumerate(mine)}
                 sub = [replace(p.tensors[g],
