@@ -354,8 +354,7 @@ class _Dispenser:
                 self._exhausted = True
                 return
             self._queue.append(u)
-            if len(self._queue) > 1:
-                self._advise(u)
+            self._advise(u)
 
     def take(self) -> _Job | None:
         with self._lock:
@@ -437,6 +436,8 @@ def run(plan: MergePlan, writers: Writer | Sequence[Writer], *, weights: Sequenc
         raise OptionError("chunk size must be positive")
     t0 = time.perf_counter()
     cuda = dev.type == "cuda"
+    if cuda and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())  # the caller's; workers are other threads
     active = [i for i in range(n_in) if any(w.coeffs[i] != 0 for w in wts)]
     acc_of = [accumulator_dtype(pt) if pt.kind == "average" else None for pt in plan.tensors]
 
@@ -495,6 +496,9 @@ def run(plan: MergePlan, writers: Writer | Sequence[Writer], *, weights: Sequenc
 
     # -- workers: read and accumulate whole units -----------------------------------------
     def worker() -> None:
+        if cuda:
+            # the current device is per thread: events and copies must use the merge's device
+            torch.cuda.set_device(dev)
         nbuf = 2 if cuda else 1  # on a GPU, read the next block while the last one is copied
         rbufs = [torch.empty(block * max_in, dtype=torch.uint8, pin_memory=cuda) for _ in range(nbuf)]
         rmvs = [tensor_memoryview(r) for r in rbufs]
