@@ -587,20 +587,20 @@ def run(plan: MergePlan, writers: Writer | Sequence[Writer], *, weights: Sequenc
                         for w, mvs in job.pieces:
                             for mv in mvs:
                                 w.write(mv)
-                except BaseException as e:
+                    unit = job.unit
+                    stats.bytes_read += job.nread
+                    stats.tensors_averaged += unit.averaged
+                    stats.tensors_copied += unit.copied
+                    if bar is not None:
+                        bar.update(job.nread)
+                    for j in unit.done:
+                        for r in plan.tensors[j].refs:
+                            r.release()
+                except BaseException as e:  # stops everything: the workers wait for these buffers
                     ctl.fail(job.idx, e, hard=True)
                 finally:
                     for pool, buf in job.release:
                         pool.put(buf)
-                unit = job.unit
-                stats.bytes_read += job.nread
-                stats.tensors_averaged += unit.averaged
-                stats.tensors_copied += unit.copied
-                if bar is not None:
-                    bar.update(job.nread)
-                for j in unit.done:
-                    for r in plan.tensors[j].refs:
-                        r.release()
 
     threads = torch.get_num_threads()
     if not cuda:
@@ -759,7 +759,14 @@ def _finish(plan: MergePlan, unit: _Unit, full: torch.Tensor, obuf: torch.Tensor
         for s0 in range(0, n, SUB):  # in cache-sized blocks: a cast may go through a temporary
             out[s0 : s0 + SUB].copy_(a[s0 : s0 + SUB])
     if not allow_nonfinite and od.is_floating_point and od.itemsize < a.dtype.itemsize:
-        _check_cast(plan, unit, out)
+        # Rounding to a narrower dtype is monotone, so the cast overflows somewhere exactly when
+        # it overflows at the chunk's smallest or largest value: two elements to cast, instead
+        # of a scan of the output (isfinite over bf16 ran at 0.14 G elements/s here).
+        ext = torch.stack(torch.aminmax(a)).double()
+        if exact16:
+            ext = ext / divisor
+        if not bool(torch.isfinite(ext.to(od)).all()):
+            _check_cast(plan, unit, out)
     return obuf
 
 
@@ -793,9 +800,9 @@ def _segment_at(plan: MergePlan, unit: _Unit, idx: int) -> tuple[PlannedTensor, 
 
 
 def _check_cast(plan: MergePlan, unit: _Unit, out: torch.Tensor) -> None:
-    """The average must also fit the (narrower) output dtype: overflow to inf is an error.
-    Checked in cache-sized blocks: a chunk-sized mask per worker and chunk, freed into each
-    thread's own malloc arena, cost 30 MiB of peak memory with two workers."""
+    """The average must also fit the (narrower) output dtype: overflow to inf is an error
+    naming the first element that overflowed (scanned in cache-sized blocks: a chunk-sized
+    mask would cost a chunk of memory per worker)."""
     for s0 in range(0, out.numel(), SUB):
         blk = out[s0 : s0 + SUB]
         if bool(torch.isfinite(blk).all()):

@@ -112,6 +112,9 @@ def test_worker_count_does_not_change_a_byte(tmp_path, monkeypatch):
         else:
             torch.testing.assert_close(got[name].double(), ref, rtol=4e-6, atol=2e-6)
     assert torch.equal(got["ids"], sds[-1]["ids"]) and torch.equal(got["steps"], sds[-1]["steps"])
+    last3 = load_file(str(tmp_path / "w3-3.safetensors"))  # an output whose first input is the second
+    assert torch.equal(last3["half"], fp64_mean([sd["half"] for sd in sds[1:]]).to(torch.bfloat16))
+    torch.testing.assert_close(last3["big"].double(), fp64_mean([sd["big"] for sd in sds[1:]]), rtol=4e-6, atol=2e-6)
 
 
 def test_first_error_in_plan_order_is_reported(tmp_path, monkeypatch):
@@ -169,3 +172,77 @@ def test_write_behind_drops_written_pages_from_the_cache(tmp_path, monkeypatch):
     assert dropped and dropped[0][0] == 0
     assert all(a + n == b for (a, n), (b, _) in zip(dropped, dropped[1:]))  # contiguous, in order
     assert dropped[-1][0] + dropped[-1][1] >= len(data) // 2
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="names open files through /proc")
+@pytest.mark.parametrize("suffix", ["safetensors", "pt"])
+def test_output_is_fsynced_before_the_rename(tmp_path, monkeypatch, suffix):
+    """Durability: the finished temporary file reaches the disk before it takes the output's
+    name, and the folder's entry after."""
+    paths, _ = _mixed_checkpoints(tmp_path, 2)
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        return real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("replace", str(src), str(dst)))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    out = tmp_path / f"avg.{suffix}"
+    ckptavg.merge(paths, out)
+    renames = [e for e in events if e[0] == "replace" and e[2] == str(out)]
+    assert len(renames) == 1
+    k = events.index(renames[0])
+    tmp = renames[0][1]
+    assert ("fsync", tmp) in events[:k]  # the file's data, before the rename
+    assert ("fsync", str(tmp_path)) in events[k + 1 :]  # the folder entry, after it
+
+
+@pytest.mark.parametrize("values,in_dtype,out_dtype,bad", [
+    # float32 sums, divided in float64, cast to float16
+    ([65519.0, 65519.0], torch.float32, "float16", False),  # the mean rounds down to 65504, the largest
+    ([65520.0, 65520.0], torch.float32, "float16", True),  # ... and from 65520 up to inf
+    ([-65519.0, -65521.0], torch.float32, "float16", True),
+    # float64 sums, divided in place, cast to bfloat16
+    ([3.0e38, 3.3e38], torch.float64, "bfloat16", False),
+    ([3.4e38, 3.4e38], torch.float64, "bfloat16", True),  # bfloat16's largest is 3.39e38
+    ([-3.5e38, 1.0], torch.float64, "bfloat16", False),
+    ([-3.5e38, -3.5e38], torch.float64, "bfloat16", True),
+])
+def test_narrowing_cast_overflow_found_at_its_index(tmp_path, values, in_dtype, out_dtype, bad):
+    """The overflow check of the cast to a narrower output dtype, at the edge of the range,
+    in the middle of a chunk of several cache-sized blocks, against float64 ground truth."""
+    n, k = 150_000, 131_077
+    paths = []
+    for i, v in enumerate(values):
+        w = torch.zeros(n, dtype=in_dtype)
+        w[k] = v
+        paths.append(tmp_path / f"c{i}.safetensors")
+        save_file({"w": w}, str(paths[-1]))
+    ref = (torch.tensor(values, dtype=in_dtype).double().sum() / len(values)).to(getattr(torch, out_dtype))
+    assert torch.isfinite(ref).item() != bad  # the test's own premise
+    out = tmp_path / "o.safetensors"
+    if not bad:
+        ckptavg.merge(paths, out, dtype=out_dtype)
+        got = load_file(str(out))["w"]
+        assert got[k] == ref and got.count_nonzero() == 1
+    else:
+        with pytest.raises(NonFiniteError, match=rf"tensor 'w': the average at index \[{k}\] overflows {out_dtype}"):
+            ckptavg.merge(paths, out, dtype=out_dtype)
+        assert not out.exists()
+
+
+def test_float64_to_float32_overflow(tmp_path):
+    paths = []
+    for i in range(3):
+        w = torch.ones(5, dtype=torch.float64)
+        w[3] = 1e300 * (i + 1)
+        paths.append(tmp_path / f"c{i}.safetensors")
+        save_file({"w": w}, str(paths[-1]))
+    with pytest.raises(NonFiniteError, match=r"tensor 'w': the average at index \[3\] overflows float32"):
+        ckptavg.merge(paths, tmp_path / "o.safetensors", dtype="float32")
