@@ -289,6 +289,13 @@ def _children(pid: int) -> list[int]:
     return kids
 
 
+def _signal(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:  # it has just exited
+        pass
+
+
 def test_killed_rank_nobody_publishes(tmp_path):
     g = torch.Generator().manual_seed(3)
     inputs = []
@@ -310,18 +317,26 @@ def test_killed_rank_nobody_publishes(tmp_path):
         victim = None
         deadline = time.monotonic() + TIMEOUT
         while victim is None and time.monotonic() < deadline and proc.poll() is None:
-            # wait until rank 0 made the temporary folder (planning is over), then kill rank 1
+            # wait until rank 0 made the temporary folder (planning is over); then freeze the ranks,
+            # so that however fast the machine, the merge cannot finish before rank 1 is killed
             if no_leftovers(tmp_path):
-                for pid in _children(proc.pid):
+                ranks = _children(proc.pid)
+                for pid in ranks:
+                    _signal(pid, signal.SIGSTOP)
+                for pid in ranks:
                     try:
                         env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
                     except OSError:
                         continue
                     if b"RANK=1" in env:
                         victim = pid
+                if victim is not None:
+                    _signal(victim, signal.SIGKILL)
+                for pid in ranks:
+                    if pid != victim:
+                        _signal(pid, signal.SIGCONT)
             time.sleep(0.002)
         assert victim is not None, "rank 1 was not found while the merge ran"
-        os.kill(victim, signal.SIGKILL)
         rc, text = _finish([proc])[0]
     finally:
         if proc.poll() is None:
