@@ -75,6 +75,7 @@ class _Group(click.Group):
 
     def invoke(self, ctx: click.Context) -> Any:
         debug = bool(ctx.params.get("debug")) or os.environ.get("CKPTAVG_DEBUG") == "1"
+        mark = len(_published())
         try:
             return super().invoke(ctx)
         except CkptavgError as e:
@@ -86,13 +87,28 @@ class _Group(click.Group):
         except KeyboardInterrupt:
             if debug:
                 raise
-            click.echo("ckptavg: interrupted; nothing was written", err=True)
+            click.echo(f"ckptavg: interrupted; {_written(mark)}", err=True)
             ctx.exit(130)
         except _Terminated:
             if debug:
                 raise
-            click.echo("ckptavg: terminated; nothing was written", err=True)
+            click.echo(f"ckptavg: terminated; {_written(mark)}", err=True)
             ctx.exit(143)
+
+
+def _published() -> list[Any]:
+    """Outputs this process has renamed into place (none if no output module was ever loaded:
+    importing it here would import torch)."""
+    files = sys.modules.get("ckptavg.io.files")
+    return files.PUBLISHED if files is not None else []
+
+
+def _written(mark: int) -> str:
+    """What an interrupted command leaves: the outputs it had already completed, else nothing."""
+    done = _published()[mark:]
+    if not done:
+        return "nothing was written"
+    return f"already complete before the interrupt: {', '.join(map(str, done))}; nothing else was written"
 
 
 def _progress(quiet: bool) -> bool:

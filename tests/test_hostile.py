@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 
 import ckptavg
 from ckptavg.errors import CkptavgError, NonFiniteError, OptionError
-from ckptavg.io import hf_folder_out, open_checkpoint
+from ckptavg.io import files, hf_folder_out, open_checkpoint
 
 from ._hostile_files import Build, Deep, Global, TensorSpec, safetensors_raw, torch_zip
 from .conftest import make_state_dicts
@@ -310,6 +310,41 @@ def test_second_interrupt_during_cleanup_leaves_no_temporary(tmp_path, monkeypat
     monkeypatch.undo()
     assert _hidden(tmp_path) == []
     assert {q.name: q.read_bytes() for q in dest.iterdir()} == before
+
+
+@pytest.mark.parametrize("out", ["soup", "o.pt", "o.safetensors"])
+def test_interrupt_after_the_output_was_published_says_so(tmp_path, monkeypatch, run_cli, out):
+    """A Ctrl-C held back during the final rename is delivered once the output is complete:
+    the message must name that output, not claim that nothing was written."""
+    paths = _folder_runs(tmp_path)
+    dest = tmp_path / out
+    if out == "soup":
+        ckptavg.merge(paths[:1], dest)  # replaced by the interrupted command
+        real_publish = hf_folder_out.ShardedSafetensorsWriter._publish
+
+        def publish(self):
+            real_publish(self)
+            raise KeyboardInterrupt  # as signals_blocked() delivers it after the renames
+
+        monkeypatch.setattr(hf_folder_out.ShardedSafetensorsWriter, "_publish", publish)
+    else:
+        real_fsync_path = files.fsync_path
+
+        def fsync_path(path, directory=False):
+            real_fsync_path(path, directory)
+            if directory and path == dest.parent and dest.exists():
+                raise KeyboardInterrupt  # right after the rename into place
+
+        monkeypatch.setattr(files, "fsync_path", fsync_path)
+    code, _, err = run_cli("merge", *paths, "-o", dest)
+    monkeypatch.undo()
+    assert code == 130
+    said = f"ckptavg: interrupted; already complete before the interrupt: {dest}; nothing else was written"
+    assert err.strip() == said
+    assert ckptavg.average(dest).keys() == ckptavg.average(paths).keys()
+    for name, t in ckptavg.average(dest).items():  # the complete average of both inputs
+        assert torch.equal(t, ckptavg.average(paths)[name])
+    assert _hidden(tmp_path) == []
 
 
 @pytest.mark.parametrize("out", ["o.pt", "o.safetensors", "soup/"])

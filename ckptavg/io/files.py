@@ -28,10 +28,13 @@ import torch
 from ..errors import CheckpointReadError, OutputError
 
 __all__ = ["CHECKPOINT_SUFFIXES", "InputFile", "AtomicFile", "tensor_memoryview", "fsync_path", "umask", "make_parent",
-           "remove_created", "publish_folder", "signals_blocked", "TMP_SUFFIX"]
+           "remove_created", "publish_folder", "signals_blocked", "TMP_SUFFIX", "PUBLISHED"]
 
 #: suffix of every temporary output (file or folder) ckptavg creates
 TMP_SUFFIX = ".ckptavg-tmp"
+#: every output this process has renamed into place, in order: an interrupt that arrives after
+#: one was published must not be reported as "nothing was written" (the CLI reads this)
+PUBLISHED: list[Path] = []
 #: file extensions of checkpoint files (inputs found in folders; single-file outputs)
 CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".ckpt", ".bin", ".pth.tar", ".tar")
 
@@ -326,6 +329,7 @@ class AtomicFile:
             self.abort()
             raise OutputError(f"{self.dest}: cannot finish writing: {e.strerror}") from None
         self._done = True
+        PUBLISHED.append(self.dest)
         fsync_path(self.dest.parent, directory=True)
 
     def abort(self) -> None:
@@ -363,7 +367,9 @@ def publish_folder(tmp: Path, dest: Path, mode: str) -> None:
         except BaseException:
             os.rename(old, dest)
             raise
+        PUBLISHED.append(dest)
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.rename(tmp, dest)  # replaces an empty folder; fails if one with files appeared
+        PUBLISHED.append(dest)
     fsync_path(dest.parent, directory=True)
