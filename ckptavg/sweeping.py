@@ -176,9 +176,16 @@ def _write(out: Path, kind: str, state_dict: dict[str, torch.Tensor], sources: A
     text = json.dumps(table, separators=(",", ":"), default=str)
     metadata = {**provenance, name: text}
     written = write_state_dict(state_dict, out, metadata)
-    if kind == "torch":
-        sidecar = out.with_name(out.name + ".ckptavg.json")
-        sidecar.write_text(json.dumps({**provenance, name: table}, indent=2, default=str) + "\n")
+    if kind == "torch":  # atomically too: a crash never leaves half a sidecar beside the model
+        from .io.files import AtomicFile
+
+        sidecar = AtomicFile(out.with_name(out.name + ".ckptavg.json"))
+        try:
+            sidecar.write((json.dumps({**provenance, name: table}, indent=2, default=str) + "\n").encode())
+        except BaseException:
+            sidecar.abort()
+            raise
+        sidecar.commit()
     return written
 
 

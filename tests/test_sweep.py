@@ -228,6 +228,7 @@ def test_soup_matches_a_greedy_soup_written_here(run, tmp_path):
         torch.testing.assert_close(written[name], t, rtol=1e-6, atol=1e-7)
     sidecar = json.loads(Path(str(out) + ".ckptavg.json").read_text())
     assert sidecar["ckptavg_soup"]["members"] == report.members
+    assert [q.name for q in out.parent.iterdir() if q.name.endswith(".ckptavg-tmp")] == []  # both atomic
     # the plot drew the soup's score after each step and the baselines
     data = report.plot
     running, cur = [], None
