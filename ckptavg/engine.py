@@ -554,15 +554,13 @@ def run(plan: MergePlan, writers: Writer | Sequence[Writer], *, weights: Sequenc
                             _accumulate(x.view(dt), acc_dt, todo, scratch_of)
                     job.nread += unit.n * sum(in_dt[i].itemsize for i in active)
                     for k, o in enumerate(outs):
-                        out = _finish(plan, unit, job.accs[k], job.obufs[k], o.divisor, cuda, allow_nonfinite,
-                                      scratch_of)
-                        if out is job.accs[k]:
+                        _finish(plan, unit, job.accs[k], job.obufs[k], o.divisor, cuda, allow_nonfinite, scratch_of)
+                        if job.obufs[k] is None:  # the accumulator itself is written
                             job.release.append((acc_pool(o, acc_dt), job.accs[k]))
-                        else:
+                        else:  # the cast is: the accumulator is free now
                             acc_pool(o, acc_dt).put(job.accs[k])
                             assert o.outs is not None
                             job.release.append((o.outs, job.obufs[k]))
-                        job.accs[k] = out
                 _emit(job, outs, copies)
                 done.put(job)
         except _Stop:
@@ -727,9 +725,9 @@ def _accumulate(x: torch.Tensor, acc_dt: torch.dtype, todo: list[tuple[torch.Ten
 
 
 def _finish(plan: MergePlan, unit: _Unit, full: torch.Tensor, obuf: torch.Tensor | None, divisor: float, cuda: bool,
-            allow_nonfinite: bool, scratch_of: Any) -> torch.Tensor:
-    """Check, divide and cast one output's chunk; returns the tensor to write: the
-    accumulator itself, or ``obuf`` holding the cast."""
+            allow_nonfinite: bool, scratch_of: Any) -> None:
+    """Check and divide one output's chunk in its accumulator ``full``, and cast it into
+    ``obuf`` when there is one (else the accumulator itself is written)."""
     assert unit.key is not None
     _, acc_dt, od = unit.key
     n = unit.n
@@ -742,7 +740,7 @@ def _finish(plan: MergePlan, unit: _Unit, full: torch.Tensor, obuf: torch.Tensor
     if divisor != 1.0 and not exact16:
         a.div_(divisor)
     if obuf is None:
-        return full  # the accumulator itself is written, then reused
+        return
     out = obuf[: n * od.itemsize].view(od)
     if exact16:
         # The float32 sum of 16/8-bit values is exact; divide in float64 so that the cast
@@ -767,7 +765,6 @@ def _finish(plan: MergePlan, unit: _Unit, full: torch.Tensor, obuf: torch.Tensor
             ext = ext / divisor
         if not bool(torch.isfinite(ext.to(od)).all()):
             _check_cast(plan, unit, out)
-    return obuf
 
 
 def _emit(job: _Job, outs: list[_Output], copies: _Pool) -> None:
@@ -779,8 +776,8 @@ def _emit(job: _Job, outs: list[_Output], copies: _Pool) -> None:
         if unit.avg:
             assert unit.key is not None
             od = unit.key[2]
-            amv = tensor_memoryview(job.accs[m])  # the finished bytes (accumulator or cast buffer)
-            amv = amv[: unit.n * od.itemsize]
+            done = job.obufs[m] if job.obufs[m] is not None else job.accs[m]  # the cast, or the accumulator
+            amv = tensor_memoryview(done)[: unit.n * od.itemsize]
         mvs = []
         for is_copy, lo, hi in unit.pieces:
             src = cmv if is_copy else amv

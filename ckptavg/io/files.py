@@ -367,9 +367,8 @@ def publish_folder(tmp: Path, dest: Path, mode: str) -> None:
         except BaseException:
             os.rename(old, dest)
             raise
-        PUBLISHED.append(dest)
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.rename(tmp, dest)  # replaces an empty folder; fails if one with files appeared
-        PUBLISHED.append(dest)
+    PUBLISHED.append(dest)
     fsync_path(dest.parent, directory=True)
