@@ -274,6 +274,64 @@ class _Control:
             return min(self.errors, key=lambda e: e[:2])[2] if self.errors else None
 
 
+class _Crew:
+    """The threads of one run, each counting itself out when its function has returned.
+
+    Waiting is done on this count, never with ``Thread.join`` while Ctrl-C can arrive: before
+    Python 3.13 a join interrupted by KeyboardInterrupt marks the thread it waited for as
+    finished although it still runs (bpo-45274's fix), so a later join returns at once, the interpreter
+    starts its teardown under a thread still freeing tensors, and the process aborts
+    ("terminate called without an active exception") instead of exiting with status 130."""
+
+    def __init__(self) -> None:
+        self._cv = threading.Condition()
+        self._running = 0
+        self._threads: list[threading.Thread] = []
+
+    def start(self, name: str, fn: Any, then: Any = None) -> None:
+        """Run ``fn`` on a new thread; ``then`` runs on it afterwards, however ``fn`` ended."""
+        def body() -> None:
+            try:
+                fn()
+            finally:
+                if then is not None:
+                    then()
+                with self._cv:
+                    self._running -= 1
+                    self._cv.notify_all()
+
+        t = threading.Thread(target=body, name=name, daemon=True)
+        with self._cv:
+            self._running += 1
+        self._threads.append(t)
+        t.start()
+
+    def wait(self) -> None:
+        """Until every thread has counted itself out (Ctrl-C interrupts this wait safely)."""
+        with self._cv:
+            while self._running > 0:
+                self._cv.wait(0.1)
+
+    def end(self, timeout: float = 60.0) -> None:
+        """After a failure or an interrupt (the threads told to stop): wait for them, with a
+        further Ctrl-C or SIGTERM held back until they have ended or ``timeout`` has passed,
+        then join each (at once now: it only lets the thread's interpreter state go)."""
+        deadline = time.monotonic() + timeout
+        held: BaseException | None = None
+        while True:
+            try:
+                with self._cv:
+                    while self._running > 0 and time.monotonic() < deadline:
+                        self._cv.wait(0.1)
+                for t in self._threads:
+                    t.join(max(0.0, deadline - time.monotonic()))
+                break
+            except BaseException as e:  # only a signal handler's exception can arrive here
+                held = held or e
+        if held is not None:
+            raise held
+
+
 class _Pool:
     """A fixed number of reusable buffers, made on first need; :meth:`get` blocks until one
     is free (or the unit asking is cancelled)."""
@@ -606,19 +664,22 @@ def run(plan: MergePlan, writers: Writer | Sequence[Writer], *, weights: Sequenc
         # would compete for the same cores (spin-waiting in OpenMP) and slow every operation
         # down several-fold. Chunk arithmetic is memory-bound: one thread each.
         torch.set_num_threads(1)
-    workers = [threading.Thread(target=worker, name=f"ckptavg-work-{k}", daemon=True) for k in range(n_workers)]
-    wt = threading.Thread(target=writer_loop, name="ckptavg-write", daemon=True)
-    wt.start()
-    for t in workers:
-        t.start()
+    crew = _Crew()
+    left = [n_workers]  # workers still running; the last one to end tells the writer
+
+    def worker_ended() -> None:
+        with ctl.lock:
+            left[0] -= 1
+            last = left[0] == 0
+        if last:
+            done.put(None)
+
     ok = False
     try:
-        for t in workers:
-            while t.is_alive():
-                t.join(0.1)  # a timeout keeps the main thread responsive to Ctrl-C
-        done.put(None)
-        while wt.is_alive():
-            wt.join(0.1)
+        crew.start("ckptavg-write", writer_loop)
+        for k in range(n_workers):
+            crew.start(f"ckptavg-work-{k}", worker, worker_ended)
+        crew.wait()
         err = ctl.first_error()
         if err is not None:
             raise err
@@ -627,8 +688,7 @@ def run(plan: MergePlan, writers: Writer | Sequence[Writer], *, weights: Sequenc
         if not ok:
             ctl.stop.set()
             done.put(None)
-            for t in [*workers, wt]:
-                t.join(timeout=60)
+            crew.end()
         torch.set_num_threads(threads)
         if bar is not None:
             bar.close()

@@ -5,6 +5,8 @@ order)."""
 from __future__ import annotations
 
 import os
+import signal
+import threading
 import time
 
 import pytest
@@ -137,6 +139,39 @@ def test_first_error_in_plan_order_is_reported(tmp_path, monkeypatch):
             ckptavg.merge(paths, out, order="given")
         assert not out.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c0.safetensors", "c1.safetensors", "c2.safetensors"]
+
+
+def test_interrupt_waits_for_every_thread(tmp_path, monkeypatch):
+    """Ctrl-C while the main thread waits: the run must not return before its threads have
+    ended (Python 3.11's interrupted Thread.join marks a running thread finished; a run that
+    trusted it returned under a live thread, and the interpreter's teardown then aborted)."""
+    paths, _ = _mixed_checkpoints(tmp_path, 3)
+    monkeypatch.setenv("CKPTAVG_CHUNK_ELEMS", "97")
+    monkeypatch.setenv("CKPTAVG_WORKERS", "2")
+    real_read = engine._read_runs
+
+    def slow_read(*args):
+        time.sleep(0.2)  # a worker is nearly always inside a read when the interrupt arrives
+        return real_read(*args)
+
+    def on_usr1(signum, frame):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(engine, "_read_runs", slow_read)
+    previous = signal.signal(signal.SIGUSR1, on_usr1)
+    main = threading.main_thread().ident
+    timer = threading.Timer(0.5, signal.pthread_kill, (main, signal.SIGUSR1))
+    try:
+        timer.start()
+        with pytest.raises(KeyboardInterrupt):
+            ckptavg.merge(paths, tmp_path / "o.safetensors")
+        alive = [t.name for t in threading.enumerate() if t.name.startswith("ckptavg-")]
+    finally:
+        timer.cancel()
+        signal.signal(signal.SIGUSR1, previous)
+    assert alive == []
+    assert not (tmp_path / "o.safetensors").exists()
+    assert not [p for p in tmp_path.iterdir() if "tmp" in p.name]
 
 
 @pytest.mark.parametrize("value", ["0", "two", "-1"])
