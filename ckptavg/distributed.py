@@ -29,9 +29,11 @@ rank of an initialised process group) splits the output tensors across the K ran
 
 Without a shared file system, ranks on other nodes do not see rank 0's temporary folder: the first
 rank of such a node creates a folder of the same name locally, its ranks write their shards there,
-and after success that folder is renamed to the destination on that node. The user then has the
-index, the config files and node 0's shards on node 0, and each other node's shards on that node:
-copying them into one folder gives the complete model.
+and after rank 0 has published, that folder is renamed to the destination on that node (replacing
+that node's part of an earlier merge, which every node's check of the destination recognises by the
+shards' ckptavg metadata). The user then has the index, the config files and node 0's shards on
+node 0, and each other node's shards on that node: copying them into one folder gives the complete
+model.
 
 ckptavg joins the process group itself under torchrun (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` set;
 gloo on CPU, nccl with ``--device cuda``, one GPU per rank by ``LOCAL_RANK``) unless one is already
@@ -60,7 +62,6 @@ from .errors import CkptavgError, DistributedError, OptionError, OutputError
 from .io.dcp_out import DcpPartWriter, check_dcp_destination, data_name, write_dcp_metadata
 from .io.files import TMP_SUFFIX, make_parent, publish_folder, remove_created, signals_blocked
 from .io.hf_folder_out import ShardedSafetensorsWriter, check_destination, folder_extras, shard_names
-from .io.safetensors_out import safetensors_header
 from .io.writer import Entry, StreamWriter
 from .options import MergeOptions
 from .planner import MergePlan, PlannedTensor
@@ -207,7 +208,40 @@ def shard_layout(entries: Sequence[Entry], owner: Sequence[int], world: int, sha
     return ShardLayout(list(owner), shard_of, shard_names(len(shard_rank)), shard_rank)
 
 
-class _RankShardWriter(ShardedSafetensorsWriter):
+class _RankPart:
+    """Publishing, for both rank writers: rank 0 renames the shared temporary folder into place
+    after every rank agreed (:meth:`commit`); a rank that made its node's own temporary folder (no
+    shared file system with rank 0) renames that one on its node after rank 0 published
+    (:meth:`commit_node`)."""
+
+    dest: Path
+    tmp: Path
+    mode: str
+    _done: bool
+
+    def commit(self) -> None:
+        """Rename the shared temporary folder into place (rank 0, after every rank agreed)."""
+        try:
+            with signals_blocked():
+                publish_folder(self.tmp, self.dest, self.mode)
+        except OSError as e:
+            raise OutputError(f"{self.dest}: cannot move the finished folder into place: {e.strerror}") from None
+        self._done = True
+
+    def commit_node(self, mode: str) -> None:
+        """Rename this node's own temporary folder into place on this node (``mode``: what this
+        node's check of the destination found). Rank 0 has published already, so this part is
+        kept whatever happens; if it cannot be moved, the error says where it stays."""
+        self._done = True
+        try:
+            with signals_blocked():
+                publish_folder(self.tmp, self.dest, mode)
+        except OSError as e:
+            raise OutputError(f"{self.dest}: this node's part stays in {self.tmp}: cannot move it into place "
+                              f"({e.strerror})") from None
+
+
+class _RankShardWriter(_RankPart, ShardedSafetensorsWriter):
     """One rank's part of a folder output: its shards (global names) in a shared temporary folder.
     Rank 0 also writes the index and copies the model files; publishing is done by :func:`merge`."""
 
@@ -226,26 +260,11 @@ class _RankShardWriter(ShardedSafetensorsWriter):
         self.total_parameters = sum(e.nbytes // e.dtype.itemsize for e in entries)
         self.weight_map = {e.name: layout.names[k] for e, k in zip(entries, layout.shard_of)}
         self.copied: list[str] = []
-        self._created: list[Path] = []
         self.tmp = tmp
-        mine = layout.local(rank)
-        pos = {g: j for j, g in enumerate(mine)}
-        local = [Entry(entries[g].name, entries[g].dtype, entries[g].shape,
-                       None if entries[g].alias_of is None else pos[entries[g].alias_of]) for g in mine]
-        self._shard_of = [layout.shard_of[g] for g in mine]
-        self._mine = sorted({k for k, r in enumerate(layout.shard_rank) if r == rank})
-        self._headers: Any = {}
-        self._offset = [0] * len(local)
-        for k in self._mine:
-            idx = [j for j, s in enumerate(self._shard_of) if s == k]
-            head, offs = safetensors_header(dest, [local[j] for j in idx], self.metadata)
-            self._headers[k] = head
-            for j, off in zip(idx, offs):
-                self._offset[j] = off
         self.rank = rank
-        self._k = -1
-        self._fd: int | None = None
-        self._done = False
+        local = _local_entries(entries, layout.local(rank))
+        self._mine = [k for k, r in enumerate(layout.shard_rank) if r == rank]
+        self._lay_out(local, [layout.shard_of[g] for g in layout.local(rank)], self._mine)
         StreamWriter.__init__(self, local)
 
     def finish(self) -> None:
@@ -258,14 +277,6 @@ class _RankShardWriter(ShardedSafetensorsWriter):
         if self.rank == 0:
             self._write_index()
             self._copy_extras()
-
-    def commit(self) -> None:
-        """Rename the shared temporary folder into place (rank 0, after every rank agreed)."""
-        try:
-            self._publish()
-        except OSError as e:
-            raise OutputError(f"{self.dest}: cannot move the finished folder into place: {e.strerror}") from None
-        self._done = True
 
     def abort(self) -> None:
         """Remove this rank's own files (the folder itself is removed by its creator)."""
@@ -426,7 +437,7 @@ def _local_entries(entries: Sequence[Entry], mine: Sequence[int]) -> list[Entry]
                   None if entries[g].alias_of is None else pos[entries[g].alias_of]) for g in mine]
 
 
-class _RankDcpWriter(DcpPartWriter):
+class _RankDcpWriter(_RankPart, DcpPartWriter):
     """One rank's part of a DCP output: its tensors in ``__{rank}_0.distcp`` of the shared temporary
     folder. Rank 0 writes ``.metadata`` from every rank's records (:meth:`write_metadata`) and
     publishes (:meth:`commit`)."""
@@ -445,15 +456,6 @@ class _RankDcpWriter(DcpPartWriter):
             write_dcp_metadata(self.tmp, entries, records, provenance)
         except OSError as e:
             raise OutputError(f"{self.dest}: cannot write the DCP metadata: {e.strerror}") from None
-
-    def commit(self) -> None:
-        """Rename the shared temporary folder into place (rank 0, after every rank agreed)."""
-        try:
-            with signals_blocked():
-                publish_folder(self.tmp, self.dest, self.mode)
-                self._done = True
-        except OSError as e:
-            raise OutputError(f"{self.dest}: cannot move the finished folder into place: {e.strerror}") from None
 
     def abort(self) -> None:
         """Remove this rank's data file (the folder itself is removed by its creator)."""
@@ -609,12 +611,8 @@ def _merge(inputs: Any, output: str | os.PathLike[str], opts: MergeOptions, rank
                 err = e
         ranks.agree(err, lost="rank 0 may have published the output: check it")
         if rank != 0 and owns_tmp and tmp is not None:
-            writer._done = True
-            try:
-                os.rename(tmp, out)
-                tmp = None
-            except OSError as e:
-                raise OutputError(f"{out}: this node's part stays in {tmp}: cannot rename it ({e.strerror})") from None
+            tmp = None  # rank 0 has published: from here on this node's part is kept, whatever happens
+            writer.commit_node(mode)
         if layout is not None:
             notes = [f"{len(layout.names)} shard{'s' if len(layout.names) != 1 else ''} written by {world} "
                      f"rank{'s' if world != 1 else ''}"]

@@ -1,5 +1,6 @@
 """Merges across ranks under torchrun (gloo, CPU): 2 and 3 processes on one machine, a 2-node
-rendezvous on localhost, and the failure cases (NaN or truncated input, a killed rank).
+rendezvous on localhost (also with a node that does not share the output's file system), and the
+failure cases (NaN or truncated input, a killed rank).
 
 Every published folder is compared tensor by tensor, byte for byte, with a single-process merge
 of the same inputs. Each spawn costs a few seconds of torch imports, so spawns are few and small.
@@ -9,10 +10,13 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -212,6 +216,85 @@ def test_two_nodes_rendezvous_on_localhost(tmp_path):
     index = assert_same_as_single(tmp_path / "out", inputs, tmp_path)
     assert len(set(index["weight_map"].values())) >= 2
     assert "2 ranks" in "".join(t for _, t in results)
+
+
+def _own_mount_namespace() -> bool:
+    """Whether a child may get a mount namespace of its own with a tmpfs in it (root with
+    CAP_SYS_ADMIN): how a test gives one "node" a file system the other does not see."""
+    if shutil.which("unshare") is None:
+        return False
+    with tempfile.TemporaryDirectory() as d:
+        res = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c",
+                              f"mount -t tmpfs none {shlex.quote(d)}"], capture_output=True)
+    return res.returncode == 0
+
+
+def _union(folders: list[Path], dest: Path) -> Path:
+    dest.mkdir()
+    for f in folders:
+        for q in f.iterdir():
+            assert not (dest / q.name).exists(), q.name  # the nodes' parts do not overlap
+            shutil.copyfile(q, dest / q.name)
+    return dest
+
+
+@pytest.mark.skipif(not _own_mount_namespace(), reason="needs unshare -m and mount (root)")
+def test_two_nodes_without_a_shared_file_system(tmp_path):
+    """Node 1 sees an empty file system of its own where the output goes (a tmpfs in its own mount
+    namespace). Each node's rank writes its shards on its own disk and publishes them there; the
+    node of rank 0 also holds the index; together they are the single-process merge. A second run
+    replaces both nodes' earlier parts; a third, with foreign files at node 1's destination, fails
+    on every rank before anything is published."""
+    inputs = make_inputs(tmp_path)
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    out = disk / "out"
+    seen = tmp_path / "node1"  # what node 1 had after each run
+    seen.mkdir()
+    runs = [inputs, inputs[1:], inputs]
+    ports = [_free_port() for _ in runs]
+
+    def cmd(k: int, node: int) -> list[str]:
+        args = ["-m", "ckptavg", "merge", *map(str, runs[k]), "-o", f"{out}/", "--shard-size", "30KB"]
+        return _torchrun_cmd(1, ports[k], *args, nodes=(node, ports[k]))
+
+    q = shlex.quote
+    steps = [f"mount -t tmpfs none {q(str(disk))} || exit 99"]
+    for k in range(len(runs)):
+        if k == 2:
+            steps.append(f"rm -rf {q(str(out))} && mkdir {q(str(out))} && echo mine > {q(str(out / 'notes.txt'))}")
+        steps.append(f"{shlex.join(cmd(k, 1))} > {q(str(seen / f'log{k}'))} 2>&1; echo $? > {q(str(seen / f'rc{k}'))}")
+        steps.append(f"cp -r {q(str(out))} {q(str(seen / str(k)))}; ls -A {q(str(disk))} > {q(str(seen / f'ls{k}'))}")
+    node1 = _start(["unshare", "-m", "--propagation", "private", "sh", "-c", "\n".join(steps)], tmp_path)
+    try:
+        results = []
+        for k in range(len(runs)):
+            results.append(_finish([_start(cmd(k, 0), tmp_path)])[0])
+            if k < 2:
+                host = tmp_path / f"host{k}"
+                shutil.copytree(out, host)
+    finally:
+        (rc1, text1), = _finish([node1])
+    assert rc1 == 0, text1
+    for k in range(len(runs)):
+        text = results[k][1] + (seen / f"log{k}").read_text()
+        if k < 2:
+            assert results[k][0] == 0 and (seen / f"rc{k}").read_text().strip() == "0", text
+            assert "no shared file system" in text
+            host, node = tmp_path / f"host{k}", seen / str(k)
+            # the rendezvous, not --node-rank, decides which node runs rank 0: it has the index
+            assert sorted(len(list(f.glob("*.json"))) for f in (host, node)) == [0, 1]
+            assert len(list(host.glob("*.safetensors"))) >= 1 and len(list(node.glob("*.safetensors"))) >= 1
+            ref = tmp_path / f"ref{k}"
+            ref.mkdir()
+            assert_same_as_single(_union([host, node], tmp_path / f"both{k}"), runs[k], ref)
+            assert (seen / f"ls{k}").read_text().split() == ["out"]  # nothing left beside it on node 1
+        else:  # foreign files at node 1's destination: refused there before anything is published
+            assert results[k][0] != 0 and (seen / f"rc{k}").read_text().strip() != "0", text
+            assert f"{out}: the folder exists and holds other files ('notes.txt')" in text
+            assert read_folder(out) == read_folder(tmp_path / "host1")  # node 0 keeps the second run's part
+            assert [q.name for q in (seen / "2").iterdir()] == ["notes.txt"]
+    assert no_leftovers(disk) == []
 
 
 def _one_error_line(text: str) -> str:

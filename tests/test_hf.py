@@ -251,6 +251,15 @@ def test_existing_destination_rules(finetunes, tmp_path, run_cli):
     with safe_open(str(empty / "model.safetensors"), "pt") as f:
         inputs_meta = json.loads(f.metadata()["ckptavg_inputs"])
     assert [os.path.basename(i["file"]) for i in inputs_meta] == ["ft3", "ft1"]
+    # shards only: another node's part of a merge across ranks is replaced, shards of another
+    # program are not
+    for who, meta, code_wanted in (("other", {"format": "pt"}, 1), ("node", {"ckptavg_version": "0"}, 0)):
+        part = tmp_path / who
+        part.mkdir()
+        save_file({"w": torch.zeros(2)}, str(part / "model-00002-of-00002.safetensors"), metadata=meta)
+        code, _, err = run_cli("merge", *inputs, "-o", part)
+        assert code == code_wanted, err
+        assert (part / "model-00002-of-00002.safetensors").exists() == (code_wanted == 1)
     # a file where the folder should go
     (tmp_path / "file").write_text("x")
     code, _, err = run_cli("merge", *inputs, "-o", f"{tmp_path / 'file'}/")
@@ -258,7 +267,7 @@ def test_existing_destination_rules(finetunes, tmp_path, run_cli):
     # an input folder as the output
     code, _, err = run_cli("merge", *inputs, "-o", root / "ft2")
     assert code == 2 and "the output is also an input" in err
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["busy", "empty", "file"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["busy", "empty", "file", "node", "other"]
 
 
 def test_failure_leaves_nothing_at_the_destination(tmp_path, run_cli):

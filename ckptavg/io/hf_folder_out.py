@@ -46,7 +46,7 @@ import re
 import shutil
 import struct
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -82,6 +82,7 @@ _NOT_COPIED_NAMES = {"trainer_state.json", "training_args.json"}
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-zA-Z]*)\s*$")
+_SHARD_RE = re.compile(r"^model-\d{5}-of-\d{5}\.safetensors$")
 _FILE_EXT_RE = re.compile(r"^(?=.*[A-Za-z])[A-Za-z0-9]{1,5}$")
 
 
@@ -159,23 +160,29 @@ def folder_extras(folder: Path) -> list[Path]:
 
 
 def _is_ckptavg_output(folder: Path) -> bool:
+    """Whether ``folder`` is an earlier ckptavg output: an index, a single file or (a node's part
+    of a merge across ranks without a shared file system) shards only, ckptavg's provenance in
+    the index's or the first safetensors header's metadata."""
     idx = folder / INDEX_NAME
     try:
         if idx.is_file():
             meta = json.loads(idx.read_text(encoding="utf-8")).get("metadata") or {}
             return isinstance(meta, dict) and "ckptavg_version" in meta
         single = folder / SINGLE_NAME
-        if single.is_file():
-            with open(single, "rb") as fh:
-                (n,) = struct.unpack("<Q", fh.read(8))
-                if n > 100 * 1024 * 1024:
-                    return False
-                header = json.loads(fh.read(n).decode("utf-8"))
-            meta = header.get("__metadata__") or {}
-            return isinstance(meta, dict) and "ckptavg_version" in meta
+        if not single.is_file():
+            names = sorted(q.name for q in folder.iterdir())
+            if not names or not all(_SHARD_RE.match(n) for n in names):
+                return False
+            single = folder / names[0]
+        with open(single, "rb") as fh:
+            (n,) = struct.unpack("<Q", fh.read(8))
+            if n > 100 * 1024 * 1024:
+                return False
+            header = json.loads(fh.read(n).decode("utf-8"))
+        meta = header.get("__metadata__") or {}
+        return isinstance(meta, dict) and "ckptavg_version" in meta
     except (OSError, ValueError, struct.error, AttributeError, UnicodeDecodeError):
         return False
-    return False
 
 
 def check_destination(dest: Path) -> str:
@@ -226,26 +233,19 @@ class ShardedSafetensorsWriter(StreamWriter):
             if e.dtype not in TORCH_TO_SAFETENSORS:
                 raise OutputError(f"{self.dest}: tensor {e.name!r} has dtype {e.dtype}, which safetensors cannot store")
         # shard assignment, as huggingface_hub's split_torch_state_dict_into_shards
-        self._shard_of: list[int] = []
+        shard_of: list[int] = []
         sizes: list[int] = []
         for e in entries:
             n = e.nbytes
             if not sizes or (sizes[-1] > 0 and sizes[-1] + n > shard_size):
                 sizes.append(0)
             sizes[-1] += n
-            self._shard_of.append(len(sizes) - 1)
+            shard_of.append(len(sizes) - 1)
         if not sizes:
             sizes.append(0)
         self.names = shard_names(len(sizes))
         self.shard_sizes = sizes
-        self._headers: list[bytes] = []
-        self._offset = [0] * len(entries)
-        for k in range(len(sizes)):
-            idx = [i for i, s in enumerate(self._shard_of) if s == k]
-            head, offs = safetensors_header(self.dest, [entries[i] for i in idx], self.metadata)
-            self._headers.append(head)
-            for i, off in zip(idx, offs):
-                self._offset[i] = off
+        self._lay_out(entries, shard_of, range(len(sizes)))
         self.total_size = sum(sizes)
         self.total_parameters = sum(e.nbytes // e.dtype.itemsize for e in entries)
         self.weight_map = {e.name: self.names[k] for e, k in zip(entries, self._shard_of)}
@@ -256,14 +256,28 @@ class ShardedSafetensorsWriter(StreamWriter):
         except OSError as e:
             remove_created(self._created)
             raise OutputError(f"{self.dest}: cannot write in {self.dest.parent}: {e.strerror}") from None
-        self._k = -1
-        self._fd: int | None = None
-        self._done = False
         try:
             super().__init__(entries)
         except BaseException:
             self.abort()
             raise
+
+    def _lay_out(self, entries: Sequence[Entry], shard_of: Sequence[int], shards: Iterable[int]) -> None:
+        """The headers and data offsets of the shards this writer writes (``shards``, numbered as
+        in :attr:`names`); entry ``i`` goes to shard ``shard_of[i]``. Also used by a rank that
+        writes some shards of a folder written by several (:mod:`ckptavg.distributed`)."""
+        self._shard_of = list(shard_of)
+        self._headers: dict[int, bytes] = {}
+        self._offset = [0] * len(entries)
+        for k in shards:
+            idx = [i for i, s in enumerate(self._shard_of) if s == k]
+            head, offs = safetensors_header(self.dest, [entries[i] for i in idx], self.metadata)
+            self._headers[k] = head
+            for i, off in zip(idx, offs):
+                self._offset[i] = off
+        self._k = -1
+        self._fd: int | None = None
+        self._done = False
 
     # -- shard files
 
