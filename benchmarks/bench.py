@@ -1050,6 +1050,7 @@ def run_dcp_case(args: argparse.Namespace) -> int:
     import dcp_cases
 
     root = Path(args.workdir or tempfile.gettempdir())
+    root.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="ckptavg-bench-dcp-", dir=root))
     try:
         n, mib = (4, 32) if args.quick else (8, 96)
@@ -1092,6 +1093,7 @@ def main(argv: list[str]) -> int:
         return 0 if cases else f"no case matches {args.cases!r} (see --list)"
 
     root = Path(args.workdir or tempfile.gettempdir())
+    root.mkdir(parents=True, exist_ok=True)
     work = root / "ckptavg-bench" if args.keep else Path(tempfile.mkdtemp(prefix="ckptavg-bench-", dir=root))
     work.mkdir(parents=True, exist_ok=True)
     runner = Runner(work, child_env(args.python), args.timeout)

@@ -307,10 +307,14 @@ class _Crew:
         t.start()
 
     def wait(self) -> None:
-        """Until every thread has counted itself out (Ctrl-C interrupts this wait safely)."""
+        """Until every thread has counted itself out (Ctrl-C interrupts this wait safely), then
+        join each: a thread still drops references after counting itself out, and freeing a
+        tensor once the interpreter's teardown has begun aborts the process."""
         with self._cv:
             while self._running > 0:
                 self._cv.wait(0.1)
+        for t in self._threads:
+            t.join()
 
     def end(self, timeout: float = 60.0) -> None:
         """After a failure or an interrupt (the threads told to stop): wait for them, with a
