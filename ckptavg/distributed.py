@@ -228,11 +228,14 @@ class _RankPart:
             raise OutputError(f"{self.dest}: cannot move the finished folder into place: {e.strerror}") from None
         self._done = True
 
+    def keep(self) -> None:
+        """Rank 0 has published: from here on no failure removes this rank's files."""
+        self._done = True
+
     def commit_node(self, mode: str) -> None:
         """Rename this node's own temporary folder into place on this node (``mode``: what this
-        node's check of the destination found). Rank 0 has published already, so this part is
-        kept whatever happens; if it cannot be moved, the error says where it stays."""
-        self._done = True
+        node's check of the destination found), after :meth:`keep`; if it cannot be moved, the
+        error says where it stays."""
         try:
             with signals_blocked():
                 publish_folder(self.tmp, self.dest, mode)
@@ -366,9 +369,10 @@ class _Ranks:
         self.rank = dist.get_rank()
         self.world = dist.get_world_size()
 
-    def agree(self, err: BaseException | None, payload: Any = None, lost: str = "nothing was published"
-              ) -> list[Any]:
-        """Exchange (error message, payload) with every rank; raise if any rank failed."""
+    def agree(self, err: BaseException | None, payload: Any = None, lost: str = "nothing was published",
+              left: str = "nothing was published") -> list[Any]:
+        """Exchange (error message, payload) with every rank; raise if any rank failed (``lost``,
+        ``left``: what the output's state is when contact is lost, when a rank failed)."""
         msg = None
         code = 1
         if err is not None:
@@ -393,7 +397,7 @@ class _Ranks:
                 pass
             if err is None:
                 r, m, c = failed[0]
-                err = DistributedError(f"{m} (on rank {r} of {self.world}; nothing was published)")
+                err = DistributedError(f"{m} (on rank {r} of {self.world}; {left})")
                 err.exit_code = c  # type: ignore[attr-defined]
             err.ckptavg_agreed = True  # type: ignore[attr-defined]
             raise _quiet(err) if self.rank != 0 else err
@@ -610,9 +614,16 @@ def _merge(inputs: Any, output: str | os.PathLike[str], opts: MergeOptions, rank
             except Exception as e:
                 err = e
         ranks.agree(err, lost="rank 0 may have published the output: check it")
-        if rank != 0 and owns_tmp and tmp is not None:
-            tmp = None  # rank 0 has published: from here on this node's part is kept, whatever happens
-            writer.commit_node(mode)
+        writer.keep()  # rank 0 has published: whatever happens now, no rank removes its files
+        if any(d[2] for d in done[1:]):  # some nodes publish their own part: every rank learns how that went
+            if rank != 0 and owns_tmp and tmp is not None:
+                tmp = None  # kept too, where it is, if it cannot be moved into place
+                try:
+                    writer.commit_node(mode)
+                except OutputError as e:
+                    err = e
+            ranks.agree(err, lost="rank 0 has published its part: check the other nodes' parts",
+                        left="the other nodes' parts are published")
         if layout is not None:
             notes = [f"{len(layout.names)} shard{'s' if len(layout.names) != 1 else ''} written by {world} "
                      f"rank{'s' if world != 1 else ''}"]

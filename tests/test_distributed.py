@@ -8,6 +8,7 @@ of the same inputs. Each spawn costs a few seconds of torch imports, so spawns a
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shlex
@@ -244,18 +245,21 @@ def test_two_nodes_without_a_shared_file_system(tmp_path):
     namespace). Each node's rank writes its shards on its own disk and publishes them there; the
     node of rank 0 also holds the index; together they are the single-process merge. A second run
     replaces both nodes' earlier parts; a third, with foreign files at node 1's destination, fails
-    on every rank before anything is published."""
+    on every rank before anything is published; in a fourth, rank 1 cannot move its part into place
+    after rank 0 published: every rank fails and the part stays, complete, where the error says."""
     inputs = make_inputs(tmp_path)
     disk = tmp_path / "disk"
     disk.mkdir()
     out = disk / "out"
     seen = tmp_path / "node1"  # what node 1 had after each run
     seen.mkdir()
-    runs = [inputs, inputs[1:], inputs]
+    runs = [inputs, inputs[1:], inputs, inputs[:2]]
     ports = [_free_port() for _ in runs]
 
     def cmd(k: int, node: int) -> list[str]:
-        args = ["-m", "ckptavg", "merge", *map(str, runs[k]), "-o", f"{out}/", "--shard-size", "30KB"]
+        # the last run: rank 1 cannot move its node's part into place
+        module = "tests._node_publish_fails" if k == 3 else "ckptavg"
+        args = ["-m", module, "merge", *map(str, runs[k]), "-o", f"{out}/", "--shard-size", "30KB"]
         return _torchrun_cmd(1, ports[k], *args, nodes=(node, ports[k]))
 
     q = shlex.quote
@@ -263,16 +267,16 @@ def test_two_nodes_without_a_shared_file_system(tmp_path):
     for k in range(len(runs)):
         if k == 2:
             steps.append(f"rm -rf {q(str(out))} && mkdir {q(str(out))} && echo mine > {q(str(out / 'notes.txt'))}")
+        if k == 3:
+            steps.append(f"rm -rf {q(str(out))}")
         steps.append(f"{shlex.join(cmd(k, 1))} > {q(str(seen / f'log{k}'))} 2>&1; echo $? > {q(str(seen / f'rc{k}'))}")
-        steps.append(f"cp -r {q(str(out))} {q(str(seen / str(k)))}; ls -A {q(str(disk))} > {q(str(seen / f'ls{k}'))}")
+        steps.append(f"cp -r {q(str(disk))} {q(str(seen / str(k)))}; ls -A {q(str(disk))} > {q(str(seen / f'ls{k}'))}")
     node1 = _start(["unshare", "-m", "--propagation", "private", "sh", "-c", "\n".join(steps)], tmp_path)
     try:
         results = []
         for k in range(len(runs)):
             results.append(_finish([_start(cmd(k, 0), tmp_path)])[0])
-            if k < 2:
-                host = tmp_path / f"host{k}"
-                shutil.copytree(out, host)
+            shutil.copytree(disk, tmp_path / f"host{k}")
     finally:
         (rc1, text1), = _finish([node1])
     assert rc1 == 0, text1
@@ -281,7 +285,7 @@ def test_two_nodes_without_a_shared_file_system(tmp_path):
         if k < 2:
             assert results[k][0] == 0 and (seen / f"rc{k}").read_text().strip() == "0", text
             assert "no shared file system" in text
-            host, node = tmp_path / f"host{k}", seen / str(k)
+            host, node = tmp_path / f"host{k}" / "out", seen / str(k) / "out"
             # the rendezvous, not --node-rank, decides which node runs rank 0: it has the index
             assert sorted(len(list(f.glob("*.json"))) for f in (host, node)) == [0, 1]
             assert len(list(host.glob("*.safetensors"))) >= 1 and len(list(node.glob("*.safetensors"))) >= 1
@@ -289,12 +293,25 @@ def test_two_nodes_without_a_shared_file_system(tmp_path):
             ref.mkdir()
             assert_same_as_single(_union([host, node], tmp_path / f"both{k}"), runs[k], ref)
             assert (seen / f"ls{k}").read_text().split() == ["out"]  # nothing left beside it on node 1
-        else:  # foreign files at node 1's destination: refused there before anything is published
+        elif k == 2:  # foreign files at node 1's destination: refused there before anything is published
             assert results[k][0] != 0 and (seen / f"rc{k}").read_text().strip() != "0", text
             assert f"{out}: the folder exists and holds other files ('notes.txt')" in text
-            assert read_folder(out) == read_folder(tmp_path / "host1")  # node 0 keeps the second run's part
-            assert [q.name for q in (seen / "2").iterdir()] == ["notes.txt"]
-    assert no_leftovers(disk) == []
+            assert read_folder(tmp_path / "host2" / "out") == read_folder(tmp_path / "host1" / "out")
+            assert [q.name for q in (seen / "2" / "out").iterdir()] == ["notes.txt"]
+            assert no_leftovers(tmp_path / "host2") == [] and no_leftovers(seen / "2") == []
+        else:  # rank 1 cannot move its node's part into place after rank 0 published: every rank fails,
+            # the error names the folder the part stays in, and that part is complete
+            assert results[k][0] != 0 and (seen / f"rc{k}").read_text().strip() != "0", text
+            assert "terminate called" not in text
+            kept = [f for f in (tmp_path / "host3", seen / "3") if no_leftovers(f)]
+            assert len(kept) == 1, text
+            part = kept[0] / no_leftovers(kept[0])[0]
+            assert (f"this node's part stays in {out.parent / part.name}: cannot move it into place "
+                    f"({os.strerror(errno.EROFS)}) (on rank 1 of 2; the other nodes' parts are published)") in text
+            published = (seen / "3" / "out") if kept[0] == tmp_path / "host3" else (tmp_path / "host3" / "out")
+            ref = tmp_path / "ref3"
+            ref.mkdir()
+            assert_same_as_single(_union([published, part], tmp_path / "both3"), runs[k], ref)
 
 
 def _one_error_line(text: str) -> str:

@@ -1,0 +1,24 @@
+"""``python -m tests._node_publish_fails merge ...``: the command line, with every rank but 0
+failing to move its node's own part into place (as a read-only or vanished disk would make it
+fail after rank 0 has published)."""
+
+from __future__ import annotations
+
+import errno
+import os
+import sys
+
+from ckptavg import distributed
+from ckptavg.cli import main
+
+_real = distributed.publish_folder
+
+
+def _publish(tmp, dest, mode):
+    if os.environ.get("RANK") != "0":
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+    return _real(tmp, dest, mode)
+
+
+distributed.publish_folder = _publish
+main(sys.argv[1:])
