@@ -31,9 +31,10 @@ Without a shared file system, ranks on other nodes do not see rank 0's temporary
 rank of such a node creates a folder of the same name locally, its ranks write their shards there,
 and after rank 0 has published, that folder is renamed to the destination on that node (replacing
 that node's part of an earlier merge, which every node's check of the destination recognises by the
-shards' ckptavg metadata). The user then has the index, the config files and node 0's shards on
-node 0, and each other node's shards on that node: copying them into one folder gives the complete
-model.
+shards' ckptavg metadata); if that move fails, every rank fails and the part stays, complete,
+where the error says. The user then has the index, the config files and rank 0's shards on rank
+0's node, and each other node's shards on that node: copying them into one folder gives the
+complete model.
 
 ckptavg joins the process group itself under torchrun (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` set;
 gloo on CPU, nccl with ``--device cuda``, one GPU per rank by ``LOCAL_RANK``) unless one is already
