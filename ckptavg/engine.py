@@ -306,13 +306,16 @@ class _Crew:
         self._threads.append(t)
         t.start()
 
+    def _counted_out(self, deadline: float = math.inf) -> None:
+        with self._cv:
+            while self._running > 0 and time.monotonic() < deadline:
+                self._cv.wait(0.1)
+
     def wait(self) -> None:
         """Until every thread has counted itself out (Ctrl-C interrupts this wait safely), then
         join each: a thread still drops references after counting itself out, and freeing a
         tensor once the interpreter's teardown has begun aborts the process."""
-        with self._cv:
-            while self._running > 0:
-                self._cv.wait(0.1)
+        self._counted_out()
         for t in self._threads:
             t.join()
 
@@ -324,9 +327,7 @@ class _Crew:
         held: BaseException | None = None
         while True:
             try:
-                with self._cv:
-                    while self._running > 0 and time.monotonic() < deadline:
-                        self._cv.wait(0.1)
+                self._counted_out(deadline)
                 for t in self._threads:
                     t.join(max(0.0, deadline - time.monotonic()))
                 break
@@ -617,13 +618,7 @@ def run(plan: MergePlan, writers: Writer | Sequence[Writer], *, weights: Sequenc
                     job.nread += unit.n * sum(in_dt[i].itemsize for i in active)
                     for k, o in enumerate(outs):
                         _finish(plan, unit, job.accs[k], job.obufs[k], o.divisor, cuda, allow_nonfinite, scratch_of)
-                        if job.obufs[k] is None:  # the accumulator itself is written
-                            job.release.append((acc_pool(o, acc_dt), job.accs[k]))
-                        else:  # the cast is: the accumulator is free now
-                            acc_pool(o, acc_dt).put(job.accs[k])
-                            assert o.outs is not None
-                            job.release.append((o.outs, job.obufs[k]))
-                _emit(job, outs, copies)
+                _emit(job, outs, copies, acc_pool)
                 done.put(job)
         except _Stop:
             return
@@ -831,16 +826,25 @@ def _finish(plan: MergePlan, unit: _Unit, full: torch.Tensor, obuf: torch.Tensor
             _check_cast(plan, unit, out)
 
 
-def _emit(job: _Job, outs: list[_Output], copies: _Pool) -> None:
-    """The unit's bytes for every output, in plan order, as views for the writer thread."""
+def _emit(job: _Job, outs: list[_Output], copies: _Pool, acc_pool: Any) -> None:
+    """The unit's bytes for every output, in plan order, as views for the writer thread, and
+    the buffers to give back once they are written (an accumulator that was cast is free now)."""
     unit = job.unit
     cmv = tensor_memoryview(job.cbuf) if job.cbuf is not None else None
     for m, o in enumerate(outs):
         amv = None
         if unit.avg:
             assert unit.key is not None
-            od = unit.key[2]
-            done = job.obufs[m] if job.obufs[m] is not None else job.accs[m]  # the cast, or the accumulator
+            _, acc_dt, od = unit.key
+            obuf = job.obufs[m]
+            if obuf is None:  # the accumulator itself is written
+                done = job.accs[m]
+                job.release.append((acc_pool(o, acc_dt), done))
+            else:
+                acc_pool(o, acc_dt).put(job.accs[m])
+                done = obuf
+                assert o.outs is not None
+                job.release.append((o.outs, done))
             amv = tensor_memoryview(done)[: unit.n * od.itemsize]
         mvs = []
         for is_copy, lo, hi in unit.pieces:
