@@ -4,15 +4,17 @@ ranks (:mod:`ckptavg.distributed`)."""
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .errors import OptionError
-from .options import MergeOptions
+from .io.kinds import OutputKind
+from .options import BN_MODES, MergeOptions
 from .planner import MergePlan, human_bytes, human_seconds
 
-__all__ = ["MergeReport", "check_output_options"]
+__all__ = ["MergeReport", "check_output_options", "output_names"]
 
 
 @dataclass
@@ -67,21 +69,47 @@ class MergeReport:
         return d
 
 
-def check_output_options(out: Path, kind: str, opts: MergeOptions) -> int:
-    """Validate the output options together (before anything is read); returns the shard size."""
+def check_output_options(out: Path, kind: OutputKind, opts: MergeOptions) -> int | None:
+    """Validate the output options together (before anything is read); returns the shard size
+    (None for kinds without shards)."""
     from .io.hf_folder_out import parse_size
 
     if opts.keep_optimizer and not opts.keep_structure:
         raise OptionError("--keep-optimizer only applies with --keep-structure")
-    if opts.keep_structure and kind != "torch":
+    if opts.keep_structure and "keep_structure" not in kind.options:
         raise OptionError(
             f"{out}: --keep-structure writes a torch checkpoint like its inputs: give an output ending in "
             ".ckpt/.pt/.pth/.bin"
         )
-    if opts.shard_size is not None and kind != "hf-folder":
+    if opts.shard_size is not None and "shard_size" not in kind.options:
         raise OptionError(f"{out}: --shard-size applies to folder output (-o DIR/), not to a single file")
-    if opts.bn_mode not in ("precise", "torch"):
+    if opts.bn_mode not in BN_MODES:
         raise OptionError(f"--bn-mode must be precise or torch, got {opts.bn_mode!r}")
-    return parse_size(opts.shard_size)
+    return parse_size(opts.shard_size) if "shard_size" in kind.options else None
 
 
+def output_names(output: str | os.PathLike[str], labels: list[dict[str, str]]) -> list[Path]:
+    """One output path per variant, from an output-name template (``ema-{sigma_rel}.safetensors``).
+
+    Example::
+
+        output_names("e-{decay}.pt", [{"decay": "0.5"}, {"decay": "0.9"}])  # [Path('e-0.5.pt'), Path('e-0.9.pt')]
+    """
+    text = os.fspath(output)
+    if len(labels) == 1:
+        return [Path(text)]
+    swept = ", ".join(labels[0])
+    if "{" not in text:
+        raise OptionError(
+            f"{text}: {len(labels)} outputs ({swept} given several values) need an output name template, "
+            f"e.g. -o 'avg-{{{next(iter(labels[0]))}}}.safetensors'"
+        )
+    try:
+        names = [text.format(**label) for label in labels]
+    except (KeyError, IndexError, ValueError) as e:
+        raise OptionError(f"{text}: the output name template names {e}, which is not among the options given "
+                          f"several values ({swept})") from None
+    if len(set(names)) != len(names):
+        raise OptionError(f"{text}: the template gives the same name to two outputs; name every option given "
+                          f"several values ({swept})")
+    return [Path(n) for n in names]

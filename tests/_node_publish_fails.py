@@ -8,10 +8,10 @@ import errno
 import os
 import sys
 
-from ckptavg import distributed
 from ckptavg.cli import main
+from ckptavg.io import writer
 
-_real = distributed.publish_folder
+_real = writer.publish_folder
 
 
 def _publish(tmp, dest, mode):
@@ -20,5 +20,5 @@ def _publish(tmp, dest, mode):
     return _real(tmp, dest, mode)
 
 
-distributed.publish_folder = _publish
+writer.publish_folder = _publish  # where a rank's part is published
 main(sys.argv[1:])

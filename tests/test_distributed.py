@@ -27,7 +27,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import ckptavg
-from ckptavg.distributed import partition, shard_layout
+from ckptavg.distributed import partition
+from ckptavg.io.hf_folder_out import shard_layout
 from ckptavg.io.writer import Entry
 
 REPO = Path(__file__).resolve().parent.parent

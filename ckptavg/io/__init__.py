@@ -5,14 +5,14 @@ without reading tensor data, choosing the reader by content. To add an input for
 ``NAME_in.py`` returning a :class:`~ckptavg.io.checkpoint.Checkpoint` and register it in
 :data:`FILE_READERS` (by file content) or :data:`FOLDER_READERS` (by folder layout).
 
-Writing: :func:`open_writer` returns the :class:`~ckptavg.io.writer.Writer` for an output
-kind. To add an output kind, write ``NAME_out.py`` with a class implementing the protocol
-and register it in :data:`WRITERS` (and, if it is chosen by name, in :func:`output_kind`).
+Writing: :func:`kind_of` gives the :class:`~ckptavg.io.kinds.OutputKind` a path asks for; the
+kind checks its destination and opens the whole output or one rank's part. To add an output
+kind, write ``NAME_out.py`` with a subclass of :class:`~ckptavg.io.kinds.OutputKind` (its
+``KIND``) and add it to :data:`OUTPUT_KINDS`.
 """
 
 from __future__ import annotations
 
-import importlib
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
@@ -21,19 +21,19 @@ from typing import Any
 import torch
 
 from ..errors import CheckpointReadError, OptionError, OutputError
+from . import dcp_out, hf_folder_out, safetensors_out, torch_out
 from .checkpoint import Checkpoint, CheckpointMeta, TensorRef
 from .dcp_in import is_dcp_folder, open_dcp
-from .dcp_out import is_dcp_output
-from .files import CHECKPOINT_SUFFIXES, InputFile
+from .files import InputFile
 from .hf_folder_in import is_model_folder, open_model_folder
-from .hf_folder_out import is_folder_output
+from .kinds import OutputKind, OutputSetup, RankPart
 from .safetensors_in import looks_like_safetensors, open_safetensors
 from .torch_in import is_legacy_pickle, is_torch_zip, open_torch, open_torch_legacy
 from .writer import Entry, Writer
 
 __all__ = ["open_checkpoint", "Checkpoint", "CheckpointMeta", "TensorRef", "Entry", "Writer", "open_writer",
-           "output_kind", "write_state_dict", "feed", "state_dict_entries", "is_checkpoint_folder", "FILE_READERS",
-           "FOLDER_READERS", "WRITERS"]
+           "output_kind", "kind_of", "write_state_dict", "feed", "state_dict_entries", "is_checkpoint_folder",
+           "FILE_READERS", "FOLDER_READERS", "OUTPUT_KINDS", "OutputKind", "OutputSetup", "RankPart"]
 
 #: (name, does this file's head match, open it); tried in order
 FILE_READERS: list[tuple[str, Callable[[InputFile, bytes], bool], Callable[..., Checkpoint]]] = [
@@ -137,55 +137,57 @@ def strip_prefixes(ckpt: Checkpoint, prefixes: str | Iterable[str]) -> None:
 # --------------------------------------------------------------------------------------
 # writers
 
-#: output kind -> (module, class, takes the destination, takes string metadata); modules load on use
-WRITERS: dict[str, tuple[str, str, bool, bool]] = {
-    "safetensors": ("safetensors_out", "SafetensorsWriter", True, True),
-    "torch": ("torch_out", "TorchWriter", True, False),
-    "hf-folder": ("hf_folder_out", "ShardedSafetensorsWriter", True, True),
-    "dcp": ("dcp_out", "DcpWriter", True, True),
-    "memory": ("memory_out", "MemoryWriter", False, False),
-}
+#: every output kind, in the order a path is matched against them (a ``.dcp`` folder before any folder)
+OUTPUT_KINDS: list[OutputKind] = [dcp_out.KIND, hf_folder_out.KIND, safetensors_out.KIND, torch_out.KIND]
 
 
-def output_kind(path: str | os.PathLike[str]) -> str:
-    """The output kind a path asks for: ``"safetensors"``, ``"torch"`` (``.pt``, ``.pth``,
-    ``.bin``, ``.ckpt``, ``.pth.tar``, ``.tar``), ``"dcp"`` (a name ending in ``.dcp`` or ``.dcp/``)
-    or ``"hf-folder"`` (a path ending in ``/``, an existing folder, or a name without a file extension)."""
+def kind_of(path: str | os.PathLike[str]) -> OutputKind:
+    """The output kind a path asks for: a DCP folder (a name ending in ``.dcp`` or ``.dcp/``), a
+    Hugging Face folder (a path ending in ``/``, an existing folder, or a name without a file
+    extension), ``.safetensors``, or a torch file (``.pt``, ``.pth``, ``.bin``, ``.ckpt``,
+    ``.pth.tar``, ``.tar``).
 
+    Example::
+
+        kind_of("soup/").name  # 'hf-folder'
+    """
     text = os.fspath(path)
-    if is_dcp_output(text):
-        return "dcp"
-    if is_folder_output(text):
-        return "hf-folder"
-    low = text.lower()
-    if low.endswith(".safetensors"):
-        return "safetensors"
-    if low.endswith(CHECKPOINT_SUFFIXES):
-        return "torch"
+    for kind in OUTPUT_KINDS:
+        if kind.matches(text):
+            return kind
     raise OptionError(
         f"{text}: the output must end in .safetensors or .pt/.pth/.bin/.ckpt (the extension picks the format), "
         "or name a folder (ending in /) for Hugging Face sharded safetensors"
     )
 
 
+def output_kind(path: str | os.PathLike[str]) -> str:
+    """The name of the output kind a path asks for (see :func:`kind_of`).
+
+    Example::
+
+        output_kind("swa.pt")  # 'torch'
+    """
+    return kind_of(path).name
+
+
 def open_writer(kind: str, dest: Path | None, entries: Sequence[Entry], metadata: Mapping[str, str] | None = None,
-                **options: Any) -> Writer:
-    """The writer for an output kind (see :data:`WRITERS`). ``options`` are the kind's own
-    (``shard_size``, ``copy_source``, ``config_dtype`` for Hugging Face folders).
+                setup: OutputSetup | None = None) -> Writer:
+    """The writer of the whole output for a kind's name (``"memory"``, or ``dest`` None: in memory).
 
     Example::
 
         w = open_writer("safetensors", Path("out.safetensors"), [Entry("w", torch.float32, (2,))])
         w.write(torch.ones(2)); w.commit()
     """
-    if dest is None:
-        kind = "memory"
-    if kind not in WRITERS:
-        raise OptionError(f"unknown output kind {kind!r}; expected one of {', '.join(WRITERS)}")
-    module, name, takes_dest, takes_meta = WRITERS[kind]
-    cls = getattr(importlib.import_module(f".{module}", __name__), name)
-    args: list[Any] = ([dest] if takes_dest else []) + [entries] + ([metadata] if takes_meta else [])
-    return cls(*args, **options)
+    if dest is None or kind == "memory":
+        from .memory_out import MemoryWriter
+
+        return MemoryWriter(entries)
+    for k in OUTPUT_KINDS:
+        if k.name == kind:
+            return k.open(Path(dest), entries, metadata or {}, setup or OutputSetup())
+    raise OptionError(f"unknown output kind {kind!r}; expected one of {', '.join(k.name for k in OUTPUT_KINDS)}")
 
 
 def state_dict_entries(state_dict: Mapping[str, torch.Tensor], dest: Any = None
@@ -228,7 +230,7 @@ def write_state_dict(state_dict: Mapping[str, torch.Tensor], dest: str | os.Path
     """
     dest = Path(dest)
     entries, tensors = state_dict_entries(state_dict, dest)
-    w = open_writer(output_kind(dest), dest, entries, metadata)
+    w = kind_of(dest).open(dest, entries, metadata or {}, OutputSetup())
     try:
         feed(w, tensors)
         w.commit()

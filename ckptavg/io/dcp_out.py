@@ -46,10 +46,11 @@ import torch
 from ..errors import OutputError
 from .files import TMP_SUFFIX, fsync_path, publish_folder, signals_blocked
 from .hf_folder_out import check_destination
+from .kinds import OutputKind, OutputSetup, RankPart
 from .torch_out import StorageRef, TensorStub, TorchWriter
-from .writer import Entry, StreamWriter
+from .writer import Entry, FolderPart, StreamWriter, local_entries
 
-__all__ = ["DcpWriter", "DcpPartWriter", "DATA_NAME", "PROVENANCE_NAME", "check_dcp_destination", "data_name",
+__all__ = ["KIND", "DcpWriter", "DcpPartWriter", "DATA_NAME", "PROVENANCE_NAME", "check_dcp_destination", "data_name",
            "dcp_metadata", "is_dcp_output", "make_temporary_folder", "write_dcp_metadata"]
 
 DATA_NAME = "__0_0.distcp"
@@ -295,28 +296,60 @@ def make_temporary_folder(dest: Path) -> Path:
         raise OutputError(f"{dest}: cannot write in {dest.parent}: {e.strerror}") from None
 
 
-class DcpWriter(DcpPartWriter):
-    """Streams a DCP folder in one process: one chunk per tensor in ``__0_0.distcp``, then
-    ``.metadata``. See the module docstring for the layout."""
+class DcpWriter(FolderPart, DcpPartWriter):
+    """Streams a DCP folder: one chunk per tensor in ``__0_0.distcp``, then ``.metadata``. See the
+    module docstring for the layout.
 
-    def __init__(self, dest: Path, entries: Sequence[Entry], metadata: Mapping[str, str] | None = None) -> None:
+    With ``part`` (a merge across ranks), it writes this rank's tensors into ``__{rank}_0.distcp``
+    of the shared temporary folder; :meth:`finish` returns its chunk records, rank 0 writes
+    ``.metadata`` from every rank's (:meth:`complete`) and the ranks publish together
+    (:class:`~ckptavg.io.writer.FolderPart`)."""
+
+    def __init__(self, dest: Path, entries: Sequence[Entry], metadata: Mapping[str, str] | None = None, *,
+                 part: RankPart | None = None) -> None:
         dest = Path(dest)
-        self.mode = check_dcp_destination(dest)
+        self.part = part
+        self.all_entries = list(entries)
         self.provenance = {str(k): str(v) for k, v in (metadata or {}).items()}
         self._done = False
+        if part is not None:
+            self.mode, self.tmp = part.mode, part.tmp
+            DcpPartWriter.__init__(self, dest, self.tmp, data_name(part.rank), local_entries(entries, part.mine()))
+            return
+        self.mode = check_dcp_destination(dest)
         self.tmp = make_temporary_folder(dest)
         try:
-            super().__init__(dest, self.tmp, DATA_NAME, entries)
+            DcpPartWriter.__init__(self, dest, self.tmp, DATA_NAME, entries)
         except BaseException:
             shutil.rmtree(self.tmp, ignore_errors=True)
             raise
 
+    def annotate(self, metadata: Mapping[str, str]) -> None:
+        """Add to the provenance (written when the folder is completed, so it can say what happened
+        after the data was streamed: the BatchNorm recalibration)."""
+        self.provenance.update(metadata)
+
+    def finish(self) -> dict[str, Record]:  # type: ignore[override]
+        """Sync and close the data file; return where each of its entries' chunks lies."""
+        super().finish()
+        return self.records()
+
+    def complete(self, payloads: Sequence[Any]) -> None:
+        """Rank 0: ``.metadata`` (every rank's records) and ``ckptavg.json`` into the temporary folder."""
+        every: dict[str, Record] = {}
+        for records in payloads:
+            every.update(records)
+        try:
+            write_dcp_metadata(self.tmp, self.all_entries, every, self.provenance)
+        except OSError as e:
+            raise OutputError(f"{self.dest}: cannot write the DCP metadata: {e.strerror}") from None
+
     def commit(self) -> None:
         """Sync the data file, write ``.metadata`` and the provenance, rename the folder into place."""
         try:
-            self.finish()
+            records = self.finish()
             try:
-                write_dcp_metadata(self.tmp, self.entries, self.records(), self.provenance)
+                write_dcp_metadata(self.tmp, self.entries, records, self.provenance)
                 with signals_blocked():
                     publish_folder(self.tmp, self.dest, self.mode)
                     self._done = True
@@ -328,9 +361,47 @@ class DcpWriter(DcpPartWriter):
         self._done = True
 
     def abort(self) -> None:
-        """Remove the temporary folder; the destination is left as it was."""
+        """Remove the temporary folder (a rank's part: only its data file); the destination is
+        left as it was."""
         if self._done:
             return
         self._done = True
+        if self.part is not None:
+            super().abort()
+            return
         self._close_part(remove=False)
         shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def report(self) -> dict[str, Any]:
+        """Details for the merge report of an output written by several ranks."""
+        if self.part is None:
+            return {}
+        w = self.part.world
+        return {"data_files": [data_name(r) for r in range(w)],
+                "output_notes": [f"DCP folder, {w} data file{'s' if w != 1 else ''} written by {w} "
+                                 f"rank{'s' if w != 1 else ''}"]}
+
+
+class DcpKind(OutputKind):
+    """``-o NAME.dcp``: a PyTorch Distributed Checkpoint folder (see the module docstring)."""
+
+    name = "dcp"
+    single_file = False
+    parts = True
+
+    def matches(self, path: str) -> bool:
+        return is_dcp_output(path)
+
+    def check_destination(self, dest: Path) -> str:
+        return check_dcp_destination(dest)
+
+    def open(self, dest: Path, entries: Sequence[Entry], metadata: Mapping[str, str],
+             setup: OutputSetup) -> DcpWriter:
+        return DcpWriter(dest, entries, metadata)
+
+    def open_part(self, dest: Path, entries: Sequence[Entry], metadata: Mapping[str, str], setup: OutputSetup,
+                  part: RankPart) -> DcpWriter:
+        return DcpWriter(dest, entries, metadata, part=part)
+
+
+KIND = DcpKind()

@@ -47,6 +47,7 @@ import shutil
 import struct
 import tempfile
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -55,16 +56,20 @@ import torch
 from ..errors import CkptavgError, OptionError, OutputError
 from .dtypes import TORCH_TO_SAFETENSORS
 from .files import TMP_SUFFIX, fsync_path, make_parent, publish_folder, remove_created, signals_blocked
+from .kinds import OutputKind, OutputSetup, RankPart
 from .safetensors_out import safetensors_header
-from .writer import Entry, StreamWriter
+from .writer import Entry, FolderPart, StreamWriter, local_entries
 
 __all__ = [
     "DEFAULT_SHARD_SIZE",
+    "KIND",
+    "ShardLayout",
     "ShardedSafetensorsWriter",
     "check_destination",
     "folder_extras",
     "is_folder_output",
     "parse_size",
+    "shard_layout",
     "shard_names",
 ]
 
@@ -213,51 +218,92 @@ def check_destination(dest: Path) -> str:
     )
 
 
-class ShardedSafetensorsWriter(StreamWriter):
+@dataclass
+class ShardLayout:
+    """The shards of a folder output: which rank and which shard holds each entry."""
+
+    owner: list[int]  # rank per entry
+    shard_of: list[int]  # global shard index per entry
+    names: list[str]  # shard file names (global numbering)
+    shard_rank: list[int]  # rank writing each shard
+
+    def local(self, rank: int) -> list[int]:
+        """Indices of the entries ``rank`` writes, in plan order."""
+        return [i for i, r in enumerate(self.owner) if r == rank]
+
+
+def shard_layout(entries: Sequence[Entry], owner: Sequence[int], world: int, shard_size: int) -> ShardLayout:
+    """The one cut of a folder output into shards: each rank's entries (all of them in one process)
+    cut as huggingface_hub's ``split_torch_state_dict_into_shards`` does (a new shard when the next
+    tensor would pass ``shard_size``), numbered globally in rank order.
+
+    Example::
+
+        lay = shard_layout(plan.entries(), partition(costs, 2), 2, 5 * 10**9)
+        lay.names  # ['model-00001-of-00002.safetensors', 'model-00002-of-00002.safetensors']
+    """
+    shard_of = [0] * len(entries)
+    shard_rank: list[int] = []
+    for r in range(world):
+        sizes: list[int] = []
+        for i in (i for i, o in enumerate(owner) if o == r):
+            n = entries[i].nbytes
+            if not sizes or (sizes[-1] > 0 and sizes[-1] + n > shard_size):
+                sizes.append(0)
+                shard_rank.append(r)
+            sizes[-1] += n
+            shard_of[i] = len(shard_rank) - 1
+    if not shard_rank:
+        shard_rank.append(0)  # no tensors: rank 0 writes one empty model.safetensors
+    return ShardLayout(list(owner), shard_of, shard_names(len(shard_rank)), shard_rank)
+
+
+class ShardedSafetensorsWriter(FolderPart, StreamWriter):
     """Streams a Hugging Face model folder: shards in order, index, copied files, then
-    one rename. See the module docstring for the layout and the rules."""
+    one rename. See the module docstring for the layout and the rules.
+
+    With ``part`` (a merge across ranks), it writes only that rank's shards into the shared
+    temporary folder (rank 0 also the index and the copied files), and the ranks publish
+    together (:class:`~ckptavg.io.writer.FolderPart`)."""
 
     def __init__(self, dest: Path, entries: Sequence[Entry], metadata: Mapping[str, str] | None = None, *,
                  shard_size: int = DEFAULT_SHARD_SIZE, copy_source: Path | None = None,
-                 config_dtype: torch.dtype | None = None) -> None:
+                 config_dtype: torch.dtype | None = None, part: RankPart | None = None) -> None:
         self.dest = Path(dest)
-        self.mode = check_destination(self.dest)
+        self.part = part
+        self.rank = part.rank if part is not None else 0
         self.metadata = {str(k): str(v) for k, v in (metadata or {}).items()}
         self.metadata.setdefault("format", "pt")
-        self.shard_limit = shard_size
-        self.copy_source = Path(copy_source) if copy_source is not None else None
+        self.mode = check_destination(self.dest) if part is None else part.mode
+        entries = list(entries)
+        check_storable(self.dest, entries)
+        self.copy_source = Path(copy_source) if copy_source is not None and self.rank == 0 else None
         self.copy_files = folder_extras(self.copy_source) if self.copy_source is not None else []
         self.config_dtype = config_dtype
-        entries = list(entries)
-        for e in entries:
-            if e.dtype not in TORCH_TO_SAFETENSORS:
-                raise OutputError(f"{self.dest}: tensor {e.name!r} has dtype {e.dtype}, which safetensors cannot store")
-        # shard assignment, as huggingface_hub's split_torch_state_dict_into_shards
-        shard_of: list[int] = []
-        sizes: list[int] = []
-        for e in entries:
-            n = e.nbytes
-            if not sizes or (sizes[-1] > 0 and sizes[-1] + n > shard_size):
-                sizes.append(0)
-            sizes[-1] += n
-            shard_of.append(len(sizes) - 1)
-        if not sizes:
-            sizes.append(0)
-        self.names = shard_names(len(sizes))
-        self.shard_sizes = sizes
-        self._lay_out(entries, shard_of, range(len(sizes)))
-        self.total_size = sum(sizes)
+        owner = part.owner if part is not None else [0] * len(entries)
+        self.layout = shard_layout(entries, owner, part.world if part is not None else 1, shard_size)
+        self.names = self.layout.names
+        self.total_size = sum(e.nbytes for e in entries)
         self.total_parameters = sum(e.nbytes // e.dtype.itemsize for e in entries)
-        self.weight_map = {e.name: self.names[k] for e, k in zip(entries, self._shard_of)}
+        self.weight_map = {e.name: self.names[k] for e, k in zip(entries, self.layout.shard_of)}
         self.copied: list[str] = []
-        self._created = make_parent(self.dest)
+        mine = self.layout.local(self.rank)
+        self._mine = [k for k, r in enumerate(self.layout.shard_rank) if r == self.rank]
+        local = local_entries(entries, mine)
+        self._lay_out(local, [self.layout.shard_of[g] for g in mine], self._mine)
+        self._created: list[Path] = []
+        if part is not None:
+            self.tmp = part.tmp
+        else:
+            self._created = make_parent(self.dest)
+            try:
+                self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.dest.name}.", suffix=TMP_SUFFIX,
+                                                 dir=self.dest.parent))
+            except OSError as e:
+                remove_created(self._created)
+                raise OutputError(f"{self.dest}: cannot write in {self.dest.parent}: {e.strerror}") from None
         try:
-            self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.dest.name}.", suffix=TMP_SUFFIX, dir=self.dest.parent))
-        except OSError as e:
-            remove_created(self._created)
-            raise OutputError(f"{self.dest}: cannot write in {self.dest.parent}: {e.strerror}") from None
-        try:
-            super().__init__(entries)
+            super().__init__(local)
         except BaseException:
             self.abort()
             raise
@@ -352,6 +398,11 @@ class ShardedSafetensorsWriter(StreamWriter):
     def report(self) -> dict[str, Any]:
         """Details for the merge report: shard files, copied files and a summary note."""
         n = len(self.names)
+        if self.part is not None:
+            world = self.part.world
+            note = f"{n} shard{'s' if n != 1 else ''} written by {world} rank{'s' if world != 1 else ''}"
+            return {"shards": list(self.names), "rank_of_shard": list(self.layout.shard_rank),
+                    "output_notes": [note]}
         note = f"{n} shard{'s' if n != 1 else ''}"
         if self.copied:
             note += f"; copied {', '.join(self.copied)} from {self.copy_source}"
@@ -409,15 +460,22 @@ class ShardedSafetensorsWriter(StreamWriter):
         publish_folder(self.tmp, self.dest, self.mode)
         self._done = True  # published: from here on nothing may undo it
 
-    def commit(self) -> None:
-        """Finish the last shard, write the index, copy the model files and rename into place."""
+    def finish(self) -> None:
+        """Close this writer's last shard (writing the shards of empty tensors only) and, on rank 0,
+        write the index and copy the model files: the folder is complete but not published."""
         self._check_complete()
-        try:
-            if not self.entries:
-                self._open_shard(0)  # no tensors: still a valid (empty) model.safetensors
-            self._close_shard()
+        for k in self._mine:
+            if not self._shard_path(k).exists():
+                self._open_shard(k)  # a shard of empty tensors only (or of no tensor at all)
+        self._close_shard()
+        if self.rank == 0:
             self._write_index()
             self._copy_extras()
+
+    def commit(self) -> None:
+        """Finish the last shard, write the index, copy the model files and rename into place."""
+        try:
+            self.finish()
             with signals_blocked():
                 try:
                     self._publish()
@@ -431,8 +489,9 @@ class ShardedSafetensorsWriter(StreamWriter):
         self._done = True
 
     def abort(self) -> None:
-        """Remove the temporary folder; the destination is left as it was. A second Ctrl-C
-        during the cleanup waits until it is done (signals are blocked meanwhile)."""
+        """Remove the temporary folder (a rank's part: only its own shards, the folder is its
+        creator's); the destination is left as it was. A second Ctrl-C during the cleanup waits
+        until it is done (signals are blocked meanwhile)."""
         if self._done:
             return
         self._done = True
@@ -443,8 +502,62 @@ class ShardedSafetensorsWriter(StreamWriter):
                 except OSError:
                     pass
                 self._fd = None
+            if self.part is not None:
+                for k in self._mine:
+                    try:
+                        self._shard_path(k).unlink()
+                    except OSError:
+                        pass
+                return
             tmp = getattr(self, "tmp", None)
             if tmp is not None:
                 shutil.rmtree(tmp, ignore_errors=True)
-            remove_created(getattr(self, "_created", []))
+            remove_created(self._created)
 
+
+def check_storable(dest: Path, entries: Sequence[Entry]) -> None:
+    """Refuse, before anything is written, a tensor whose dtype safetensors cannot store."""
+    for e in entries:
+        if e.dtype not in TORCH_TO_SAFETENSORS:
+            raise OutputError(f"{dest}: tensor {e.name!r} has dtype {e.dtype}, which safetensors cannot store")
+
+
+class HFFolderKind(OutputKind):
+    """``-o DIR/``: a Hugging Face model folder of sharded safetensors (see the module docstring)."""
+
+    name = "hf-folder"
+    single_file = False
+    options = frozenset({"shard_size"})
+    parts = True
+
+    def matches(self, path: str) -> bool:
+        return is_folder_output(path)
+
+    def check_destination(self, dest: Path) -> str:
+        return check_destination(dest)
+
+    def check_entries(self, dest: Path, entries: Sequence[Entry]) -> None:
+        check_storable(dest, entries)
+
+    def notes(self, dest: Path, objects: Sequence[Any], keep_structure: bool) -> list[str]:
+        name = os.fspath(dest)
+        if name.endswith(("/", os.sep)) or dest.is_dir():
+            return []
+        return [f"{dest}: no file extension, so the output is a Hugging Face model folder (sharded safetensors); "
+                "for one file, end the name in .safetensors or .pt"]
+
+    def _options(self, setup: OutputSetup) -> dict[str, Any]:
+        source = next((p for p, fmt in reversed(setup.sources) if fmt == "hf-folder"), None)
+        size = DEFAULT_SHARD_SIZE if setup.shard_size is None else setup.shard_size
+        return {"shard_size": size, "copy_source": source, "config_dtype": setup.dtype}
+
+    def open(self, dest: Path, entries: Sequence[Entry], metadata: Mapping[str, str],
+             setup: OutputSetup) -> ShardedSafetensorsWriter:
+        return ShardedSafetensorsWriter(dest, entries, metadata, **self._options(setup))
+
+    def open_part(self, dest: Path, entries: Sequence[Entry], metadata: Mapping[str, str], setup: OutputSetup,
+                  part: RankPart) -> ShardedSafetensorsWriter:
+        return ShardedSafetensorsWriter(dest, entries, metadata, part=part, **self._options(setup))
+
+
+KIND = HFFolderKind()

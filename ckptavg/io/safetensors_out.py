@@ -18,9 +18,10 @@ from typing import Any
 from ..errors import OutputError
 from .dtypes import TORCH_TO_SAFETENSORS
 from .files import AtomicFile
+from .kinds import OutputKind, OutputSetup
 from .writer import Entry, StreamWriter
 
-__all__ = ["SafetensorsWriter", "safetensors_header"]
+__all__ = ["KIND", "SafetensorsWriter", "safetensors_header"]
 
 
 def safetensors_header(dest: Path, entries: Sequence[Entry], metadata: Mapping[str, str] | None
@@ -87,3 +88,19 @@ class SafetensorsWriter(StreamWriter):
         self.out.abort()
 
 
+
+
+class SafetensorsKind(OutputKind):
+    """``-o NAME.safetensors``: one safetensors file with the merge's provenance in its metadata."""
+
+    name = "safetensors"
+
+    def matches(self, path: str) -> bool:
+        return path.lower().endswith(".safetensors")
+
+    def open(self, dest: Path, entries: Sequence[Entry], metadata: Mapping[str, str],
+             setup: OutputSetup) -> SafetensorsWriter:
+        return SafetensorsWriter(dest, entries, metadata)
+
+
+KIND = SafetensorsKind()

@@ -16,17 +16,18 @@ import pickle
 import struct
 import zipfile
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..errors import OutputError
-from .files import AtomicFile
+from .files import CHECKPOINT_SUFFIXES, AtomicFile
+from .kinds import OutputKind, OutputSetup
 from .writer import Entry, StreamWriter
 
-__all__ = ["TorchWriter", "TensorStub", "StorageRef"]
+__all__ = ["KIND", "TorchWriter", "TensorStub", "StorageRef"]
 
 _ZIP_DATE = (1980, 1, 1, 0, 0, 0)  # fixed: identical inputs give byte-identical files
 
@@ -203,3 +204,31 @@ class _Sink(io.RawIOBase):
 
     def flush(self) -> None:
         pass
+
+
+class TorchKind(OutputKind):
+    """``-o NAME.pt`` (``.pth``, ``.bin``, ``.ckpt``, ``.pth.tar``, ``.tar``): a torch zip checkpoint
+    holding a plain state dict, or with ``--keep-structure`` the last input's whole checkpoint.
+    A plain state dict has no place for metadata: sweeps and soups write a JSON sidecar."""
+
+    name = "torch"
+    options = frozenset({"keep_structure"})
+    stores_metadata = False
+
+    def matches(self, path: str) -> bool:
+        return path.lower().endswith(CHECKPOINT_SUFFIXES)
+
+    def notes(self, dest: Path, objects: Sequence[Any], keep_structure: bool) -> list[str]:
+        lightning = any(isinstance(o, dict) and "pytorch-lightning_version" in o for o in objects)
+        if not lightning or keep_structure:
+            return []
+        return [f"{dest}: written as a plain state dict (name -> tensor), which Lightning's load_from_checkpoint "
+                "cannot load; add --keep-structure for a Lightning checkpoint, or load it with "
+                "model.load_state_dict(torch.load(...))"]
+
+    def open(self, dest: Path, entries: Sequence[Entry], metadata: Mapping[str, str],
+             setup: OutputSetup) -> TorchWriter:
+        return TorchWriter(dest, entries)
+
+
+KIND = TorchKind()

@@ -12,13 +12,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-from .files import tensor_memoryview
+from ..errors import OutputError
+from .files import publish_folder, signals_blocked, tensor_memoryview
 
-__all__ = ["Entry", "Writer", "StreamWriter"]
+__all__ = ["Entry", "Writer", "StreamWriter", "FolderPart", "local_entries"]
 
 
 
@@ -141,3 +143,57 @@ class StreamWriter:
     def report(self) -> dict[str, Any]:
         """Writer-specific facts for the merge report (shards, copied files...)."""
         return {}
+
+
+class FolderPart:
+    """Publishing one rank's part of a folder output that several ranks write together
+    (:mod:`ckptavg.distributed`): rank 0 renames the shared temporary folder into place after every
+    rank agreed (:meth:`publish`); a rank that made its node's own temporary folder (no shared file
+    system with rank 0) renames that one on its node after rank 0 published (:meth:`publish_node`).
+    The writer's ``finish`` returns what rank 0 needs from this rank (:meth:`complete` gets every
+    rank's), and its ``abort`` removes this rank's own files only."""
+
+    dest: Path
+    tmp: Path
+    mode: str
+    _done: bool
+
+    def complete(self, payloads: Sequence[Any]) -> None:
+        """Rank 0, after every rank finished: write what needs every rank's part (an index)."""
+
+    def publish(self) -> None:
+        """Rename the shared temporary folder into place (rank 0, after every rank agreed)."""
+        try:
+            with signals_blocked():
+                publish_folder(self.tmp, self.dest, self.mode)
+        except OSError as e:
+            raise OutputError(f"{self.dest}: cannot move the finished folder into place: {e.strerror}") from None
+        self._done = True
+
+    def keep(self) -> None:
+        """Rank 0 has published: from here on no failure removes this rank's files."""
+        self._done = True
+
+    def publish_node(self) -> None:
+        """Rename this node's own temporary folder into place on this node (as this node's check
+        of the destination found it), after :meth:`keep`; if it cannot be moved, the error says
+        where it stays."""
+        try:
+            with signals_blocked():
+                publish_folder(self.tmp, self.dest, self.mode)
+        except OSError as e:
+            raise OutputError(f"{self.dest}: this node's part stays in {self.tmp}: cannot move it into place "
+                              f"({e.strerror})") from None
+
+
+def local_entries(entries: Sequence[Entry], mine: Sequence[int]) -> list[Entry]:
+    """``entries[g] for g in mine``, with alias indices renumbered within ``mine`` (an alias and
+    its source are always written by the same rank).
+
+    Example::
+
+        local_entries([Entry("a", torch.float32, (2,)), Entry("b", torch.float32, (2,), alias_of=0)], [0, 1])
+    """
+    pos = {g: j for j, g in enumerate(mine)}
+    return [Entry(entries[g].name, entries[g].dtype, entries[g].shape,
+                  None if entries[g].alias_of is None else pos[entries[g].alias_of]) for g in mine]
