@@ -21,8 +21,9 @@ import torch
 from ._version import __version__
 from .discover import discover_with_origin
 from .errors import MismatchError, OptionError, SelectionError
-from .io import Checkpoint, Entry, TensorRef, open_checkpoint, strip_prefixes
+from .io import Checkpoint, Entry, TensorRef, kind_of, open_checkpoint, strip_prefixes
 from .io.dtypes import dtype_kind, dtype_name
+from .io.files import check_not_input
 from .options import MergeOptions
 from .order import Selection, order_checkpoints, parse_range, same_time, select_with_notes
 from .weights import (
@@ -408,7 +409,7 @@ def build_plan(
         raise OptionError("--accumulate must be float32 or float64")
     out_dtype = parse_dtype(options.dtype)
     if output is not None:
-        _check_output_not_input(output, paths)
+        check_not_input(output, paths)
 
     opened: list[Checkpoint] = []
     try:
@@ -465,7 +466,7 @@ def build_plan(
         k = weights.values.index(top)
         notes.append(f"{chosen[k].path} gets {top:.1%} of the weight; the average is close to that one checkpoint")
     if output is not None:
-        notes.extend(_output_notes(chosen, output, output_format, options))
+        notes.extend(kind_of(output).notes(output, [c.obj for c in chosen], options.keep_structure))
     planned = [
         PlannedInput(path=c.path, format=c.format, weight=w, epoch=c.meta.epoch, step=c.meta.step,
                      metrics=dict(c.meta.metrics), weights_key=c.weights_key, size=c.size, checkpoint=c,
@@ -549,37 +550,6 @@ def _prefix_hint(a: Sequence[str], b: Sequence[str]) -> str:
                     if {k[len(pre):] if k.startswith(pre) else k for k in x} == y:
                         return f"; --strip-prefix {pre} would make the names agree"
     return ""
-
-
-def _output_notes(chosen: Sequence[Checkpoint], output: Path, output_format: str | None,
-                  options: MergeOptions) -> list[str]:
-    notes = []
-    name = os.fspath(output)
-    if output_format == "hf-folder" and not name.endswith(("/", os.sep)) and not output.is_dir():
-        notes.append(
-            f"{output}: no file extension, so the output is a Hugging Face model folder (sharded safetensors); "
-            f"for one file, end the name in .safetensors or .pt"
-        )
-    lightning = [c for c in chosen if isinstance(c.obj, dict) and "pytorch-lightning_version" in c.obj]
-    if output_format == "torch" and lightning and not options.keep_structure:
-        notes.append(
-            f"{output}: written as a plain state dict (name -> tensor), which Lightning's load_from_checkpoint "
-            f"cannot load; add --keep-structure for a Lightning checkpoint, or load it with "
-            f"model.load_state_dict(torch.load(...))"
-        )
-    return notes
-
-
-def _check_output_not_input(output: Path, inputs: Sequence[Path]) -> None:
-    out_res = output.resolve()
-    for p in inputs:
-        same = False
-        try:
-            same = output.exists() and os.path.samefile(output, p)
-        except OSError:
-            same = False
-        if same or p.resolve() == out_res:
-            raise OptionError(f"{output}: the output is also an input; choose another output path")
 
 
 _NORM_BUFFERS = (".running_mean", ".running_var")

@@ -28,12 +28,15 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from .errors import OptionError, SelectionError
 from .evaluate import Evaluator, is_better
+
+if TYPE_CHECKING:
+    from .io.kinds import OutputKind
 
 __all__ = ["sweep", "soup", "SweepReport", "SweepRow", "SoupReport", "SoupStep", "PlotData", "plot_sweep",
            "plot_soup", "DEFAULT_MAX_MEMORY", "SWEEP_OPTIONS", "SOUP_OPTIONS"]
@@ -141,42 +144,34 @@ def _check_memory(nbytes: int, max_memory: int | str | None) -> None:
         )
 
 
-def _check_output(output: PathLike | None, paths: Sequence[str]) -> tuple[Path | None, str | None]:
+def _check_output(output: PathLike | None, paths: Sequence[str]) -> tuple[Path | None, OutputKind | None]:
     if output is None:
         return None, None
-    from .io import output_kind
-    from .planner import _check_output_not_input
+    from .io import kind_of
+    from .io.files import check_not_input
 
     out = Path(output)
-    kind = output_kind(output)
-    _check_output_not_input(out, [Path(p) for p in paths])
-    if kind == "hf-folder":
-        from .io.hf_folder_out import check_destination
-
-        check_destination(out)
-    elif kind == "dcp":
-        from .io.dcp_out import check_dcp_destination
-
-        check_dcp_destination(out)
+    kind = kind_of(output)
+    check_not_input(out, [Path(p) for p in paths])
+    kind.check_destination(out)
     return out, kind
 
 
-def _write(out: Path, kind: str, state_dict: dict[str, torch.Tensor], sources: Any, opts: dict[str, Any],
+def _write(out: Path, kind: OutputKind, state_dict: dict[str, torch.Tensor], sources: Any, opts: dict[str, Any],
            bn: tuple[str, Path] | None, name: str, table: dict[str, Any]) -> int:
     """Write the chosen model with the provenance of its plan (``sources`` averaged with ``opts``;
     ``bn``: the recalibration mode and spec, when it was recalibrated) and the table (metadata
-    string, or a JSON sidecar ``OUTPUT.ckptavg.json`` for torch files, whose plain state dict has no
-    metadata)."""
-    from .io import write_state_dict
+    string, or a JSON sidecar ``OUTPUT.ckptavg.json`` for kinds without metadata: torch files,
+    whose plain state dict has no place for it)."""
+    from .pipeline import write_state
 
     _, _, p = _plan_sources(sources, opts)
     provenance = p.provenance()
     if bn is not None:
         provenance["ckptavg_bn"] = json.dumps({"mode": bn[0], "spec": os.fspath(bn[1])})
     text = json.dumps(table, separators=(",", ":"), default=str)
-    metadata = {**provenance, name: text}
-    written = write_state_dict(state_dict, out, metadata)
-    if kind == "torch":  # atomically too: a crash never leaves half a sidecar beside the model
+    _writer, written = write_state(state_dict, out, {**provenance, name: text})
+    if not kind.stores_metadata:  # atomically too: a crash never leaves half a sidecar beside the model
         from .io.files import AtomicFile
 
         sidecar = AtomicFile(out.with_name(out.name + ".ckptavg.json"))

@@ -32,7 +32,7 @@ from .torch_in import is_legacy_pickle, is_torch_zip, open_torch, open_torch_leg
 from .writer import Entry, Writer
 
 __all__ = ["open_checkpoint", "Checkpoint", "CheckpointMeta", "TensorRef", "Entry", "Writer", "open_writer",
-           "output_kind", "kind_of", "write_state_dict", "feed", "state_dict_entries", "is_checkpoint_folder",
+           "output_kind", "kind_of", "feed", "state_dict_entries", "is_checkpoint_folder",
            "FILE_READERS", "FOLDER_READERS", "OUTPUT_KINDS", "OutputKind", "OutputSetup", "RankPart"]
 
 #: (name, does this file's head match, open it); tried in order
@@ -218,23 +218,3 @@ def feed(writer: Writer, tensors: Sequence[torch.Tensor]) -> None:
     for t in tensors:
         if t.numel():
             writer.write(t.cpu().contiguous())
-
-
-def write_state_dict(state_dict: Mapping[str, torch.Tensor], dest: str | os.PathLike[str],
-                     metadata: Mapping[str, str] | None = None) -> int:
-    """Write an in-memory state dict atomically (kind by the path); returns bytes written.
-
-    Example::
-
-        write_state_dict({"w": torch.ones(2)}, "out.safetensors", {"step": "10"})
-    """
-    dest = Path(dest)
-    entries, tensors = state_dict_entries(state_dict, dest)
-    w = kind_of(dest).open(dest, entries, metadata or {}, OutputSetup())
-    try:
-        feed(w, tensors)
-        w.commit()
-    except BaseException:
-        w.abort()
-        raise
-    return w.bytes_written

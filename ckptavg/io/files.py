@@ -19,13 +19,13 @@ import signal
 import sys
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..errors import CheckpointReadError, OutputError
+from ..errors import CheckpointReadError, OptionError, OutputError
 
 __all__ = ["CHECKPOINT_SUFFIXES", "InputFile", "AtomicFile", "tensor_memoryview", "fsync_path", "umask", "make_parent",
            "remove_created", "publish_folder", "signals_blocked", "TMP_SUFFIX", "PUBLISHED"]
@@ -372,3 +372,22 @@ def publish_folder(tmp: Path, dest: Path, mode: str) -> None:
         os.rename(tmp, dest)  # replaces an empty folder; fails if one with files appeared
     PUBLISHED.append(dest)
     fsync_path(dest.parent, directory=True)
+
+
+def check_not_input(output: Path, inputs: Sequence[Path]) -> None:
+    """Refuse an output path that is also one of the inputs (the same path, or the same file
+    through another name), before anything is read or written.
+
+    Example::
+
+        check_not_input(Path("swa.pt"), [Path("runs/a.pt"), Path("runs/b.pt")])  # passes
+    """
+    out_res = output.resolve()
+    for p in inputs:
+        same = False
+        try:
+            same = output.exists() and os.path.samefile(output, p)
+        except OSError:
+            same = False
+        if same or p.resolve() == out_res:
+            raise OptionError(f"{output}: the output is also an input; choose another output path")
