@@ -66,14 +66,13 @@ from .io.kinds import OutputSetup, RankPart
 from .io.writer import Entry, Writer
 from .options import MergeOptions
 from .planner import MergePlan, PlannedTensor
+from .settings import CHUNK_ENV, TIMEOUT_ENV, env_int, env_seconds
 
 if TYPE_CHECKING:
     from .pipeline import Target
 
-__all__ = ["active", "partition", "merge", "Ranks", "TIMEOUT_ENV"]
+__all__ = ["active", "partition", "merge", "Ranks"]
 
-#: seconds a rank waits in a collective for the others (default 1800, as torch's own default)
-TIMEOUT_ENV = "CKPTAVG_DIST_TIMEOUT"
 _TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
 
 
@@ -129,17 +128,6 @@ def failing() -> bool:
     return _FAILING
 
 
-def _timeout() -> float:
-    raw = os.environ.get(TIMEOUT_ENV, "1800")
-    try:
-        value = float(raw)
-    except ValueError:
-        raise OptionError(f"{TIMEOUT_ENV} must be a number of seconds, got {raw!r}") from None
-    if value <= 0:
-        raise OptionError(f"{TIMEOUT_ENV} must be positive, got {raw!r}")
-    return value
-
-
 def _cost(t: PlannedTensor, coeffs: Sequence[float]) -> int:
     if t.alias_of is not None:
         return 0  # written by the owner of its source
@@ -191,7 +179,8 @@ class _Group:
         if cuda:
             torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
         try:
-            dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(seconds=_timeout()))
+            timeout = timedelta(seconds=env_seconds(TIMEOUT_ENV, 1800))
+            dist.init_process_group("nccl" if cuda else "gloo", timeout=timeout)
         except (RuntimeError, ValueError) as e:
             raise DistributedError(f"cannot join the process group: {_first_line(e)}") from None
         self.created = True
@@ -329,9 +318,9 @@ class Ranks:
         chunk size of the whole plan, so that every element is computed as in one process."""
         self.owner = partition([_cost(t, plan.weights.coeffs) for t in plan.tensors], self.world,
                                [t.alias_of for t in plan.tensors])
-        from .engine import _auto_chunk, worker_count  # TODO(engine split): the public auto_chunk
+        from .engine import auto_chunk, worker_count
 
-        chunk = int(os.environ.get("CKPTAVG_CHUNK_ELEMS", 0)) or _auto_chunk(plan, worker_count())
+        chunk = env_int(CHUNK_ENV, minimum=0) or auto_chunk(plan, worker_count())
         return [g for g, o in enumerate(self.owner) if o == self.rank], chunk
 
     def open(self, target: Target, entries: Sequence[Entry], metadata: Mapping[str, str],

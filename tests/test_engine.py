@@ -96,7 +96,7 @@ def _mixed_checkpoints(tmp_path, n=4):
 
 def test_worker_count_does_not_change_a_byte(tmp_path, monkeypatch):
     paths, sds = _mixed_checkpoints(tmp_path)
-    monkeypatch.setattr(engine, "BLOCK_ELEMS", 17)  # blocks cut through tensors and packed segments
+    monkeypatch.setattr(engine.schedule, "BLOCK_ELEMS", 17)  # blocks cut through tensors and packed segments
     monkeypatch.setenv("CKPTAVG_CHUNK_ELEMS", "97")
     outs = {}
     for workers in ("1", "3"):
@@ -148,7 +148,7 @@ def test_interrupt_waits_for_every_thread(tmp_path, monkeypatch):
     paths, _ = _mixed_checkpoints(tmp_path, 3)
     monkeypatch.setenv("CKPTAVG_CHUNK_ELEMS", "97")
     monkeypatch.setenv("CKPTAVG_WORKERS", "2")
-    real_read = engine._read_runs
+    real_read = engine.worker.read_runs
 
     def slow_read(*args):
         time.sleep(0.2)  # a worker is nearly always inside a read when the interrupt arrives
@@ -157,7 +157,7 @@ def test_interrupt_waits_for_every_thread(tmp_path, monkeypatch):
     def on_usr1(signum, frame):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(engine, "_read_runs", slow_read)
+    monkeypatch.setattr(engine.worker, "read_runs", slow_read)
     previous = signal.signal(signal.SIGUSR1, on_usr1)
     main = threading.main_thread().ident
     timer = threading.Timer(0.5, signal.pthread_kill, (main, signal.SIGUSR1))
@@ -281,3 +281,45 @@ def test_float64_to_float32_overflow(tmp_path):
         save_file({"w": w}, str(paths[-1]))
     with pytest.raises(NonFiniteError, match=r"tensor 'w': the average at index \[3\] overflows float32"):
         ckptavg.merge(paths, tmp_path / "o.safetensors", dtype="float32")
+
+
+def test_a_worker_alone_averages_one_unit(tmp_path):
+    """The worker is a class of its own: built from a run's shared state, it processes one unit
+    (read, accumulate, divide, cast) and lays out exactly the bytes a merge writes."""
+    from ckptavg.engine.schedule import accumulator_dtype, cut_units
+    from ckptavg.engine.threads import Job
+    from ckptavg.engine.worker import Worker
+    from ckptavg.io.memory_out import MemoryWriter
+    from ckptavg.options import MergeOptions
+    from ckptavg.planner import build_plan
+
+    g = torch.Generator().manual_seed(3)
+    sds = [{"a": torch.randn(300, generator=g), "b": torch.randn(5, 7, generator=g).to(torch.bfloat16),
+            "n": torch.tensor(k)} for k in range(3)]
+    paths = []
+    for k, sd in enumerate(sds):
+        paths.append(tmp_path / f"c{k}.safetensors")
+        save_file(sd, str(paths[-1]))
+    plan = build_plan(paths, MergeOptions(order="given", method="ema", decay=0.7))
+    try:
+        mem = MemoryWriter(plan.entries())
+        state, copy_cap = engine._state(plan, [mem], [plan.weights], torch.device("cpu"), 1 << 20, 1, False)
+        acc_of = [accumulator_dtype(t) if t.kind == "average" else None for t in plan.tensors]
+        units = list(cut_units(plan, 1 << 20, copy_cap, acc_of, [t.numel for t in plan.tensors]))
+        worker = Worker(state)
+        for idx, unit in enumerate(units):
+            job = Job(idx, unit)
+            state.acquire(job)
+            worker.process(job)
+            for w, mvs in job.pieces:
+                for mv in mvs:
+                    w.write(mv)
+        mem.commit()
+    finally:
+        for i in plan.inputs:
+            i.checkpoint.close()
+    w = plan.weights.values
+    ref = {name: sum(float(wk) * sd[name].double() for wk, sd in zip(w, sds)) for name in ("a", "b")}
+    torch.testing.assert_close(mem.result["a"].double(), ref["a"], rtol=1e-6, atol=1e-7)  # float32 accumulation
+    assert torch.equal(mem.result["b"], ref["b"].to(torch.bfloat16))  # bf16: summed in float64, one rounding
+    assert mem.result["n"].item() == 2  # integers: the last checkpoint's
