@@ -32,7 +32,7 @@ _LAZY = {
     "inspect": "inspection", "InspectReport": "inspection", "CheckpointInfo": "inspection",
     "MergePlan": "planner", "MergeOptions": "options",
     "PowerEMA": "power_ema", "PowerEMACallback": "lightning_callback",
-    "sweep": "sweeping", "soup": "sweeping", "SweepReport": "sweeping", "SoupReport": "sweeping",
+    "sweep": "sweeps", "soup": "sweeps", "SweepReport": "sweeps", "SoupReport": "sweeps",
 }
 
 if TYPE_CHECKING:
@@ -43,7 +43,7 @@ if TYPE_CHECKING:
     from .options import MergeOptions
     from .planner import MergePlan
     from .power_ema import PowerEMA
-    from .sweeping import SoupReport, SweepReport, soup, sweep
+    from .sweeps import SoupReport, SweepReport, soup, sweep
 
 
 def __getattr__(name: str) -> Any:

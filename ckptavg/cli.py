@@ -320,7 +320,7 @@ def sweep_cmd(inputs: tuple[str, ...], strip_prefix: tuple[str, ...], as_json: b
     computed in memory and BatchNorm-recalibrated with [data] when the model has BatchNorm.
     Ties go to the earlier row: an average must beat the baselines strictly.
     """
-    from .sweeping import sweep
+    from .sweeps import sweep
 
     report = sweep(list(inputs), opts.pop("spec"), opts.pop("output"), progress=_progress(quiet),
                    strip_prefix=list(strip_prefix) or None, **opts)
@@ -345,7 +345,7 @@ def soup_cmd(inputs: tuple[str, ...], strip_prefix: tuple[str, ...], as_json: bo
     average with it scores at least as well. The uniform soup of all ingredients is reported
     beside it. Averages are BatchNorm-recalibrated with [data] when the model has BatchNorm.
     """
-    from .sweeping import soup
+    from .sweeps import soup
 
     report = soup(list(inputs), opts.pop("spec"), opts.pop("output"), progress=_progress(quiet),
                   strip_prefix=list(strip_prefix) or None, **opts)

@@ -28,7 +28,7 @@ from .bn.load import load_strictly, recalibrate_state_dict
 from .bn.spec import BNSpec, load_spec
 from .errors import SpecError
 
-__all__ = ["Evaluator", "evaluate_state_dict", "is_better"]
+__all__ = ["Evaluator", "is_better"]
 
 
 def is_better(a: float, b: float | None, higher_is_better: bool) -> bool:
@@ -133,16 +133,3 @@ def _as_float(value: Any, spec: BNSpec, ref: str) -> float:
     text = repr(value)
     text = text[:57] + "..." if len(text) > 60 else text
     raise spec.error("[eval].metric", f"{ref!r} returned {type(value).__name__} {text}, not a number")
-
-
-def evaluate_state_dict(state_dict: Mapping[str, torch.Tensor], spec: BNSpec | str | os.PathLike[str], *,
-                        recalibrate: bool = True, device: str | torch.device | None = None,
-                        bn_mode: str = "precise") -> float:
-    """The ``[eval].metric`` score of one state dict (BatchNorm recalibrated first when ``recalibrate``).
-
-    Example::
-
-        >>> evaluate_state_dict(ckptavg.average("runs/", last=5), "bn.toml")   # doctest: +SKIP
-        0.9944
-    """
-    return Evaluator(spec, device=device, bn_mode=bn_mode).score(state_dict, recalibrate=recalibrate)[0]

@@ -283,7 +283,7 @@ def test_model_without_bn_is_not_recalibrated(run):
 
 
 def test_default_windows_and_duplicates(run):
-    from ckptavg.sweeping import sweep_candidates
+    from ckptavg.sweeps import sweep_candidates
 
     names = [c.name for c in sweep_candidates(10)]
     assert names == ["uniform, last 2", "uniform, last 4", "uniform, last 8", "uniform, all"]
