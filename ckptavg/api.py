@@ -18,7 +18,8 @@ from typing import Any
 import torch
 
 from . import distributed
-from .engine import resolve_device, run
+from .devices import resolve_device
+from .engine import run
 from .errors import OptionError
 from .io import kind_of, output_kind
 from .io.memory_out import MemoryWriter

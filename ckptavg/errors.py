@@ -58,3 +58,16 @@ class SpecError(CkptavgError):
 
 class CkptavgWarning(UserWarning):
     """Something the user should know about but that does not stop the job."""
+
+
+def exc_text(exc: BaseException, *, bare_import_error: bool = False) -> str:
+    """One short line (at most 300 characters) for an exception raised by user code: ``Type: text``.
+
+    ``bare_import_error``: an ImportError's text alone (it already says what was missing).
+    """
+    text = " ".join(str(exc).split())
+    if len(text) > 300:
+        text = text[:297] + "..."
+    if bare_import_error and isinstance(exc, ImportError) and text:
+        return text
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

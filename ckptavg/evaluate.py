@@ -23,10 +23,10 @@ from typing import Any
 
 import torch
 
-from .bn.core import exc_text, is_bn_like
+from .bn.core import is_bn_like
 from .bn.load import load_strictly, recalibrate_state_dict
 from .bn.spec import BNSpec, load_spec
-from .errors import SpecError
+from .errors import SpecError, exc_text
 
 __all__ = ["Evaluator", "is_better"]
 

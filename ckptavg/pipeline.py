@@ -26,7 +26,8 @@ from typing import Any, Protocol
 
 import torch
 
-from .engine import EngineStats, resolve_device, run
+from .devices import resolve_device
+from .engine import EngineStats, run
 from .errors import OptionError
 from .io import Writer, feed, kind_of, state_dict_entries
 from .io.kinds import OutputKind, OutputSetup

@@ -14,7 +14,8 @@ from torch import nn
 from torch.optim.swa_utils import update_bn
 
 from ckptavg.bn import BNReport, is_bn_like, load_spec, recalibrate_bn, recalibrate_state_dict
-from ckptavg.bn.core import BN_STAT_NAMES, _to_device
+from ckptavg.bn.core import BN_STAT_NAMES
+from ckptavg.bn.feed import to_device
 from ckptavg.errors import CkptavgWarning, MismatchError, OptionError, SpecError
 
 from ._bn_models import (
@@ -418,7 +419,7 @@ def test_to_device_is_recursive_and_keeps_container_types() -> None:
 
     Pair = namedtuple("Pair", "x y")
     batch = {"a": [torch.ones(1), (torch.zeros(2), "tag")], "b": Pair(torch.ones(3), 7)}
-    moved = _to_device(batch, torch.device("meta"))
+    moved = to_device(batch, torch.device("meta"))
     assert moved["a"][0].device.type == "meta" and moved["a"][1][0].device.type == "meta"
     assert isinstance(moved["a"], list) and isinstance(moved["a"][1], tuple) and moved["a"][1][1] == "tag"
     assert isinstance(moved["b"], Pair) and moved["b"].x.device.type == "meta" and moved["b"].y == 7

@@ -7,7 +7,8 @@ Example::
     >>> report = recalibrate_bn(model, loader, mode="precise")        # doctest: +SKIP
 """
 
-from .core import BNReport, check_device, is_bn_like, recalibrate_bn
+from ..devices import check_device
+from .core import BNReport, is_bn_like, recalibrate_bn
 from .load import recalibrate_state_dict
 from .spec import BNSpec, load_spec
 

@@ -16,8 +16,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import CkptavgError, MismatchError, OptionError
-from .core import BN_STAT_NAMES, BNReport, Feed, _check_args, _make_feed, _recalibrate, _total, exc_text
+from ..errors import CkptavgError, MismatchError, OptionError, exc_text
+from .core import BN_STAT_NAMES, BNReport, check_args, recalibrate_pass, total_batches
+from .feed import Feed, make_feed
 from .spec import BNSpec
 
 __all__ = ["load_strictly", "recalibrate_state_dict"]
@@ -44,7 +45,7 @@ def _guarded_batches(loader: Iterable[Any], spec: BNSpec) -> Iterator[Any]:
 
 def _spec_feed(spec: BNSpec) -> Feed:
     call = spec.call_function
-    inner = _make_feed(call, spec.input)
+    inner = make_feed(call, spec.input)
     if call is not None:
         entry, what = "[data].call", f"{spec.call!r}"
     elif spec.input is not None:
@@ -174,7 +175,7 @@ def recalibrate_state_dict(
         >>> new_sd, report = recalibrate_state_dict(torch.load("swa.pt"), spec)    # doctest: +SKIP
         >>> print(report.summary())                                                # doctest: +SKIP
     """
-    _check_args(mode, max_batches)
+    check_args(mode, max_batches)
     dev = spec.resolve_device(device)
     if max_batches is None:
         max_batches = spec.max_batches
@@ -183,7 +184,7 @@ def recalibrate_state_dict(
     model.to(dev)
     loader = spec.build_loader()
     try:
-        report, precise = _recalibrate(
+        report, precise = recalibrate_pass(
             model,
             _guarded_batches(loader, spec),
             feed=_spec_feed(spec),
@@ -191,7 +192,7 @@ def recalibrate_state_dict(
             device=dev,
             max_batches=max_batches,
             progress=progress,
-            total=_total(loader, max_batches),
+            total=total_batches(loader, max_batches),
             ranks=ranks,
         )
     except OptionError as exc:

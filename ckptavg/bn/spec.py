@@ -53,8 +53,8 @@ from typing import Any
 
 import torch
 
-from ..errors import SpecError
-from .core import check_device, device_or_error, exc_text, parse_device
+from ..devices import check_device, device_or_error, parse_device
+from ..errors import SpecError, exc_text
 
 __all__ = ["BNSpec", "EvalSpec", "TransformSpec", "load_spec", "check_device", "DEFAULT_BATCH_SIZE"]
 

@@ -52,6 +52,7 @@ from collections.abc import Sequence
 
 import torch
 
+from ..devices import resolve_device
 from ..errors import OptionError
 from ..io import Writer
 from ..planner import MergePlan
@@ -64,27 +65,6 @@ from .worker import EngineStats, RunState, Worker, WriterLoop
 
 __all__ = ["run", "EngineStats", "DEFAULT_CHUNK_ELEMS", "resolve_device", "accumulator_dtype", "worker_count",
            "auto_chunk"]
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """Validate a device option (``cpu``, ``cuda``, ``cuda:N``).
-
-    Example::
-
-        resolve_device("cpu")  # torch.device("cpu")
-    """
-    try:
-        dev = torch.device(device or "cpu")
-    except (RuntimeError, TypeError):
-        raise OptionError(f"--device must be cpu, cuda or cuda:N; got {device!r}") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise OptionError(f"--device {device}: CUDA is not available here (torch.cuda.is_available() is False)")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise OptionError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) present")
-    elif dev.type != "cpu":
-        raise OptionError(f"--device must be cpu, cuda or cuda:N; got {device!r}")
-    return dev
 
 
 def _check_weights(plan: MergePlan, ws: list[Writer], wts: list[Weights]) -> None:
