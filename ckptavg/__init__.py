@@ -30,7 +30,7 @@ _LAZY = {
     "MergeReport": "api", "BNFileReport": "api",
     "recalibrate_bn": "bn", "BNReport": "bn",
     "inspect": "inspection", "InspectReport": "inspection", "CheckpointInfo": "inspection",
-    "MergePlan": "planner", "MergeOptions": "options",
+    "MergePlan": "plans", "MergeOptions": "options",
     "PowerEMA": "power_ema", "PowerEMACallback": "lightning_callback",
     "sweep": "sweeps", "soup": "sweeps", "SweepReport": "sweeps", "SoupReport": "sweeps",
 }
@@ -41,7 +41,7 @@ if TYPE_CHECKING:
     from .inspection import CheckpointInfo, InspectReport, inspect
     from .lightning_callback import PowerEMACallback
     from .options import MergeOptions
-    from .planner import MergePlan
+    from .plans import MergePlan
     from .power_ema import PowerEMA
     from .sweeps import SoupReport, SweepReport, soup, sweep
 

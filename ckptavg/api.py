@@ -26,7 +26,8 @@ from .io.memory_out import MemoryWriter
 from .options import MergeOptions, api_signature, collect, expand_variants, option_fields
 from .outputs import MergeReport
 from .pipeline import OneProcess, bn_provenance, close_inputs, merge_into, write_state
-from .planner import MergePlan, build_plan
+from .planner import build_plan
+from .plans import MergePlan
 
 __all__ = ["merge", "average", "plan", "recalibrate_file", "MergeReport", "BNFileReport"]
 

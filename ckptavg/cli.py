@@ -17,7 +17,7 @@ import click
 
 from ._version import __version__
 from .errors import CkptavgError, CkptavgWarning
-from .options import click_options
+from .options import BN_MODES, ORDERS, click_options
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
@@ -192,7 +192,7 @@ def merge(inputs: tuple[str, ...], output: str, quiet: bool, as_json: bool, stri
               help="BN spec (TOML): model factory, data, device.")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
               help="Output file: .safetensors, or .pt/.pth for a torch state dict.")
-@click.option("--mode", type=click.Choice(["precise", "torch"]), default="precise", show_default=True,
+@click.option("--mode", type=click.Choice(BN_MODES), default="precise", show_default=True,
               help="precise: exact population statistics; torch: what torch.optim.swa_utils.update_bn does.")
 @click.option("--device", help="Device for the data pass (overrides the spec's [run].device).")
 @click.option("--max-batches", type=int, metavar="N", help="Use at most N batches (overrides the spec).")
@@ -226,7 +226,7 @@ def bn(model_file: str, spec: str, output: str, mode: str, device: str | None, m
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
 @click.option("--key", metavar="PATH", help="Where the weights are inside a torch checkpoint (dotted, e.g. model_ema).")
 @click.option("--strip-prefix", multiple=True, metavar="P", help="Remove prefix P from tensor names (repeatable).")
-@click.option("--order", type=click.Choice(["auto", "given", "step", "epoch", "name"]), default="auto",
+@click.option("--order", type=click.Choice(ORDERS), default="auto",
               show_default=True, help="Row order; auto: the training order merge uses.")
 @click.option("--trust-pickle", is_flag=True,
               help="Allow full unpickling (can run code from the file!) for checkpoints weights_only refuses.")

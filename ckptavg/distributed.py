@@ -65,7 +65,7 @@ from .io.files import TMP_SUFFIX, make_parent, remove_created
 from .io.kinds import OutputSetup, RankPart
 from .io.writer import Entry, Writer
 from .options import MergeOptions
-from .planner import MergePlan, PlannedTensor
+from .plans import MergePlan, PlannedTensor
 from .settings import CHUNK_ENV, TIMEOUT_ENV, env_int, env_seconds
 
 if TYPE_CHECKING:

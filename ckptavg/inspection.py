@@ -26,7 +26,7 @@ from .discover import discover
 from .errors import CkptavgError
 from .io import Checkpoint, open_checkpoint
 from .order import order_checkpoints
-from .planner import _fmt_epoch, human_bytes
+from .units import fmt_epoch, human_bytes
 
 __all__ = ["CheckpointInfo", "InspectReport", "inspect"]
 
@@ -132,7 +132,7 @@ class InspectReport:
             tensors = str(c.tensors) + (f" ({c.tied} tied)" if c.tied else "")
             dts = ", ".join(f"{d}" if len(c.dtypes) == 1 else f"{d}:{n}" for d, n in c.dtypes.items())
             metrics = " ".join(f"{m}={_num(v)}" for m, v in c.metrics.items())
-            rows.append([str(k), str(c.path), fmt, weights, _fmt_epoch(c.epoch), _opt(c.step), tensors,
+            rows.append([str(k), str(c.path), fmt, weights, fmt_epoch(c.epoch), _opt(c.step), tensors,
                          _count(c.parameters), dts, human_bytes(c.size), metrics])
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         right = {0, 4, 5, 7, 9}

@@ -24,10 +24,12 @@ from typing import Any
 from .discover import natural_key
 from .errors import OptionError, SelectionError
 from .io import Checkpoint
+from .options import ORDERS
 
 __all__ = ["Selection", "order_checkpoints", "select", "select_with_notes", "same_time", "parse_range", "ORDER_RULES"]
 
-ORDER_RULES = ("auto", "given", "step", "epoch", "name")
+#: the order rules, declared once in :mod:`ckptavg.options`
+ORDER_RULES = ORDERS
 Range = tuple[int | float | None, int | float | None]
 
 

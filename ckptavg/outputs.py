@@ -12,7 +12,8 @@ from typing import Any
 from .errors import OptionError
 from .io.kinds import OutputKind
 from .options import BN_MODES, MergeOptions
-from .planner import MergePlan, human_bytes, human_seconds
+from .plans import MergePlan
+from .units import human_bytes, human_seconds
 
 __all__ = ["MergeReport", "check_output_options", "output_names"]
 
@@ -72,7 +73,7 @@ class MergeReport:
 def check_output_options(out: Path, kind: OutputKind, opts: MergeOptions) -> int | None:
     """Validate the output options together (before anything is read); returns the shard size
     (None for kinds without shards)."""
-    from .io.hf_folder_out import parse_size
+    from .units import parse_size
 
     if opts.keep_optimizer and not opts.keep_structure:
         raise OptionError("--keep-optimizer only applies with --keep-structure")

@@ -35,7 +35,8 @@ from .io.memory_out import MemoryWriter
 from .io.writer import Entry
 from .options import MergeOptions, expand_variants
 from .outputs import MergeReport, check_output_options, output_names
-from .planner import MergePlan, build_plan, parse_dtype
+from .planner import build_plan, parse_dtype
+from .plans import MergePlan
 
 __all__ = ["Group", "OneProcess", "Target", "merge_into", "write_state", "close_inputs", "bn_provenance"]
 

@@ -9,37 +9,23 @@ the file and the tensor. ``--dry-run`` prints :meth:`MergePlan.format`.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 
-from ._version import __version__
 from .discover import discover_with_origin
 from .errors import MismatchError, OptionError, SelectionError
-from .io import Checkpoint, Entry, TensorRef, kind_of, open_checkpoint, strip_prefixes
+from .io import Checkpoint, TensorRef, kind_of, open_checkpoint, strip_prefixes
 from .io.dtypes import dtype_kind, dtype_name
 from .io.files import check_not_input
+from .methods import snapshot_sigma, spread, weights_for
 from .options import MergeOptions
 from .order import Selection, order_checkpoints, parse_range, same_time, select_with_notes
-from .weights import (
-    METHODS,
-    Weights,
-    ema,
-    ema_per_step,
-    explicit,
-    posthoc_ema,
-    power_ema,
-    sigma_rel_to_gamma,
-    uniform,
-)
+from .plans import MergePlan, PlannedInput, PlannedTensor
 
-__all__ = ["MergePlan", "PlannedInput", "PlannedTensor", "build_plan", "parse_dtype", "plan_tensors", "human_bytes",
-           "human_seconds", "selection_of", "weights_for", "WRAPPER_PREFIXES"]
+__all__ = ["build_plan", "parse_dtype", "plan_tensors", "accumulator_for", "selection_of", "WRAPPER_PREFIXES"]
 
 # Prefixes that training wrappers put before every tensor name: DistributedDataParallel/DataParallel
 # ("module.") and torch.compile ("_orig_mod."). Inputs that differ only by these are matched
@@ -75,313 +61,6 @@ def selection_of(opts: MergeOptions) -> Selection:
         metric=opts.metric,
         lower_is_better=opts.lower_is_better,
     )
-
-
-@dataclass
-class PlannedInput:
-    """One selected checkpoint and its weight."""
-
-    path: Path
-    format: str
-    weight: float
-    epoch: int | float | None  # Hugging Face Trainer records fractional epochs (2.5)
-    step: int | None
-    metrics: dict[str, float]
-    weights_key: str | None
-    size: int
-    checkpoint: Checkpoint = field(repr=False)
-    sigma_rel: float | None = None  # power-EMA snapshot profile, when the checkpoint records one
-
-    @property
-    def gamma(self) -> float | None:
-        return self.checkpoint.meta.gamma
-
-
-@dataclass
-class PlannedTensor:
-    """One output tensor: averaged over the inputs, or copied from the last one."""
-
-    name: str
-    shape: tuple[int, ...]
-    out_dtype: torch.dtype
-    kind: str  # "average" | "copy"
-    refs: list[TensorRef] = field(repr=False)
-    acc_dtype: torch.dtype | None = None
-    alias_of: int | None = None
-
-    @property
-    def numel(self) -> int:
-        n = 1
-        for s in self.shape:
-            n *= s
-        return n
-
-    @property
-    def nbytes(self) -> int:
-        return self.numel * self.out_dtype.itemsize
-
-
-@dataclass
-class MergePlan:
-    """Everything a merge will do, decided before any tensor data is read."""
-
-    inputs: list[PlannedInput]
-    tensors: list[PlannedTensor]
-    weights: Weights
-    order_rule: str
-    selection: str
-    candidates: int
-    options: MergeOptions
-    notes: list[str] = field(default_factory=list)
-    output: Path | None = None
-    output_format: str | None = None
-    #: several outputs from one pass: one weight vector over ``inputs`` per output (``weights`` is the first)
-    variants: list[Weights] | None = None
-    variant_labels: list[dict[str, str]] | None = None
-
-    @property
-    def paths(self) -> list[Path]:
-        return [i.path for i in self.inputs]
-
-    @property
-    def method(self) -> str:
-        return self.weights.description
-
-    @property
-    def read_bytes(self) -> int:
-        """Tensor bytes the merge reads (inputs with weight 0 are not read)."""
-        total = 0
-        for t in self.tensors:
-            if t.alias_of is not None:
-                continue
-            if t.kind == "copy":
-                total += t.refs[-1].nbytes
-            else:
-                total += sum(r.nbytes for r, c in zip(t.refs, self.weights.coeffs) if c != 0)
-        return total
-
-    @property
-    def output_bytes(self) -> int:
-        return sum(t.nbytes for t in self.tensors)
-
-    @property
-    def largest_tensor_bytes(self) -> int:
-        return max((max(r.nbytes for r in t.refs) for t in self.tensors), default=0)
-
-    def entries(self) -> list[Entry]:
-        """The output tensors as a writer's plan (names, output dtypes, shapes, tied aliases)."""
-        return [Entry(t.name, t.out_dtype, t.shape, t.alias_of) for t in self.tensors]
-
-    def provenance(self) -> dict[str, str]:
-        """String metadata recorded in the output (safetensors ``__metadata__``)."""
-        files = [
-            {"file": os.fspath(i.path), "weight": w, "epoch": i.epoch, "step": i.step}
-            for i, w in zip(self.inputs, self.weights.values)
-        ]
-        meta = {
-            "format": "pt",
-            "ckptavg_version": __version__,
-            "ckptavg_method": self.weights.description,
-            "ckptavg_inputs": json.dumps(files, separators=(",", ":")),
-        }
-        last = self.inputs[-1]
-        if last.step is not None:
-            meta["step"] = str(last.step)
-        if last.epoch is not None:
-            meta["epoch"] = str(last.epoch)
-        return meta
-
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready description of the plan."""
-        return {
-            "method": self.weights.description,
-            "order": self.order_rule,
-            "selection": self.selection,
-            "candidates": self.candidates,
-            "inputs": [
-                {"path": os.fspath(i.path), "format": i.format, "weights_key": i.weights_key, "epoch": i.epoch,
-                 "step": i.step, "weight": i.weight, "metrics": i.metrics, "bytes": i.size,
-                 "sigma_rel": i.sigma_rel}
-                for i in self.inputs
-            ],
-            "tensors": len(self.tensors),
-            "averaged": sum(t.kind == "average" for t in self.tensors),
-            "copied_from_last": sum(t.kind == "copy" for t in self.tensors),
-            "tied": sum(t.alias_of is not None for t in self.tensors),
-            "output": os.fspath(self.output) if self.output else None,
-            "output_bytes": self.output_bytes,
-            "read_bytes": self.read_bytes,
-            "notes": self.notes,
-        }
-
-    def format(self) -> str:
-        """The human-readable plan printed by ``--dry-run``."""
-        many = self.variants or []
-        if len(many) > 1:
-            labels = self.variant_labels or [{} for _ in many]
-            lines = [f"outputs:   {len(many)} from one pass"] + [
-                f"  w{m + 1}: {' '.join(f'{k}={v}' for k, v in lab.items())}: {w.description}"
-                for m, (lab, w) in enumerate(zip(labels, many))]
-        else:
-            lines = [f"method:    {self.weights.description}"]
-        lines += [
-            f"order:     {self.order_rule}",
-            f"selection: {self.selection} -> {len(self.inputs)} of {self.candidates} checkpoints",
-        ]
-        metric = self.options.metric
-        snaps = any(i.sigma_rel is not None for i in self.inputs)
-        wcols = "".join(f"  {'w' + str(m + 1):>10}" for m in range(len(many))) if len(many) > 1 else f"  {'weight':>10}"
-        head = f"  {'#':>3}  {'epoch':>6}  {'step':>9}{wcols}"
-        if snaps:
-            head += f"  {'sigma_rel':>9}"
-        if metric:
-            head += f"  {metric:>10}"
-        lines.append(head + "  file")
-        for k, i in enumerate(self.inputs, 1):
-            ws = "".join(f"  {v.values[k - 1]:>10.6f}" for v in many) if len(many) > 1 else f"  {i.weight:>10.6f}"
-            row = f"  {k:>3}  {_fmt_epoch(i.epoch):>6}  {_fmt(i.step):>9}{ws}"
-            if snaps:
-                row += f"  {_fmt(i.sigma_rel):>9}"
-            if metric:
-                row += f"  {_fmt(i.metrics.get(metric)):>10}"
-            where = f" [{i.weights_key}]" if i.weights_key else ""
-            lines.append(row + f"  {i.path}{where}")
-        n_avg = sum(t.kind == "average" for t in self.tensors)
-        n_copy = sum(t.kind == "copy" for t in self.tensors)
-        n_tied = sum(t.alias_of is not None for t in self.tensors)
-        dts = sorted({str(t.out_dtype).removeprefix("torch.") for t in self.tensors if t.kind == "average"})
-        acc = sorted({str(t.acc_dtype).removeprefix("torch.") for t in self.tensors if t.acc_dtype})
-        lines.append(
-            f"tensors:   {len(self.tensors)} ({n_avg} averaged as {'/'.join(dts) or '-'} with "
-            f"{'/'.join(acc) or '-'} accumulation, {n_copy} integer/bool copied from the last checkpoint"
-            + (f", {n_tied} tied" if n_tied else "")
-            + ")"
-        )
-        largest = human_bytes(self.largest_tensor_bytes)
-        lines.append(f"reads:     {human_bytes(self.read_bytes)}; largest tensor {largest}")
-        if self.output is not None:
-            lines.append(f"output:    {self.output} ({self.output_format}, {human_bytes(self.output_bytes)})")
-        for n in self.notes:
-            lines.append(f"note:      {n}")
-        return "\n".join(lines)
-
-
-def _fmt(v: Any) -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, float):
-        return f"{v:.4g}"
-    return str(v)
-
-
-def _fmt_epoch(v: int | float | None) -> str:
-    """Epochs as recorded: ``12``, ``2.5``, ``100.25`` (fractional ones to 4 decimals at most)."""
-    if isinstance(v, float):
-        return f"{v:.4f}".rstrip("0").rstrip(".")
-    return _fmt(v)
-
-
-def human_bytes(n: float) -> str:
-    """``1234567`` -> ``"1.2 MB"`` (decimal units)."""
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000.0
-    return f"{n:.1f} TB"
-
-
-def human_seconds(t: float) -> str:
-    """``0.0123`` -> ``"12 ms"``, ``3.456`` -> ``"3.5 s"``, ``125`` -> ``"2 min 05 s"``."""
-    if t < 1:
-        return f"{t * 1000:.0f} ms"
-    if t < 60:
-        return f"{t:.1f} s"
-    m, sec = divmod(round(t), 60)
-    return f"{m} min {sec:02d} s" if m < 60 else f"{m // 60} h {m % 60:02d} min"
-
-
-def _snapshot_sigma(c: Checkpoint) -> float | None:
-    if c.meta.sigma_rel is not None:
-        return c.meta.sigma_rel
-    if c.meta.gamma is not None:
-        from .weights import gamma_to_sigma_rel
-
-        return gamma_to_sigma_rel(c.meta.gamma)
-    return None
-
-
-def weights_for(opts: MergeOptions, chosen: list[Checkpoint], time_notes: list[str] | None = None) -> Weights:
-    """The weight vector of ``opts``'s method over the selected checkpoints (in order); notes about
-    the time axis used (steps, or epochs when no step is recorded) are appended to ``time_notes``."""
-    n = len(chosen)
-    if time_notes is None:
-        time_notes = []
-    method = opts.method.lower().replace("_", "-")
-    if method not in METHODS:
-        raise OptionError(f"--method must be one of {', '.join(METHODS)}, got {opts.method!r}")
-    if opts.weights is not None:
-        if method != "uniform" or opts.decay is not None or opts.decay_per_step is not None:
-            raise OptionError("--weights cannot be combined with --method ema/power-ema or a decay")
-        ws = opts.weights
-        if isinstance(ws, str):
-            try:
-                ws = [float(x) for x in ws.replace(" ", "").split(",") if x != ""]
-            except ValueError:
-                raise OptionError(f"--weights must be comma-separated numbers, got {opts.weights!r}") from None
-        return explicit(list(ws), n)
-
-    def steps() -> list[int]:
-        missing = [c for c in chosen if c.meta.step is None]
-        if missing and method == "power-ema" and all(c.meta.epoch is not None for c in chosen):
-            # no step recorded: the epochs are the time axis (the profile is in relative time t/T)
-            time_notes.append("power-ema: no step recorded, so the epochs are the time axis")
-            return [c.meta.epoch for c in chosen]  # type: ignore[misc]
-        if missing:
-            raise OptionError(
-                f"{missing[0].path}: records no step (and its file name has none); "
-                f"{'--decay-per-step needs' if method == 'ema' else 'power-ema needs the epoch or'} "
-                "the step of every checkpoint"
-            )
-        return [int(c.meta.step) for c in chosen]  # type: ignore[arg-type]
-
-    if opts.at is not None and method != "power-ema":
-        raise OptionError("--at applies to --method power-ema (post-hoc EMA from snapshots)")
-    if method == "uniform":
-        if opts.decay is not None or opts.decay_per_step is not None:
-            raise OptionError("--decay/--decay-per-step need --method ema")
-        return uniform(n)
-    if method == "ema":
-        if (opts.decay is None) == (opts.decay_per_step is None):
-            raise OptionError("--method ema needs exactly one of --decay D (per checkpoint) or --decay-per-step d")
-        if opts.decay is not None:
-            return ema(n, float(opts.decay))
-        return ema_per_step(steps(), float(opts.decay_per_step))  # type: ignore[arg-type]
-    if opts.decay is not None or opts.decay_per_step is not None:
-        raise OptionError("--decay/--decay-per-step belong to --method ema")
-    snaps = [c for c in chosen if c.meta.sigma_rel is not None or c.meta.gamma is not None]
-    if snaps:
-        if len(snaps) != len(chosen):
-            plain = next(c for c in chosen if c not in snaps)
-            raise OptionError(
-                f"{plain.path}: a plain checkpoint among power-EMA snapshots ({snaps[0].path} records its profile); "
-                "select only snapshots (e.g. their folder) or only plain checkpoints"
-            )
-        # exact post-hoc EMA (EDM2) from snapshots of power-function EMAs
-        profiles = [(s, c.meta.gamma if c.meta.gamma is not None else sigma_rel_to_gamma(c.meta.sigma_rel))
-                    for s, c in zip(steps(), chosen)]
-        return posthoc_ema(profiles, gamma=opts.gamma, sigma_rel=opts.sigma_rel, at=opts.at)
-    if opts.at is not None:
-        raise OptionError("--at picks the step of a post-hoc EMA from power-EMA snapshots; these checkpoints record "
-                          "no power-EMA profile (sigma_rel or gamma)")
-    return power_ema(steps(), gamma=opts.gamma, sigma_rel=opts.sigma_rel)
-
-
-def _spread(w: Weights, picked: list[Checkpoint], chosen: list[Checkpoint]) -> Weights:
-    """``w`` over ``picked``, as a weight vector over ``chosen`` (zero where not picked)."""
-    at = {id(c): k for k, c in enumerate(picked)}
-    values = [w.values[at[id(c)]] if id(c) in at else 0.0 for c in chosen]
-    coeffs = [w.coeffs[at[id(c)]] if id(c) in at else 0.0 for c in chosen]
-    return Weights(values, w.description, coeffs, w.divisor, w.fit_error)
 
 
 def build_plan(
@@ -439,7 +118,7 @@ def build_plan(
                 picks.append(pk)
             chosen = [c for c in ordered if any(c in pk for pk in picks)]
             _refuse_same_time(chosen, rule)
-            matrix = [_spread(weights_for(v, pk, time_notes), pk, chosen) for (_l, v), pk in zip(variants, picks)]
+            matrix = [spread(weights_for(v, pk, time_notes), pk, chosen) for (_l, v), pk in zip(variants, picks)]
             weights = matrix[0]
         else:
             chosen, sel_notes = select_with_notes(ordered, sel)
@@ -470,7 +149,7 @@ def build_plan(
     planned = [
         PlannedInput(path=c.path, format=c.format, weight=w, epoch=c.meta.epoch, step=c.meta.step,
                      metrics=dict(c.meta.metrics), weights_key=c.weights_key, size=c.size, checkpoint=c,
-                     sigma_rel=_snapshot_sigma(c))
+                     sigma_rel=snapshot_sigma(c))
         for c, w in zip(chosen, weights.values)
     ]
     if matrix is not None:
@@ -595,17 +274,8 @@ def plan_tensors(chosen: list[Checkpoint], out_dtype: torch.dtype | None,
         if buffers == "last" and name.endswith(_NORM_BUFFERS):
             kind = "buffer"
         if kind in ("float", "complex"):
-            if kind == "float":
-                odt = out_dtype or last.dtype
-                # float64 also for 16-bit inputs: their sums are then exact (the engine's choice)
-                acc = torch.float64 if (accumulate == torch.float64 or any(r.dtype == torch.float64 for r in refs)
-                                        or all(r.dtype in (torch.float16, torch.bfloat16) for r in refs)
-                                        ) else torch.float32
-            else:
-                odt = last.dtype
-                acc = torch.complex128 if (accumulate == torch.float64 or
-                                           any(r.dtype == torch.complex128 for r in refs)) else torch.complex64
-            pt = PlannedTensor(name, last.shape, odt, "average", refs, acc)
+            odt = (out_dtype or last.dtype) if kind == "float" else last.dtype
+            pt = PlannedTensor(name, last.shape, odt, "average", refs, accumulator_for(refs, accumulate))
         else:
             pt = PlannedTensor(name, last.shape, last.dtype, "copy", refs)
         keys = tuple(r.alias_key for r in refs)
@@ -617,3 +287,22 @@ def plan_tensors(chosen: list[Checkpoint], out_dtype: torch.dtype | None,
                 alias_index[akey] = len(planned)
         planned.append(pt)
     return planned
+
+
+
+def accumulator_for(refs: Sequence[TensorRef], accumulate: torch.dtype) -> torch.dtype:
+    """The one rule for the dtype a tensor is summed in: float64 when asked (``--accumulate
+    float64``), when an input is float64, and when every input is a 16-bit float (float64 holds
+    their weighted sums exactly in all practical cases, so a uniform mean is correctly rounded
+    even under cancellation); else float32. Complex tensors: complex128 or complex64 likewise.
+
+    Example::
+
+        accumulator_for(plan.tensors[0].refs, torch.float32)  # torch.float64 for bf16 inputs
+    """
+    if any(r.dtype.is_complex for r in refs):
+        wide = accumulate == torch.float64 or any(r.dtype == torch.complex128 for r in refs)
+        return torch.complex128 if wide else torch.complex64
+    wide = (accumulate == torch.float64 or any(r.dtype == torch.float64 for r in refs)
+            or all(r.dtype in (torch.float16, torch.bfloat16) for r in refs))
+    return torch.float64 if wide else torch.float32

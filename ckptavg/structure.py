@@ -58,7 +58,8 @@ from .io.checkpoint import Checkpoint, TensorRef
 from .io.structured_out import StructuredWriter
 from .io.torch_out import StorageRef, TensorStub
 from .io.writer import Entry
-from .planner import MergePlan, PlannedTensor, parse_dtype, plan_tensors
+from .planner import parse_dtype, plan_tensors
+from .plans import MergePlan, PlannedTensor
 
 __all__ = ["StructuredOutput", "prepare", "WEIGHT_SET_KEYS", "TRAINING_STATE_KEYS"]
 

@@ -41,13 +41,9 @@ __all__ = [
     "explicit",
     "sigma_rel_to_gamma",
     "gamma_to_sigma_rel",
-    "METHODS",
     "POSTHOC_WARN_ERROR",
     "POSTHOC_MAX_ERROR",
 ]
-
-METHODS = ("uniform", "ema", "power-ema")
-
 
 @dataclass
 class Weights:

@@ -286,7 +286,7 @@ def test_float64_to_float32_overflow(tmp_path):
 def test_a_worker_alone_averages_one_unit(tmp_path):
     """The worker is a class of its own: built from a run's shared state, it processes one unit
     (read, accumulate, divide, cast) and lays out exactly the bytes a merge writes."""
-    from ckptavg.engine.schedule import accumulator_dtype, cut_units
+    from ckptavg.engine.schedule import cut_units
     from ckptavg.engine.threads import Job
     from ckptavg.engine.worker import Worker
     from ckptavg.io.memory_out import MemoryWriter
@@ -304,7 +304,7 @@ def test_a_worker_alone_averages_one_unit(tmp_path):
     try:
         mem = MemoryWriter(plan.entries())
         state, copy_cap = engine._state(plan, [mem], [plan.weights], torch.device("cpu"), 1 << 20, 1, False)
-        acc_of = [accumulator_dtype(t) if t.kind == "average" else None for t in plan.tensors]
+        acc_of = [t.acc_dtype if t.kind == "average" else None for t in plan.tensors]
         units = list(cut_units(plan, 1 << 20, copy_cap, acc_of, [t.numel for t in plan.tensors]))
         worker = Worker(state)
         for idx, unit in enumerate(units):

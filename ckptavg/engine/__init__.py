@@ -55,15 +55,15 @@ import torch
 from ..devices import resolve_device
 from ..errors import OptionError
 from ..io import Writer
-from ..planner import MergePlan
+from ..plans import MergePlan
 from ..settings import CHUNK_ENV, env_int
 from ..weights import Weights
 from . import schedule
-from .schedule import DEFAULT_CHUNK_ELEMS, accumulator_dtype, advise, auto_chunk, cut_units, worker_count
+from .schedule import DEFAULT_CHUNK_ELEMS, advise, auto_chunk, cut_units, worker_count
 from .threads import Control, Crew, Dispenser, Output, Pool
 from .worker import EngineStats, RunState, Worker, WriterLoop
 
-__all__ = ["run", "EngineStats", "DEFAULT_CHUNK_ELEMS", "resolve_device", "accumulator_dtype", "worker_count",
+__all__ = ["run", "EngineStats", "DEFAULT_CHUNK_ELEMS", "resolve_device", "worker_count",
            "auto_chunk"]
 
 
@@ -130,7 +130,7 @@ def run(plan: MergePlan, writers: Writer | Sequence[Writer], *, weights: Sequenc
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", torch.cuda.current_device())  # the caller's; workers are other threads
     state, copy_cap = _state(plan, ws, wts, dev, chunk, n_workers, allow_nonfinite)
-    acc_of = [accumulator_dtype(pt) if pt.kind == "average" else None for pt in plan.tensors]
+    acc_of = [pt.acc_dtype if pt.kind == "average" else None for pt in plan.tensors]  # planner.accumulator_for
     units = cut_units(plan, chunk, copy_cap, acc_of, [t.numel for t in plan.tensors])
     dispenser = Dispenser(units, n_workers, state.acquire, lambda u: advise(plan, u, state.active), state.ctl)
     stats = EngineStats()

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import NonFiniteError
-from ..planner import MergePlan, PlannedTensor
+from ..plans import MergePlan, PlannedTensor
 from .schedule import Unit
 
 __all__ = ["segment_at", "check_cast", "explain_nonfinite", "unravel"]

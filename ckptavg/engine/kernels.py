@@ -10,7 +10,7 @@ import torch
 
 from ..io import TensorRef
 from ..io.files import tensor_memoryview
-from ..planner import MergePlan
+from ..plans import MergePlan
 from .checks import check_cast, explain_nonfinite
 from .schedule import Unit
 from .threads import Job, Output, Pool

@@ -12,10 +12,10 @@ from typing import Any
 import torch
 
 from ..io import TensorRef
-from ..planner import MergePlan, PlannedTensor
+from ..plans import MergePlan
 from ..settings import WORKERS_ENV, env_int
 
-__all__ = ["DEFAULT_CHUNK_ELEMS", "BLOCK_ELEMS", "MAX_WORKERS", "MAX_GAP", "Unit", "Seg", "accumulator_dtype",
+__all__ = ["DEFAULT_CHUNK_ELEMS", "BLOCK_ELEMS", "MAX_WORKERS", "MAX_GAP", "Unit", "Seg",
            "auto_chunk", "cut_units", "file_runs", "blocks", "advise", "worker_count"]
 
 #: elements per chunk at most (float32: 8 MB per buffer); override with CKPTAVG_CHUNK_ELEMS
@@ -31,22 +31,6 @@ MAX_WORKERS = 4
 MAX_GAP = 4096
 
 
-def accumulator_dtype(pt: PlannedTensor) -> torch.dtype:
-    """The dtype a tensor is accumulated in: the plan's choice, widened to float64 when every
-    input is a 16-bit float (float64 holds their weighted sums exactly in all practical
-    cases, so a uniform mean is correctly rounded even under cancellation).
-
-    Example::
-
-        accumulator_dtype(plan.tensors[0])  # torch.float64 for bf16 inputs
-    """
-    acc = pt.acc_dtype
-    assert acc is not None
-    if acc == torch.float32 and all(r.dtype in (torch.float16, torch.bfloat16) for r in pt.refs):
-        return torch.float64
-    return acc
-
-
 def auto_chunk(plan: MergePlan, workers: int = 1) -> int:
     """Half the largest averaged tensor, at least 256K elements (so per-chunk overhead stays
     negligible) and at most 2M elements (1M with a float64 accumulator: 8 MB per accumulator
@@ -54,7 +38,7 @@ def auto_chunk(plan: MergePlan, workers: int = 1) -> int:
     memory stays about the same: 1.2M elements with four)."""
     avg = [t for t in plan.tensors if t.kind == "average"]
     largest = max((t.numel for t in avg), default=1)
-    wide = any(accumulator_dtype(t).itemsize > 4 for t in avg)
+    wide = any(t.acc_dtype is not None and t.acc_dtype.itemsize > 4 for t in avg)
     cap = min(DEFAULT_CHUNK_ELEMS, DEFAULT_CHUNK_ELEMS * 3 // (workers + 1)) // (2 if wide else 1)
     return min(cap, max(1 << 18, -(-largest // 2)))
 

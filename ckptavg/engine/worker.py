@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from ..io.files import tensor_memoryview
-from ..planner import MergePlan
+from ..plans import MergePlan
 from .kernels import SUB, accumulate, emit, finish, read_runs
 from .schedule import MAX_GAP, blocks, file_runs
 from .threads import Control, Dispenser, Job, Output, Pool, Stop

@@ -53,7 +53,8 @@ from typing import Any
 
 import torch
 
-from ..errors import CkptavgError, OptionError, OutputError
+from ..errors import CkptavgError, OutputError
+from ..units import DEFAULT_SHARD_SIZE
 from .dtypes import TORCH_TO_SAFETENSORS
 from .files import TMP_SUFFIX, fsync_path, make_parent, publish_folder, remove_created, signals_blocked
 from .kinds import OutputKind, OutputSetup, RankPart
@@ -68,13 +69,10 @@ __all__ = [
     "check_destination",
     "folder_extras",
     "is_folder_output",
-    "parse_size",
     "shard_layout",
     "shard_names",
 ]
 
-#: default largest shard (bytes of tensor data), as ``save_pretrained``'s "5GB"
-DEFAULT_SHARD_SIZE = 5 * 10**9
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -84,34 +82,8 @@ _MODEL_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt", ".pth.tar", "
 _NOT_COPIED_SUFFIXES = _MODEL_SUFFIXES + (".h5", ".msgpack", ".onnx", ".onnx_data", ".gguf", ".ot", ".npz",
                                           ".pkl", ".pickle", ".keras", ".tflite")
 _NOT_COPIED_NAMES = {"trainer_state.json", "training_args.json"}
-_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-zA-Z]*)\s*$")
 _SHARD_RE = re.compile(r"^model-\d{5}-of-\d{5}\.safetensors$")
 _FILE_EXT_RE = re.compile(r"^(?=.*[A-Za-z])[A-Za-z0-9]{1,5}$")
-
-
-def parse_size(value: int | str | None, option: str = "--shard-size") -> int:
-    """``"5GB"`` -> 5_000_000_000; ``"500MB"``, ``"100KB"``, ``"2GiB"``, ``1024`` (bytes).
-
-    KB/MB/GB/TB are powers of 1000 and KiB/MiB/GiB/TiB powers of 1024, as in
-    ``save_pretrained(max_shard_size=...)``. ``None`` gives the default (5GB).
-    """
-    if value is None:
-        return DEFAULT_SHARD_SIZE
-    if isinstance(value, bool):
-        raise OptionError(f"{option} must be a size such as 5GB, 500MB or 100KB; got {value!r}")
-    if isinstance(value, int):
-        n = value
-    else:
-        m = _SIZE_RE.match(str(value))
-        unit = m.group(2).lower() if m else ""
-        if not m or unit not in _UNITS:
-            raise OptionError(f"{option} must be a size such as 5GB, 500MB or 100KB; got {value!r}")
-        n = int(float(m.group(1)) * _UNITS[unit])
-    if n < 1:
-        raise OptionError(f"{option} must be positive; got {value!r}")
-    return n
 
 
 def is_folder_output(output: str | os.PathLike[str]) -> bool:

@@ -111,8 +111,7 @@ def plan_sources(inputs: Any, opts: dict[str, Any]) -> tuple[list[Source], int, 
 
 
 def check_memory(nbytes: int, max_memory: int | str | None) -> None:
-    from ..io.hf_folder_out import parse_size
-    from ..planner import human_bytes
+    from ..units import human_bytes, parse_size
 
     limit = parse_size(max_memory if max_memory is not None else DEFAULT_MAX_MEMORY, "--max-memory")
     if nbytes > limit:
