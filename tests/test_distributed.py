@@ -28,7 +28,7 @@ from safetensors.torch import save_file
 
 import ckptavg
 from ckptavg.distributed import partition
-from ckptavg.io.hf_folder_out import shard_layout
+from ckptavg.io.hf_folder_layout import shard_layout
 from ckptavg.io.writer import Entry
 
 REPO = Path(__file__).resolve().parent.parent

@@ -14,7 +14,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import ckptavg
-from ckptavg.io.hf_folder_out import is_folder_output
+from ckptavg.io.hf_folder_layout import is_folder_output
 from ckptavg.units import parse_size
 
 from .conftest import assert_close32, fp64_mean, make_state_dicts, merge_peak_rss

@@ -38,30 +38,26 @@ the spec file's folder. torchvision is imported only when the spec names it.
 from __future__ import annotations
 
 import contextlib
-import difflib
-import hashlib
-import importlib.util
 import os
-import pkgutil
-import re
 import sys
-import tomllib
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..devices import check_device, device_or_error, parse_device
+from ..devices import check_device, device_or_error
 from ..errors import SpecError, exc_text
 
-__all__ = ["BNSpec", "EvalSpec", "TransformSpec", "load_spec", "check_device", "DEFAULT_BATCH_SIZE"]
+__all__ = ["BNSpec", "EvalSpec", "TransformSpec", "load_spec", "check_device", "DEFAULT_BATCH_SIZE", "SECTIONS",
+           "DATASET_ONLY", "TRANSFORM_KEYS", "PATH_KEYS", "NOT_A_REFERENCE", "describe_value", "user_error", "spec_error",
+           "is_iterable", "on_sys_path", "torchvision_transforms"]
 
 #: Batch size of the DataLoader built around a ``[data].dataset`` when the spec gives none.
 DEFAULT_BATCH_SIZE = 64
 
-_SECTIONS: dict[str, tuple[str, ...]] = {
+SECTIONS: dict[str, tuple[str, ...]] = {
     "model": ("factory", "args", "kwargs", "prefix"),
     "data": ("loader", "dataset", "args", "kwargs", "transforms", "batch_size", "num_workers", "max_batches",
              "input", "call"),
@@ -69,31 +65,31 @@ _SECTIONS: dict[str, tuple[str, ...]] = {
     "eval": ("loader", "dataset", "args", "kwargs", "transforms", "batch_size", "num_workers", "metric",
              "higher_is_better"),
 }
-_DATASET_ONLY = ("transforms", "batch_size", "num_workers")
-_TRANSFORM_KEYS = ("name", "args", "kwargs")
-_PATH_KEYS = ("root", "path", "dir", "file", "folder")
-_NOT_A_REFERENCE = "is not a reference: expected 'module:attribute' or 'file.py:attribute'"
+DATASET_ONLY = ("transforms", "batch_size", "num_workers")
+TRANSFORM_KEYS = ("name", "args", "kwargs")
+PATH_KEYS = ("root", "path", "dir", "file", "folder")
+NOT_A_REFERENCE = "is not a reference: expected 'module:attribute' or 'file.py:attribute'"
 
 
-def _describe(value: Any) -> str:
+def describe_value(value: Any) -> str:
     text = repr(value)
     return f"{type(value).__name__} {text[:57] + '...' if len(text) > 60 else text}"
 
 
-def _user_error(exc: BaseException) -> str:
+def user_error(exc: BaseException) -> str:
     return exc_text(exc, bare_import_error=True)
 
 
-def _error(path: Path, entry: str | None, message: str) -> SpecError:
+def spec_error(path: Path, entry: str | None, message: str) -> SpecError:
     return SpecError(f"{path}: {entry}: {message}" if entry else f"{path}: {message}")
 
 
-def _iterable(obj: Any) -> bool:
+def is_iterable(obj: Any) -> bool:
     return hasattr(obj, "__iter__") or hasattr(obj, "__getitem__")
 
 
 @contextlib.contextmanager
-def _on_sys_path(folder: Path, *, front: bool) -> Iterator[None]:
+def on_sys_path(folder: Path, *, front: bool) -> Iterator[None]:
     """Make ``folder`` importable for the duration of the block (front: before everything else)."""
     entry = str(folder)
     if entry in sys.path:
@@ -204,7 +200,7 @@ class BNSpec:
 
     def error(self, entry: str | None, message: str) -> SpecError:
         """A :class:`SpecError` naming this spec file and ``entry`` (e.g. ``[data].loader``)."""
-        return _error(self.path, entry, message)
+        return spec_error(self.path, entry, message)
 
     @property
     def call_function(self) -> Callable[[torch.nn.Module, Any], Any] | None:
@@ -213,13 +209,14 @@ class BNSpec:
 
     def build_model(self) -> torch.nn.Module:
         """Call ``[model].factory`` with its args/kwargs; errors become one-line SpecErrors."""
-        with _on_sys_path(self.folder, front=False):
+        with on_sys_path(self.folder, front=False):
             try:
                 model = self._factory_obj(*self.model_args, **self.model_kwargs)
             except Exception as exc:  # user code: report it as a spec problem, on one line
-                raise self.error("[model].factory", f"{self.factory!r} raised {_user_error(exc)}") from exc
+                raise self.error("[model].factory", f"{self.factory!r} raised {user_error(exc)}") from exc
         if not isinstance(model, torch.nn.Module):
-            raise self.error("[model].factory", f"{self.factory!r} returned {_describe(model)}, not a torch.nn.Module")
+            raise self.error("[model].factory",
+                             f"{self.factory!r} returned {describe_value(model)}, not a torch.nn.Module")
         return model
 
     def build_loader(self) -> Iterable[Any]:
@@ -242,29 +239,29 @@ class BNSpec:
                        kwargs_in: dict[str, Any], transform_objs: list[Any], batch_size: int,
                        num_workers: int) -> Iterable[Any]:
         ref = loader or dataset
-        with _on_sys_path(self.folder, front=False):
+        with on_sys_path(self.folder, front=False):
             if loader is not None and not callable(obj):
                 result = obj  # an iterable defined at module level (a DataLoader, a list...)
             else:
                 kwargs = dict(kwargs_in)
                 if dataset is not None and transform_objs:
-                    v2, v1 = _torchvision_transforms()
+                    v2, v1 = torchvision_transforms()
                     kwargs["transform"] = (v2 or v1).Compose(list(transform_objs))
                 try:
                     result = obj(*args, **kwargs)
                 except Exception as exc:
-                    raise self.error(entry, f"{ref!r} raised {_user_error(exc)}") from exc
+                    raise self.error(entry, f"{ref!r} raised {user_error(exc)}") from exc
         if dataset is not None:
-            if not _iterable(result):
-                raise self.error(entry, f"{ref!r} returned {_describe(result)}, not a dataset")
+            if not is_iterable(result):
+                raise self.error(entry, f"{ref!r} returned {describe_value(result)}, not a dataset")
             from torch.utils.data import DataLoader
 
             try:
                 return DataLoader(result, batch_size=batch_size, shuffle=False, num_workers=num_workers)
             except Exception as exc:
-                raise self.error(entry, f"cannot batch {ref!r}: {_user_error(exc)}") from exc
-        if isinstance(result, torch.Tensor) or not _iterable(result):
-            raise self.error(entry, f"{ref!r} returned {_describe(result)}, not an iterable of batches")
+                raise self.error(entry, f"cannot batch {ref!r}: {user_error(exc)}") from exc
+        if isinstance(result, torch.Tensor) or not is_iterable(result):
+            raise self.error(entry, f"{ref!r} returned {describe_value(result)}, not an iterable of batches")
         return result
 
     def resolve_device(self, override: str | torch.device | None = None) -> torch.device:
@@ -283,7 +280,7 @@ class BNSpec:
             raise self.error("[run].device", f"{self.device!r}: {exc}") from None
 
 
-def _torchvision_transforms() -> tuple[Any, Any]:
+def torchvision_transforms() -> tuple[Any, Any]:
     """(torchvision.transforms.v2 or None, torchvision.transforms), imported on first use."""
     import torchvision.transforms as v1
 
@@ -293,328 +290,6 @@ def _torchvision_transforms() -> tuple[Any, Any]:
         v2 = None
     return v2, v1
 
-
-def _dtype_from_text(value: Any, *, plain: bool) -> Any:
-    """``"torch.float32"`` (or ``"float32"`` when ``plain``) -> ``torch.float32``; other values unchanged."""
-    if isinstance(value, str):
-        name = value[6:] if value.startswith("torch.") else (value if plain else None)
-        if name and isinstance(getattr(torch, name, None), torch.dtype):
-            return getattr(torch, name)
-    return value
-
-
-_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "str": (lambda v: isinstance(v, str) and bool(v.strip()), "a non-empty string"),
-    "list": (lambda v: isinstance(v, list), "an array"),
-    "table": (lambda v: isinstance(v, dict), "a table"),
-    "int>=1": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, "a positive integer"),
-    "int>=0": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "an integer >= 0"),
-}
-_EMPTY: dict[str, Callable[[], Any]] = {"list": list, "table": dict}
-
-
-class _Parser:
-    """Turns the TOML document into a :class:`BNSpec`, raising SpecError at the first mistake."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.folder = Path(os.path.abspath(path)).parent
-
-    def error(self, entry: str | None, message: str) -> SpecError:
-        return _error(self.path, entry, message)
-
-    def read(self) -> dict[str, Any]:
-        try:
-            data = self.path.read_bytes()
-        except OSError as exc:
-            raise self.error(None, f"cannot read the spec: {exc.strerror or exc}") from None
-        try:
-            return tomllib.loads(data.decode("utf-8"))
-        except UnicodeDecodeError as exc:
-            raise self.error(None, f"not UTF-8 text ({exc.reason} at byte {exc.start})") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise self.error(None, f"invalid TOML: {exc}") from None
-
-    def check_keys(self, table: Mapping[str, Any], allowed: tuple[str, ...], where: str) -> None:
-        for key in table:
-            if key not in allowed:
-                close = difflib.get_close_matches(key, allowed, n=1)
-                hint = f"did you mean {close[0]!r}? " if close else ""
-                raise self.error(f"{where}.{key}", f"unknown key ({hint}expected one of: {', '.join(allowed)})")
-
-    def get(self, table: Mapping[str, Any], key: str, where: str, kind: str) -> Any:
-        """``table[key]`` checked against ``kind`` (see ``_CHECKS``); None, [] or {} when absent."""
-        if key not in table:
-            return _EMPTY[kind]() if kind in _EMPTY else None
-        ok, what = _CHECKS[kind]
-        if not ok(table[key]):
-            raise self.error(f"{where}.{key}", f"expected {what}, got {_describe(table[key])}")
-        return table[key]
-
-    def resolve_paths(self, kwargs: dict[str, Any]) -> dict[str, Any]:
-        """Path-like values (see the module docstring) made absolute against the spec's folder."""
-        out = dict(kwargs)
-        for key, value in kwargs.items():
-            path_key = key in _PATH_KEYS or key.endswith(tuple("_" + k for k in _PATH_KEYS))
-            if path_key and isinstance(value, str) and value and "://" not in value:
-                out[key] = str(self.folder / Path(value).expanduser())  # an absolute value replaces the folder
-        return out
-
-    # -- references ----------------------------------------------------------------------
-
-    def resolve_ref(self, text: str, entry: str) -> Any:
-        """Import ``module:attr`` / ``file.py:attr`` (or ``module.attr``) and return the object.
-
-        ``pkgutil.resolve_name`` imports the module and walks the attributes. Hand-written around
-        it: splitting ``module.attr`` at its last dot ourselves (resolve_name would import the
-        longest importable prefix and silently turn an ImportError raised inside ``a.b`` into
-        "'a' has no attribute 'b'"), ``file.py`` references (resolve_name only knows module
-        names), and the one-line messages naming which part failed.
-        """
-        target, sep, attr = text.rpartition(":")
-        if not sep:
-            target, sep, attr = text.rpartition(".")
-        target, attr = target.strip(), attr.strip()
-        if not sep or not target or not attr:
-            raise self.error(entry, f"{text!r} {_NOT_A_REFERENCE}")
-        is_file = target.endswith(".py") or "/" in target or "\\" in target
-        module = self.import_file(target, entry) if is_file else target
-        try:
-            with _on_sys_path(self.folder, front=False):
-                return pkgutil.resolve_name(f"{module}:{attr}")
-        except Exception as exc:
-            if isinstance(exc, ValueError) and str(exc).startswith("invalid format"):  # resolve_name's own check
-                raise self.error(entry, f"{text!r} {_NOT_A_REFERENCE}") from None
-            if module not in sys.modules:  # the import itself failed (or anything the module raised)
-                raise self.error(entry, f"cannot import {target!r}: {_user_error(exc)}") from exc
-            parts = attr.split(".")
-            if isinstance(exc, AttributeError) and exc.name in parts:
-                done = parts[: parts.index(exc.name)]
-                owner = target + (":" + ".".join(done) if done else "")
-                raise self.error(entry, f"{owner!r} has no attribute {exc.name!r}") from None
-            raise self.error(entry, f"cannot get {text!r}: {_user_error(exc)}") from exc
-
-    def import_file(self, target: str, entry: str) -> str:
-        """Import a ``.py`` file under a private module name unique to its path; returns that name."""
-        file = Path(os.path.abspath(self.folder / Path(target).expanduser()))
-        if not file.is_file():
-            raise self.error(entry, f"no such file: {str(file)!r}")
-        digest = hashlib.sha1(str(file).encode()).hexdigest()[:12]
-        name = f"_ckptavg_spec_{re.sub(r'[^0-9A-Za-z_]', '_', file.stem)}_{digest}"
-        if name in sys.modules:
-            return name
-        module_spec = importlib.util.spec_from_file_location(name, file)
-        if module_spec is None or module_spec.loader is None:
-            raise self.error(entry, f"cannot import {str(file)!r}: not a Python source file")
-        module = importlib.util.module_from_spec(module_spec)
-        sys.modules[name] = module  # before exec: dataclasses and pickling look modules up here
-        try:
-            with _on_sys_path(file.parent, front=True):
-                module_spec.loader.exec_module(module)
-        except BaseException as exc:
-            sys.modules.pop(name, None)
-            if not isinstance(exc, Exception):
-                raise
-            raise self.error(entry, f"cannot import {target!r}: {_user_error(exc)}") from exc
-        return name
-
-    def resolve_callable(self, text: str, entry: str) -> Any:
-        obj = self.resolve_ref(text, entry)
-        if not callable(obj):
-            raise self.error(entry, f"{text!r} is {_describe(obj)}, not callable")
-        return obj
-
-    # -- transforms ----------------------------------------------------------------------
-
-    def parse_transforms(self, items: list[Any], section: str = "data") -> tuple[list[TransformSpec], list[Any]]:
-        specs: list[TransformSpec] = []
-        objs: list[Any] = []
-        if not items:
-            return specs, objs
-        try:
-            v2, v1 = _torchvision_transforms()
-        except ImportError as exc:
-            message = f"torchvision is needed for transforms: {_user_error(exc)}"
-            raise self.error(f"[{section}].transforms", message) from exc
-        for i, item in enumerate(items):
-            where = f"[{section}].transforms[{i}]"
-            if isinstance(item, str):
-                item = {"name": item}
-            if not isinstance(item, dict):
-                table = "{ name = ..., args = [...], kwargs = {...} }"
-                raise self.error(where, f"expected a table {table} or a name, got {_describe(item)}")
-            self.check_keys(item, _TRANSFORM_KEYS, where)
-            name = self.get(item, "name", where, "str")
-            if name is None:
-                raise self.error(where, "missing 'name' (a torchvision transform, e.g. 'Resize')")
-            args, kwargs = self.get(item, "args", where, "list"), self.get(item, "kwargs", where, "table")
-            if ":" in name:
-                cls = self.resolve_ref(name, f"{where}.name")
-            else:
-                cls = None if name.startswith("_") else getattr(v2, name, None) or getattr(v1, name, None)
-                if not callable(cls):
-                    known = sorted({n for m in (v2, v1) if m is not None for n in dir(m) if n[:1].isupper()})
-                    close = difflib.get_close_matches(name, known, n=1)
-                    hint = f" (did you mean {close[0]!r}?)" if close else ""
-                    module_name = "torchvision.transforms.v2" if v2 is not None else "torchvision.transforms"
-                    raise self.error(f"{where}.name", f"unknown transform {name!r}: not in {module_name}{hint}")
-            call_args = [_dtype_from_text(a, plain=name in ("ToDtype", "ConvertImageDtype")) for a in args]
-            call_kwargs = {k: _dtype_from_text(v, plain=k == "dtype") for k, v in kwargs.items()}
-            try:
-                objs.append(cls(*call_args, **call_kwargs))
-            except Exception as exc:
-                raise self.error(where, f"{name}(...) failed: {_user_error(exc)}") from exc
-            specs.append(TransformSpec(name=name, args=args, kwargs=kwargs))
-        return specs, objs
-
-    # -- [eval] ---------------------------------------------------------------------------
-
-    def parse_eval(self, table: Mapping[str, Any]) -> EvalSpec:
-        """The optional ``[eval]`` section: a held-out source (the forms of ``[data]``) and a metric."""
-        loader, dataset = self.get(table, "loader", "[eval]", "str"), self.get(table, "dataset", "[eval]", "str")
-        if (loader is None) == (dataset is None):
-            what = "both" if loader is not None else "neither"
-            raise self.error("[eval]", f"give exactly one of 'loader' or 'dataset' (found {what})")
-        for key in _DATASET_ONLY:
-            if loader is not None and key in table:
-                raise self.error(
-                    f"[eval].{key}",
-                    "only valid with 'dataset' (a 'loader' builds its own batches: pass its options in [eval].kwargs)",
-                )
-        metric = self.get(table, "metric", "[eval]", "str")
-        if metric is None:
-            example = '"metrics.py:accuracy"'
-            raise self.error("[eval].metric", f"missing (a callable (model, loader) -> float, e.g. {example})")
-        higher = table.get("higher_is_better", True)
-        if not isinstance(higher, bool):
-            raise self.error("[eval].higher_is_better", f"expected true or false, got {_describe(higher)}")
-        args = self.get(table, "args", "[eval]", "list")
-        kwargs = self.resolve_paths(self.get(table, "kwargs", "[eval]", "table"))
-        batch_size = self.get(table, "batch_size", "[eval]", "int>=1")
-        num_workers = self.get(table, "num_workers", "[eval]", "int>=0")
-        transform_items = self.get(table, "transforms", "[eval]", "list")
-        if transform_items and "transform" in kwargs:
-            raise self.error("[eval].transforms", "[eval].kwargs already has a 'transform': give one or the other")
-        entry = "[eval].loader" if loader is not None else "[eval].dataset"
-        if dataset is not None:
-            data_obj = self.resolve_callable(dataset, entry)
-        else:
-            data_obj = self.resolve_ref(loader, entry)
-            if not callable(data_obj):
-                if not _iterable(data_obj):
-                    raise self.error(entry, f"{loader!r} is {_describe(data_obj)}: neither callable nor iterable")
-                if args or kwargs:
-                    raise self.error("[eval].kwargs", f"{loader!r} is not callable, so it takes no args/kwargs")
-        metric_obj = self.resolve_callable(metric, "[eval].metric")
-        transforms, transform_objs = self.parse_transforms(transform_items, "eval")
-        return EvalSpec(metric=metric, higher_is_better=higher, loader=loader, dataset=dataset, args=args,
-                        kwargs=kwargs, transforms=transforms, batch_size=batch_size or DEFAULT_BATCH_SIZE,
-                        num_workers=num_workers or 0, _data_obj=data_obj, _metric_obj=metric_obj,
-                        _transform_objs=transform_objs)
-
-    # -- the whole document --------------------------------------------------------------
-
-    def parse(self) -> BNSpec:
-        doc = self.read()
-        for key, value in doc.items():
-            if key not in _SECTIONS:
-                close = difflib.get_close_matches(key, list(_SECTIONS), n=1)
-                hint = f"did you mean [{close[0]}]? " if close else ""
-                raise self.error(f"[{key}]", f"unknown section ({hint}expected [model], [data], [run], [eval])")
-            if not isinstance(value, dict):
-                raise self.error(f"[{key}]", f"expected a table (section), got {_describe(value)}")
-        for section in ("model", "data"):
-            if section not in doc:
-                raise self.error(f"[{section}]", "missing section")
-        for section, table in doc.items():
-            self.check_keys(table, _SECTIONS[section], f"[{section}]")
-        model, data, run = doc["model"], doc["data"], doc.get("run", {})
-
-        # [model]
-        factory = self.get(model, "factory", "[model]", "str")
-        if factory is None:
-            raise self.error("[model].factory", 'missing (e.g. factory = "torchvision.models:resnet18")')
-        model_args = self.get(model, "args", "[model]", "list")
-        model_kwargs = self.resolve_paths(self.get(model, "kwargs", "[model]", "table"))
-        prefix = model.get("prefix")
-        if prefix is not None and not isinstance(prefix, str):
-            raise self.error("[model].prefix", f"expected a string, got {_describe(prefix)}")
-
-        # [data]
-        loader, dataset = self.get(data, "loader", "[data]", "str"), self.get(data, "dataset", "[data]", "str")
-        if (loader is None) == (dataset is None):
-            what = "both" if loader is not None else "neither"
-            raise self.error("[data]", f"give exactly one of 'loader' or 'dataset' (found {what})")
-        for key in _DATASET_ONLY:
-            if loader is not None and key in data:
-                raise self.error(
-                    f"[data].{key}",
-                    "only valid with 'dataset' (a 'loader' builds its own batches: pass its options in [data].kwargs)",
-                )
-        data_args = self.get(data, "args", "[data]", "list")
-        data_kwargs = self.resolve_paths(self.get(data, "kwargs", "[data]", "table"))
-        batch_size = self.get(data, "batch_size", "[data]", "int>=1")
-        num_workers = self.get(data, "num_workers", "[data]", "int>=0")
-        max_batches = self.get(data, "max_batches", "[data]", "int>=1")
-        transform_items = self.get(data, "transforms", "[data]", "list")
-        if transform_items and "transform" in data_kwargs:
-            raise self.error("[data].transforms", "[data].kwargs already has a 'transform': give one or the other")
-        selector = data.get("input")
-        if "input" in data and (isinstance(selector, bool) or not isinstance(selector, int | str) or selector == ""):
-            raise self.error(
-                "[data].input", f"expected an index (integer) or a key (string), got {_describe(selector)}"
-            )
-        call = self.get(data, "call", "[data]", "str")
-        if call is not None and "input" in data:
-            raise self.error("[data].call", "give either 'input' or 'call', not both")
-
-        # [run]: the syntax now; whether this machine has the device, when it is used
-        device = self.get(run, "device", "[run]", "str")
-        if device is not None:
-            try:
-                parse_device(device)
-            except ValueError as exc:
-                raise self.error("[run].device", f"{device!r}: {exc}") from None
-
-        # Resolve references now, so that a typo fails before any heavy work.
-        factory_obj = self.resolve_callable(factory, "[model].factory")
-        data_entry = "[data].loader" if loader is not None else "[data].dataset"
-        if dataset is not None:
-            data_obj = self.resolve_callable(dataset, data_entry)
-        else:
-            data_obj = self.resolve_ref(loader, data_entry)
-            if not callable(data_obj):
-                if not _iterable(data_obj):
-                    raise self.error(data_entry, f"{loader!r} is {_describe(data_obj)}: neither callable nor iterable")
-                if data_args or data_kwargs:
-                    raise self.error("[data].kwargs", f"{loader!r} is not callable, so it takes no args/kwargs")
-        call_obj = self.resolve_callable(call, "[data].call") if call is not None else None
-        transforms, transform_objs = self.parse_transforms(transform_items)
-        eval_spec = self.parse_eval(doc["eval"]) if "eval" in doc else None
-
-        return BNSpec(
-            path=self.path,
-            factory=factory,
-            model_args=model_args,
-            model_kwargs=model_kwargs,
-            prefix=prefix or None,
-            loader=loader,
-            dataset=dataset,
-            data_args=data_args,
-            data_kwargs=data_kwargs,
-            transforms=transforms,
-            batch_size=batch_size or DEFAULT_BATCH_SIZE,
-            num_workers=num_workers or 0,
-            max_batches=max_batches,
-            input=selector,
-            call=call,
-            device=device,
-            eval=eval_spec,
-            _factory_obj=factory_obj,
-            _data_obj=data_obj,
-            _call_obj=call_obj,
-            _transform_objs=transform_objs,
-        )
 
 
 def load_spec(path: str | os.PathLike[str]) -> BNSpec:
@@ -632,4 +307,6 @@ def load_spec(path: str | os.PathLike[str]) -> BNSpec:
         >>> spec = load_spec("bn.toml")                      # doctest: +SKIP
         >>> model, loader = spec.build_model(), spec.build_loader()  # doctest: +SKIP
     """
-    return _Parser(Path(path)).parse()
+    from .spec_parser import SpecParser
+
+    return SpecParser(Path(path)).parse()

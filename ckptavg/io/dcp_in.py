@@ -26,7 +26,6 @@ from __future__ import annotations
 import io
 import math
 import os
-import pickle
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,15 +33,14 @@ from typing import Any
 
 import torch
 
-from ..errors import CheckpointReadError, UnsafePickleError
+from ..errors import CheckpointReadError
 from .checkpoint import Checkpoint, CheckpointMeta, TensorRef
+from .dcp_metadata import METADATA_NAME, read_metadata, short_error
 from .files import InputFile
 from .metadata import apply_name_metadata
 
 __all__ = ["is_dcp_folder", "open_dcp", "DcpTensorRef", "METADATA_NAME"]
 
-METADATA_NAME = ".metadata"
-_MAX_METADATA = 1 << 30
 _MAX_SMALL_ITEM = 1 << 20  # non-tensor entries read for step/epoch at most this big
 _MIN_BUDGET = 256 << 10  # temporaries of a strided gather: at most max(2 x request, this) bytes
 # Top-level entries of training checkpoints that are not model weights (torchtitan flattens the
@@ -66,92 +64,6 @@ def is_dcp_folder(path: Path) -> bool:
 
 # --------------------------------------------------------------------------------------
 # .metadata: a pickle, loaded with a restricted unpickler
-
-
-def _allowed_globals() -> dict[tuple[str, str], Any]:
-    from pathlib import PosixPath, PurePosixPath, PureWindowsPath, WindowsPath
-
-    from torch.distributed.checkpoint import filesystem as fs
-    from torch.distributed.checkpoint import metadata as md
-
-    out: dict[tuple[str, str], Any] = {
-        (md.__name__, n): getattr(md, n)
-        for n in ("Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata",
-                  "TensorProperties", "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING")
-    }
-    out[(fs.__name__, "_StorageInfo")] = fs._StorageInfo
-    out[("torch", "Size")] = torch.Size
-    out[("torch.serialization", "_get_layout")] = torch.serialization._get_layout  # layout by name, a dict lookup
-    for cls in (PosixPath, WindowsPath, PurePosixPath, PureWindowsPath):  # StorageMeta.checkpoint_id
-        out[("pathlib", cls.__name__)] = cls
-    out[("collections", "OrderedDict")] = __import__("collections").OrderedDict
-    return out
-
-
-class _MetadataUnpickler(pickle.Unpickler):
-    """torch's ``FileSystemReader.read_metadata`` runs ``pickle.load`` on ``.metadata``, which
-    can execute any code the file names. This unpickler only resolves the globals a DCP
-    ``.metadata`` written by torch contains (the metadata dataclasses, ``_StorageInfo``,
-    ``torch.Size``, dtypes, layouts, paths), so a hostile file cannot run code; with
-    ``trust_pickle`` the file is trusted and loaded the way torch loads it."""
-
-    _allowed: dict[tuple[str, str], Any] | None = None
-
-    def find_class(self, module: str, name: str) -> Any:
-        if _MetadataUnpickler._allowed is None:
-            _MetadataUnpickler._allowed = _allowed_globals()
-        obj = _MetadataUnpickler._allowed.get((module, name))
-        if obj is not None:
-            return obj
-        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
-            return getattr(torch, name)
-        raise _Disallowed(f"{module}.{name}")
-
-
-class _Disallowed(pickle.UnpicklingError):
-    pass
-
-
-def _read_metadata(folder: Path, trust_pickle: bool) -> Any:
-    from torch.distributed.checkpoint.metadata import Metadata
-
-    p = folder / METADATA_NAME
-    try:
-        size = p.stat().st_size
-        if size > _MAX_METADATA:
-            raise CheckpointReadError(f"{p}: implausibly large DCP metadata ({size} bytes)")
-        data = p.read_bytes()
-    except OSError as e:
-        raise CheckpointReadError(f"{p}: cannot read DCP metadata: {e.strerror}") from None
-    try:
-        if trust_pickle:
-            md = pickle.loads(data)  # as torch's FileSystemReader.read_metadata does (trusted)
-        else:
-            md = _MetadataUnpickler(io.BytesIO(data)).load()
-    except _Disallowed as e:
-        raise UnsafePickleError(
-            f"{p}: refusing to load: the DCP metadata needs {e}, which is not a DCP metadata class (it could run "
-            "code); pass --trust-pickle (trust_pickle=True) only if you trust this folder"
-        ) from None
-    except Exception as e:  # a damaged pickle fails in any way
-        raise CheckpointReadError(f"{p}: unreadable DCP metadata ({type(e).__name__}: {_short(e)})") from None
-    if not isinstance(md, Metadata) or not isinstance(md.state_dict_metadata, dict):
-        raise CheckpointReadError(f"{p}: not DCP metadata (holds a {type(md).__name__})")
-    if not isinstance(md.storage_data, dict):
-        raise CheckpointReadError(
-            f"{p}: DCP metadata without file storage information (storage_data is "
-            f"{type(md.storage_data).__name__}); only folders written by FileSystemWriter are supported"
-        )
-    return md
-
-
-def _short(e: BaseException) -> str:
-    s = " ".join(str(e).split())
-    return (s[:200] + "...") if len(s) > 200 else s
-
-
-# --------------------------------------------------------------------------------------
-# chunks and tensor references
 
 
 @dataclass(eq=False)
@@ -327,7 +239,7 @@ class DcpTensorRef(TensorRef):
             with open(c.file.path, "rb") as fh:
                 t = torch.load(_create_file_view(fh, c.blob, c.length), map_location="meta", weights_only=True)
         except Exception as e:
-            raise self._err(f"{where}: damaged chunk ({type(e).__name__}: {_short(e)})") from None
+            raise self._err(f"{where}: damaged chunk ({type(e).__name__}: {short_error(e)})") from None
         if not isinstance(t, torch.Tensor) or t.layout != torch.strided:
             raise self._err(f"{where} does not hold a dense tensor ({type(t).__name__})")
         if t.dtype != self.dtype or tuple(t.shape) != c.sizes:
@@ -402,7 +314,7 @@ def open_dcp(path: Path, *, key: str | None = None, trust_pickle: bool = False) 
     folder = Path(path)
     if not is_dcp_folder(folder):
         raise CheckpointReadError(f"{folder}: not a DCP checkpoint folder (no {METADATA_NAME})")
-    md = _read_metadata(folder, trust_pickle)
+    md = read_metadata(folder, trust_pickle)
     sdm: dict[str, Any] = md.state_dict_metadata
     tensor_keys = [k for k, v in sdm.items() if isinstance(v, TensorStorageMetadata)]
     others = [k for k, v in sdm.items() if not isinstance(v, (TensorStorageMetadata, BytesStorageMetadata))]

@@ -45,7 +45,7 @@ import torch
 
 from ..errors import OutputError
 from .files import TMP_SUFFIX, fsync_path, publish_folder, signals_blocked
-from .hf_folder_out import check_destination
+from .hf_folder_layout import check_destination
 from .kinds import OutputKind, OutputSetup, RankPart
 from .torch_out import StorageRef, TensorStub, TorchWriter
 from .writer import Entry, FolderPart, StreamWriter, local_entries
