@@ -51,8 +51,8 @@ from ..devices import check_device, device_or_error
 from ..errors import SpecError, exc_text
 
 __all__ = ["BNSpec", "EvalSpec", "TransformSpec", "load_spec", "check_device", "DEFAULT_BATCH_SIZE", "SECTIONS",
-           "DATASET_ONLY", "TRANSFORM_KEYS", "PATH_KEYS", "NOT_A_REFERENCE", "describe_value", "user_error", "spec_error",
-           "is_iterable", "on_sys_path", "torchvision_transforms"]
+           "DATASET_ONLY", "TRANSFORM_KEYS", "PATH_KEYS", "NOT_A_REFERENCE", "describe_value", "user_error",
+           "spec_error", "is_iterable", "on_sys_path", "torchvision_transforms"]
 
 #: Batch size of the DataLoader built around a ``[data].dataset`` when the spec gives none.
 DEFAULT_BATCH_SIZE = 64
