@@ -155,103 +155,124 @@ def prepare(plan: MergePlan, *, keep_optimizer: bool = False) -> StructuredOutpu
             f"{last.path}: --keep-structure needs torch checkpoints, and this is {last.format} (its structure is "
             "only its tensors); write a .safetensors file or a folder instead"
         )
-    wkey = last.weights_key
-    top = last.obj
-    notes: list[str] = []
-    dropped: list[str] = []
+    tensors, averaged, skipped, notes = _weight_sets(plan, last)
+    full = replace(plan, tensors=tensors, notes=list(plan.notes))
+    new_top, dropped = _new_top(full, last, averaged, skipped, keep_optimizer)
+    rw = _TreeRewriter(last)
+    for pt in tensors:
+        j = rw.add(pt.name, pt.out_dtype, pt.shape, pt.alias_of)
+        rw.by_ref.setdefault(id(pt.refs[-1]), j)
+    tree = rw.convert(new_top, "", 0)
+    _check_picklable(tree, last.path)
+    return StructuredOutput(plan=full, base=last.path, entries=rw.entries, stubs=rw.stubs, tree=tree,
+                            copies=rw.copies, averaged=averaged, dropped=dropped, notes=notes)
+
+
+def _weight_sets(plan: MergePlan, last: Checkpoint) -> tuple[list[PlannedTensor], list[str], list[str], list[str]]:
+    """The plan's tensors with the other weight sets of the checkpoint (EMA copies...) appended,
+    the weight sets averaged, those that cannot be averaged (removed), and notes."""
+    wkey, top = last.weights_key, last.obj
     averaged = [wkey or ""]
     tensors = list(plan.tensors)
-    skip_companions: list[str] = []
-    if wkey is not None and isinstance(top, Mapping):
-        for key in WEIGHT_SET_KEYS:
-            if key == wkey or key.startswith(wkey + ".") or wkey.startswith(key + "."):
-                continue
-            if not is_weight_set(get_dotted(top, key)):
-                continue
-            try:
-                extra = _companion_tensors(plan, key)
-            except CkptavgError as e:
-                skip_companions.append(key)
-                notes.append(f"removed {key} (it cannot be averaged: {e})")
-                continue
-            base = len(tensors)
-            for pt in extra:
-                if pt.alias_of is not None:
-                    pt.alias_of += base
-            tensors.extend(extra)
-            averaged.append(key)
-    full = replace(plan, tensors=tensors, notes=list(plan.notes))
+    skipped: list[str] = []
+    notes: list[str] = []
+    if wkey is None or not isinstance(top, Mapping):
+        return tensors, averaged, skipped, notes
+    for key in WEIGHT_SET_KEYS:
+        if key == wkey or key.startswith(wkey + ".") or wkey.startswith(key + "."):
+            continue
+        if not is_weight_set(get_dotted(top, key)):
+            continue
+        try:
+            extra = _companion_tensors(plan, key)
+        except CkptavgError as e:
+            skipped.append(key)
+            notes.append(f"removed {key} (it cannot be averaged: {e})")
+            continue
+        base = len(tensors)
+        for pt in extra:
+            if pt.alias_of is not None:
+                pt.alias_of += base
+        tensors.extend(extra)
+        averaged.append(key)
+    return tensors, averaged, skipped, notes
 
-    # the new top level: training state dropped, failed weight sets removed, provenance added
-    if isinstance(top, dict):
-        new_top = copy.copy(top)
-        if not keep_optimizer:
-            for k in TRAINING_STATE_KEYS:
-                if k in new_top and k not in averaged and k != wkey:
-                    del new_top[k]
-                    dropped.append(k)
-        for key in skip_companions:
-            _remove(new_top, key)
-        if wkey is not None:
-            new_top["ckptavg"] = _provenance(full, last.path, averaged, dropped)
-    else:
-        new_top = top
 
-    # entries and stubs for the averaged tensors, in plan order
-    entries: list[Entry] = []
-    stubs: list[TensorStub] = []
-    counter = [0]
+def _new_top(full: MergePlan, last: Checkpoint, averaged: list[str], skipped: list[str],
+             keep_optimizer: bool) -> tuple[Any, list[str]]:
+    """The new top level: training state dropped, failed weight sets removed, provenance added."""
+    top, wkey = last.obj, last.weights_key
+    dropped: list[str] = []
+    if not isinstance(top, dict):
+        return top, dropped
+    new_top = copy.copy(top)
+    if not keep_optimizer:
+        for k in TRAINING_STATE_KEYS:
+            if k in new_top and k not in averaged and k != wkey:
+                del new_top[k]
+                dropped.append(k)
+    for key in skipped:
+        _remove(new_top, key)
+    if wkey is not None:
+        new_top["ckptavg"] = _provenance(full, last.path, averaged, dropped)
+    return new_top, dropped
 
-    def add(name: str, dtype: torch.dtype, shape: tuple[int, ...], alias_of: int | None) -> int:
+
+class _TreeRewriter:
+    """Rewrites the last checkpoint's object tree with a stub for every tensor: the averaged
+    entries first (in plan order), then each other tensor as an entry copied from the file."""
+
+    def __init__(self, last: Checkpoint) -> None:
+        self.last = last
+        self.entries: list[Entry] = []
+        self.stubs: list[TensorStub] = []
+        self.storages = 0
+        self.by_ref: dict[int, int] = {}
+        self.copies: list[tuple[int, TensorRef]] = []
+        self.copy_alias: dict[tuple, int] = {}
+        self.memo: dict[int, Any] = {}
+
+    def add(self, name: str, dtype: torch.dtype, shape: tuple[int, ...], alias_of: int | None) -> int:
         e = Entry(name, dtype, tuple(shape), alias_of)
         if alias_of is not None:
-            stubs.append(TensorStub(stubs[alias_of].storage, e.shape))
+            self.stubs.append(TensorStub(self.stubs[alias_of].storage, e.shape))
         else:
-            stubs.append(TensorStub(StorageRef(str(counter[0]), dtype, e.nbytes), e.shape))
-            counter[0] += 1
-        entries.append(e)
-        return len(entries) - 1
+            self.stubs.append(TensorStub(StorageRef(str(self.storages), dtype, e.nbytes), e.shape))
+            self.storages += 1
+        self.entries.append(e)
+        return len(self.entries) - 1
 
-    by_ref: dict[int, int] = {}
-    for pt in tensors:
-        j = add(pt.name, pt.out_dtype, pt.shape, pt.alias_of)
-        by_ref.setdefault(id(pt.refs[-1]), j)
-
-    copies: list[tuple[int, TensorRef]] = []
-    copy_alias: dict[tuple, int] = {}
-    memo: dict[int, Any] = {}
-
-    def tensor_stub(t: torch.Tensor, path: str) -> TensorStub:
-        ref = last.ref_for(t, path)
-        j = by_ref.get(id(ref))
+    def tensor_stub(self, t: torch.Tensor, path: str) -> TensorStub:
+        ref = self.last.ref_for(t, path)
+        j = self.by_ref.get(id(ref))
         if j is None:
             akey = (ref.alias_key, ref.dtype) if ref.alias_key is not None and ref.numel > 0 else None
-            if akey is not None and akey in copy_alias:
-                j = add(path, ref.dtype, ref.shape, copy_alias[akey])
+            if akey is not None and akey in self.copy_alias:
+                j = self.add(path, ref.dtype, ref.shape, self.copy_alias[akey])
             else:
-                j = add(path, ref.dtype, ref.shape, None)
-                copies.append((j, ref))
+                j = self.add(path, ref.dtype, ref.shape, None)
+                self.copies.append((j, ref))
                 if akey is not None:
-                    copy_alias[akey] = j
-            by_ref[id(ref)] = j
-        return stubs[j]
+                    self.copy_alias[akey] = j
+            self.by_ref[id(ref)] = j
+        return self.stubs[j]
 
-    def convert(obj: Any, path: str, depth: int) -> Any:
+    def convert(self, obj: Any, path: str, depth: int) -> Any:
         if depth > 200:
-            raise OutputError(f"{last.path}: the checkpoint's structure is nested too deeply to rewrite")
-        if id(obj) in memo:
-            return memo[id(obj)]
+            raise OutputError(f"{self.last.path}: the checkpoint's structure is nested too deeply to rewrite")
+        if id(obj) in self.memo:
+            return self.memo[id(obj)]
         if isinstance(obj, torch.Tensor):
-            out: Any = tensor_stub(obj, path)
+            out: Any = self.tensor_stub(obj, path)
         elif isinstance(obj, dict):
             out = copy.copy(obj)
             out.clear()
             for k, v in obj.items():
-                out[k] = convert(v, f"{path}.{k}" if path else str(k), depth + 1)
+                out[k] = self.convert(v, f"{path}.{k}" if path else str(k), depth + 1)
         elif isinstance(obj, list):
-            out = [convert(v, f"{path}.{i}" if path else str(i), depth + 1) for i, v in enumerate(obj)]
+            out = [self.convert(v, f"{path}.{i}" if path else str(i), depth + 1) for i, v in enumerate(obj)]
         elif isinstance(obj, tuple) and not isinstance(obj, torch.Size):
-            items = [convert(v, f"{path}.{i}" if path else str(i), depth + 1) for i, v in enumerate(obj)]
+            items = [self.convert(v, f"{path}.{i}" if path else str(i), depth + 1) for i, v in enumerate(obj)]
             if all(a is b for a, b in zip(items, obj)):
                 out = obj
             elif type(obj) is tuple:
@@ -262,13 +283,8 @@ def prepare(plan: MergePlan, *, keep_optimizer: bool = False) -> StructuredOutpu
                 out = type(obj)(items)
         else:
             out = obj
-        memo[id(obj)] = out
+        self.memo[id(obj)] = out
         return out
-
-    tree = convert(new_top, "", 0)
-    _check_picklable(tree, last.path)
-    return StructuredOutput(plan=full, base=last.path, entries=entries, stubs=stubs, tree=tree, copies=copies,
-                            averaged=averaged, dropped=dropped, notes=notes)
 
 
 def _remove(top: dict, dotted: str) -> None:
