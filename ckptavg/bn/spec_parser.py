@@ -261,7 +261,8 @@ class SpecParser:
 
     # -- the whole document --------------------------------------------------------------
 
-    def parse(self) -> BNSpec:
+    def sections(self) -> dict[str, Any]:
+        """The document, its sections and their keys checked."""
         doc = self.read()
         for key, value in doc.items():
             if key not in SECTIONS:
@@ -275,6 +276,12 @@ class SpecParser:
                 raise self.error(f"[{section}]", "missing section")
         for section, table in doc.items():
             self.check_keys(table, SECTIONS[section], f"[{section}]")
+        return doc
+
+    def parse(self) -> BNSpec:
+        """The whole spec: every section's syntax first, then every reference resolved, so that a
+        typo fails before any heavy work."""
+        doc = self.sections()
         model, data, run = doc["model"], doc["data"], doc.get("run", {})
 
         # [model]
