@@ -12,7 +12,6 @@ from __future__ import annotations
 import functools
 import math
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ from typing import Any
 import torch
 
 from .errors import OptionError, OutputError
+from .io.files import write_atomically
 from .weights import gamma_to_sigma_rel, sigma_rel_to_gamma
 
 __all__ = ["PowerEMA", "SNAPSHOT_KIND"]
@@ -309,10 +309,10 @@ class PowerEMA:
                         stored.add(id(t))
                         tensors[name] = t.contiguous()
                 meta = {"step": str(step), "sigma_rel": repr(s), "gamma": repr(g), "ckptavg_snapshot": SNAPSHOT_KIND}
-                _atomic_write(path, functools.partial(_save_safetensors, tensors, meta=meta))
+                write_atomically(path, functools.partial(_save_safetensors, tensors, meta=meta), "the snapshot")
             else:
                 obj = {"state_dict": sd, "step": step, "sigma_rel": s, "gamma": g}
-                _atomic_write(path, functools.partial(torch.save, obj))
+                write_atomically(path, functools.partial(torch.save, obj), "the snapshot")
             paths.append(path)
         return paths
 
@@ -321,24 +321,3 @@ def _save_safetensors(tensors: dict[str, torch.Tensor], path: str, meta: dict[st
     from safetensors.torch import save_file
 
     save_file(tensors, path, metadata=meta)
-
-
-def _atomic_write(path: Path, write) -> None:  # type: ignore[no-untyped-def]
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except OSError as e:
-        _unlink(tmp)
-        raise OutputError(f"{path}: cannot write the snapshot ({e.strerror or e})") from None
-    except BaseException:
-        _unlink(tmp)
-        raise
-
-
-def _unlink(path: str) -> None:
-    try:
-        os.unlink(path)
-    except OSError:
-        pass

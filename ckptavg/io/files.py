@@ -19,7 +19,7 @@ import signal
 import sys
 import tempfile
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -391,3 +391,34 @@ def check_not_input(output: Path, inputs: Sequence[Path]) -> None:
             same = False
         if same or p.resolve() == out_res:
             raise OptionError(f"{output}: the output is also an input; choose another output path")
+
+
+def write_atomically(path: Path, write: Callable[[str], None], what: str = "the output") -> None:
+    """Publish a file that a library writes by name (``write(tmp_name)``: ``torch.save``,
+    safetensors' ``save_file``): written to a temporary sibling, fsynced, renamed into place; on
+    any failure the temporary file is removed and ``path`` is left as it was.
+
+    Example::
+
+        write_atomically(Path("ema.pt"), lambda name: torch.save(obj, name), "the snapshot")
+    """
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        fsync_path(Path(tmp))
+        os.replace(tmp, path)
+        fsync_path(path.parent, directory=True)
+    except OSError as e:
+        _unlink_quietly(tmp)
+        raise OutputError(f"{path}: cannot write {what} ({e.strerror or e})") from None
+    except BaseException:
+        _unlink_quietly(tmp)
+        raise
+
+
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
