@@ -33,7 +33,7 @@ def _on_sigterm(signum: int, frame: Any) -> None:
     raise _Terminated()
 
 
-def _show_warning(message: Any, category: type, filename: str, lineno: int, file: Any = None,
+def _show_warning(message: Any, category: type[Warning], filename: str, lineno: int, file: Any = None,
                   line: Any = None) -> None:
     if issubclass(category, CkptavgWarning):
         click.echo(f"ckptavg: warning: {message}", err=True)

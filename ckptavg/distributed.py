@@ -270,7 +270,7 @@ class Ranks:
             if err is None:
                 r, m, c = failed[0]
                 err = DistributedError(f"{m} (on rank {r} of {self.world}; {left})")
-                err.exit_code = c  # type: ignore[attr-defined]
+                err.exit_code = c
             err.ckptavg_agreed = True  # type: ignore[attr-defined]
             raise _quiet(err) if self.rank != 0 else err
         return [p for _, _, p in got]

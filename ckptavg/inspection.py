@@ -17,7 +17,7 @@ command exit with status 1) rather than hiding the others.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -153,11 +153,13 @@ class InspectReport:
         else:
             lines.append("differences:")
             lines.extend(self._format_missing(ok))
-            for label, items, fmt in (("shape", self.shapes, _shape), ("dtype", self.dtypes, str)):
+            kinds: list[tuple[str, list[dict[str, Any]], Callable[[Any], str]]] = [
+                ("shape", self.shapes, _shape), ("dtype", self.dtypes, str)]
+            for label, items, show in kinds:
                 for d in items[:_MAX_LISTED]:
                     groups: dict[str, list[str]] = {}
                     for p, v in d["values"].items():
-                        groups.setdefault(fmt(v), []).append(p)
+                        groups.setdefault(show(v), []).append(p)
                     desc = "; ".join(f"{v} in {_files(ps)}" for v, ps in groups.items())
                     lines.append(f"  {label} of {d['name']!r}: {desc}")
                 if len(items) > _MAX_LISTED:
@@ -249,10 +251,12 @@ def _describe(c: Checkpoint) -> CheckpointInfo:
                           step_from=c.meta.step_from, metrics=dict(c.meta.metrics), size=c.size,
                           shards=len(c.files) if c.format == "hf-folder" else 1)
     if c.meta.sigma_rel is not None or c.meta.gamma is not None:
-        from .weights import gamma_to_sigma_rel, sigma_rel_to_gamma
+        from .methods import profile_gamma
+        from .weights import gamma_to_sigma_rel
 
-        info.sigma_rel = c.meta.sigma_rel if c.meta.sigma_rel is not None else gamma_to_sigma_rel(c.meta.gamma)
-        info.gamma = c.meta.gamma if c.meta.gamma is not None else sigma_rel_to_gamma(c.meta.sigma_rel)
+        gamma = profile_gamma(c)
+        info.sigma_rel = c.meta.sigma_rel if c.meta.sigma_rel is not None else gamma_to_sigma_rel(gamma)
+        info.gamma = gamma
     if isinstance(c.obj, Mapping) and c.weights_key is not None:
         info.other_weight_sets = [k for k in WEIGHT_SET_KEYS
                                   if k != c.weights_key and is_weight_set(get_dotted(c.obj, k))]

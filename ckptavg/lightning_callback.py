@@ -20,7 +20,7 @@ try:
     from lightning.pytorch import Callback
 except ImportError:  # pragma: no cover - the older package name
     try:
-        from pytorch_lightning import Callback  # type: ignore[no-redef]
+        from pytorch_lightning import Callback  # type: ignore[assignment,no-redef,unused-ignore]
     except ImportError as e:
         raise ImportError("ckptavg.lightning_callback needs lightning (pip install lightning)") from e
 

@@ -17,7 +17,21 @@ from .weights import (
     uniform,
 )
 
-__all__ = ["weights_for", "spread", "snapshot_sigma"]
+__all__ = ["weights_for", "spread", "snapshot_sigma", "profile_gamma"]
+
+
+def profile_gamma(c: Checkpoint) -> float:
+    """The power-EMA exponent a snapshot records (its ``gamma``, or from its ``sigma_rel``).
+
+    Example::
+
+        profile_gamma(open_checkpoint("ema-0.050-00004000.safetensors"))  # 16.97...
+    """
+    if c.meta.gamma is not None:
+        return c.meta.gamma
+    if c.meta.sigma_rel is None:
+        raise OptionError(f"{c.path}: records no power-EMA profile (sigma_rel or gamma)")
+    return sigma_rel_to_gamma(c.meta.sigma_rel)
 
 
 def snapshot_sigma(c: Checkpoint) -> float | None:
@@ -87,8 +101,7 @@ def weights_for(opts: MergeOptions, chosen: list[Checkpoint], time_notes: list[s
                 "select only snapshots (e.g. their folder) or only plain checkpoints"
             )
         # exact post-hoc EMA (EDM2) from snapshots of power-function EMAs
-        profiles = [(s, c.meta.gamma if c.meta.gamma is not None else sigma_rel_to_gamma(c.meta.sigma_rel))
-                    for s, c in zip(steps(), chosen)]
+        profiles = [(s, profile_gamma(c)) for s, c in zip(steps(), chosen)]
         return posthoc_ema(profiles, gamma=opts.gamma, sigma_rel=opts.sigma_rel, at=opts.at)
     if opts.at is not None:
         raise OptionError("--at picks the step of a post-hoc EMA from power-EMA snapshots; these checkpoints record "

@@ -65,7 +65,7 @@ def parse_range(value: str | Sequence[float | None] | range | None, option: str 
             raise OptionError(f"{option}: expected A:B, A:, :B or N with {kinds}, got {value!r}") from None
     else:
         try:
-            lo, hi = value  # type: ignore[misc]
+            lo, hi = value
         except (TypeError, ValueError):
             raise OptionError(f"{option}: expected a (low, high) pair, got {value!r}") from None
         for v in (lo, hi):

@@ -135,7 +135,7 @@ class OneProcess:
 
     def report(self, writers: Sequence[Writer]) -> dict[str, Any]:
         """The writer's own details, for a single output."""
-        return dict(writers[0].report()) if len(writers) == 1 and hasattr(writers[0], "report") else {}
+        return dict(writers[0].report()) if len(writers) == 1 else {}
 
 
 def close_inputs(plan: MergePlan | None) -> None:
@@ -280,8 +280,10 @@ def _restrict(p: MergePlan, mine: Sequence[int]) -> MergePlan:
     """The plan of ``mine``'s tensors only, alias indices renumbered (an alias and its source are
     always in the same share)."""
     pos = {g: j for j, g in enumerate(mine)}
-    sub = [replace(p.tensors[g], alias_of=None if p.tensors[g].alias_of is None else pos[p.tensors[g].alias_of])
-           for g in mine]
+    sub = []
+    for g in mine:
+        src = p.tensors[g].alias_of
+        sub.append(replace(p.tensors[g], alias_of=None if src is None else pos[src]))
     return replace(p, tensors=sub)
 
 

@@ -166,7 +166,7 @@ def _refuse_same_time(chosen: Sequence[Checkpoint], rule: str) -> None:
     one checkpoint saved twice; averaging both would count it twice."""
     attr = "step" if rule.startswith("by step") else "epoch" if rule.startswith("by epoch") else None
     pair = same_time(chosen, attr) if attr else None
-    if pair is None:
+    if pair is None or attr is None:
         return
     a, b = pair
     raise SelectionError(

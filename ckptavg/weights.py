@@ -137,9 +137,9 @@ def power_ema(steps: Sequence[int], gamma: float | None = None, sigma_rel: float
     T = float(steps[-1])
     if T <= 0:
         raise SelectionError("power-ema needs positive steps")
-    b = [0.0] + [0.5 * (steps[i] + steps[i + 1]) for i in range(n - 1)] + [T]
+    bounds = [0.0] + [0.5 * (steps[i] + steps[i + 1]) for i in range(n - 1)] + [T]
     e = gamma + 1.0
-    w = [(b[i + 1] / T) ** e - (b[i] / T) ** e for i in range(n)]
+    w = [(bounds[i + 1] / T) ** e - (bounds[i] / T) ** e for i in range(n)]
     label = f"power-ema (gamma {gamma:.4g}" + (f", sigma_rel {sigma_rel:g})" if sigma_rel is not None else ")")
     return _normalised(w, label)
 
@@ -300,7 +300,7 @@ def posthoc_ema(
     return Weights(values, f"{label}, fit error {err:.2%}", list(values), 1.0, fit_error=err)
 
 
-def _inner_matrix(t_a, g_a, t_b, g_b):  # type: ignore[no-untyped-def]
+def _inner_matrix(t_a, g_a, t_b, g_b):  # noqa: ANN001  (float64 tensors, broadcast)
     """:func:`power_profile_inner` on broadcast float64 tensors (same formula, log space)."""
     import torch
 

@@ -163,7 +163,7 @@ def total_batches(loader: Any, max_batches: int | None) -> int | None:
 class _Pass:
     """The state of one recalibration pass: the layers, what they saw, and what to restore."""
 
-    named: list[tuple[str, nn.Module]]
+    named: list[tuple[str, Any]]  # the normalisation layers (duck-typed: running stats, momentum)
     mode: str
     saved: dict[nn.Module, dict[str, torch.Tensor]]
     moments: dict[nn.Module, Moments] = field(default_factory=dict)

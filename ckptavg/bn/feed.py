@@ -26,7 +26,7 @@ def to_device(obj: Any, device: torch.device | None) -> Any:
     if isinstance(obj, Mapping):
         items = {k: to_device(v, device) for k, v in obj.items()}
         try:
-            return type(obj)(items)
+            return type(obj)(items)  # type: ignore[call-arg]  # a Mapping subclass built from a dict
         except Exception:
             return items
     if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # namedtuple

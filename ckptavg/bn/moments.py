@@ -119,7 +119,7 @@ class BatchStatMoments(Moments):
         with torch.no_grad():
             return (self.shifted(x.detach(), 1), *args[1:])
 
-    def __call__(self, module: nn.Module, args: tuple[Any, ...], output: Any = None) -> None:  # type: ignore[override]
+    def __call__(self, module: Any, args: tuple[Any, ...], output: Any = None) -> None:
         x = args[0]
         self.calls += 1
         if not isinstance(x, torch.Tensor) or x.numel() == 0:
@@ -135,7 +135,7 @@ def uses_batch_stats(m: nn.Module) -> bool:
     if not isinstance(m, nn.modules.batchnorm._BatchNorm) or not m.track_running_stats:
         return False
     rm = m.running_mean
-    return not initialised(rm) or rm.dtype in (torch.float32, torch.float64)
+    return not isinstance(rm, torch.Tensor) or not initialised(rm) or rm.dtype in (torch.float32, torch.float64)
 
 
 class CallCounter:
@@ -145,7 +145,7 @@ class CallCounter:
         self.calls = 0
         self.cumulative = cumulative
 
-    def __call__(self, module: nn.Module, args: tuple[Any, ...]) -> None:
+    def __call__(self, module: Any, args: tuple[Any, ...]) -> None:
         self.calls += 1
         if self.cumulative:
             module.momentum = 1.0 / self.calls  # running <- running + (batch - running) / k
@@ -161,10 +161,11 @@ def initialised(t: Any) -> bool:
 
 
 def snapshot(module: nn.Module) -> dict[str, torch.Tensor]:
-    out = {}
+    """A copy of the layer's running statistics (restored after a failed or unused pass)."""
+    out: dict[str, torch.Tensor] = {}
     for name in BN_STAT_NAMES:
         t = getattr(module, name, None)
-        if initialised(t):
+        if isinstance(t, torch.Tensor) and initialised(t):
             out[name] = t.detach().clone()
     return out
 
@@ -173,7 +174,7 @@ def restore(module: nn.Module, saved: dict[str, torch.Tensor]) -> None:
     with torch.no_grad():
         for name, value in saved.items():
             t = getattr(module, name, None)
-            if initialised(t) and t.shape == value.shape:
+            if isinstance(t, torch.Tensor) and initialised(t) and t.shape == value.shape:
                 t.copy_(value)
 
 
@@ -195,7 +196,7 @@ def combine_ranks(layers: list[Moments], batches: int, samples: int) -> tuple[in
         if acc.mean is not None:
             return acc.mean.numel()
         rm = getattr(acc.module, "running_mean", None)
-        return rm.numel() if initialised(rm) else 0
+        return rm.numel() if isinstance(rm, torch.Tensor) and initialised(rm) else 0
 
     sizes = torch.tensor([channels(acc) for acc in layers], dtype=f64, device=dev)
     if layers:
@@ -229,7 +230,7 @@ def combine_ranks(layers: list[Moments], batches: int, samples: int) -> tuple[in
         dist.all_reduce(m2)
     pos = 0
     for acc, c, calls, n, g in zip(layers, width, total_calls, total_counts, means):
-        shape_dev = acc.mean.device if acc.mean is not None else acc.module.running_mean.device
+        shape_dev: Any = acc.mean.device if acc.mean is not None else acc.module.running_mean.device
         acc.calls, acc.count = int(calls), int(n)
         if n > 0:
             acc.mean = g.to(shape_dev)

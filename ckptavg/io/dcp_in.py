@@ -237,7 +237,8 @@ class DcpTensorRef(TensorRef):
             )
         try:
             with open(c.file.path, "rb") as fh:
-                t = torch.load(_create_file_view(fh, c.blob, c.length), map_location="meta", weights_only=True)
+                view: Any = _create_file_view(fh, c.blob, c.length)
+                t = torch.load(view, map_location="meta", weights_only=True)
         except Exception as e:
             raise self._err(f"{where}: damaged chunk ({type(e).__name__}: {short_error(e)})") from None
         if not isinstance(t, torch.Tensor) or t.layout != torch.strided:
@@ -255,7 +256,7 @@ class DcpTensorRef(TensorRef):
         last = t.storage_offset() + sum((n - 1) * s for n, s in zip(t.shape, stride)) if t.numel() else 0
         if (last + 1) * t.element_size() > st.nbytes() or rec + st.nbytes() > c.length:
             raise self._err(f"{where}: damaged chunk (its tensor runs past its stored bytes)")
-        c.stride, c.soff, c.data = stride, t.storage_offset(), c.blob + rec
+        c.stride, c.soff, c.data = stride, int(t.storage_offset()), c.blob + rec
 
 
 def _c_order(ext: list[int], stride: tuple[int, ...]) -> bool:
@@ -412,8 +413,9 @@ def _make_ref(folder: Path, fqn: str, name: str, tmd: Any, locate: Any) -> DcpTe
         raise CheckpointReadError(f"{where}: the metadata records no dtype")
     if dtype in _QUANTIZED:
         raise CheckpointReadError(f"{where} is quantized ({dtype}); dequantize the model before averaging")
-    if getattr(props, "layout", torch.strided) != torch.strided:
-        raise CheckpointReadError(f"{where} has layout {props.layout}; only dense tensors are supported")
+    layout = getattr(props, "layout", torch.strided)
+    if layout != torch.strided:
+        raise CheckpointReadError(f"{where} has layout {layout}; only dense tensors are supported")
     try:
         shape = tuple(int(s) for s in tmd.size)
         raw = [(tuple(int(x) for x in c.offsets), tuple(int(x) for x in c.sizes)) for c in tmd.chunks]

@@ -184,7 +184,7 @@ class DcpPartWriter(StreamWriter):
 
     def _end(self, i: int) -> None:
         assert self._w is not None
-        out = self._w.out
+        out: Any = self._w.out  # the _BlobOut this entry's archive was written through
         self._w.commit()
         self._w = None
         self._stored[i] = (out.base, self._raw.tell() - out.base)

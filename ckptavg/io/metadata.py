@@ -85,7 +85,7 @@ def _candidate_keys(obj: Any, prefix: str = "", depth: int = 0) -> list[str]:
 def find_state_dict(obj: Any, key: str | None, path: Path) -> tuple[Mapping[str, torch.Tensor], str | None]:
     if key:
         cur = obj
-        walked = []
+        walked: list[str] = []
         for part in key.split("."):
             if isinstance(cur, Mapping) and part in cur:
                 cur = cur[part]
@@ -119,8 +119,8 @@ def find_state_dict(obj: Any, key: str | None, path: Path) -> tuple[Mapping[str,
                 f"{path}: no state dict found under {', '.join(STATE_DICT_KEYS)}; "
                 f"candidates: {', '.join(cands[:15])}; pick one with --key"
             )
-        keys = ", ".join(map(str, list(obj.keys())[:20]))
-        raise CheckpointReadError(f"{path}: no tensors found (top-level keys: {keys or 'none'})")
+        shown = ", ".join(map(str, list(obj.keys())[:20]))
+        raise CheckpointReadError(f"{path}: no tensors found (top-level keys: {shown or 'none'})")
     raise CheckpointReadError(f"{path}: holds a {type(obj).__name__}, not a state dict or checkpoint dict")
 
 

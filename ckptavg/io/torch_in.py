@@ -301,7 +301,7 @@ def open_torch(f: InputFile, key: str | None, trust_pickle: bool) -> Checkpoint:
                 )
             checked[off] = (nbytes, rsize)
         _check_view(f.path, name, t, nbytes)
-        shape, stride, soff = tuple(t.shape), tuple(t.stride()), t.storage_offset()
+        shape, stride, soff = tuple(t.shape), tuple(t.stride()), int(t.storage_offset())
         contiguous = t.is_contiguous() or t.numel() <= 1
         ref = TensorRef(name=name, dtype=t.dtype, shape=shape, file=f, byteswap=byteswap)
         ref.alias_key = (off, soff, shape, stride if not contiguous else None)
@@ -384,7 +384,7 @@ def open_torch_legacy(f: InputFile, key: str | None, trust_pickle: bool) -> Chec
             )
     ckpt = Checkpoint(path=p, format="torch-legacy", tensors=tensors, meta=CheckpointMeta(),
                       weights_key=wkey, size=f.size, obj=obj, files=[f])
-    srcs = {id(t): ref for ref in tensors.values() if (t := ref.tensor) is not None}
+    srcs = {id(held): ref for ref in tensors.values() if (held := ref.tensor) is not None}
 
     def mk(t: torch.Tensor, path: str) -> None:
         if id(t) not in srcs:

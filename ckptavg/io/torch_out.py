@@ -173,7 +173,7 @@ class TorchWriter(StreamWriter):
         # Drop the half-written archive without finishing it (and stop ZipFile.__del__
         # from trying to close it later).
         self._w = None
-        self.zf._writing = False
+        self.zf._writing = False  # type: ignore[attr-defined]  # zipfile keeps no public way to drop a stream
         self.zf.fp = None
         self.out.abort()
 

@@ -57,6 +57,9 @@ class Writer(Protocol):
     def abort(self) -> None:
         """Remove everything written; an existing destination stays untouched."""
 
+    def report(self) -> dict[str, Any]:
+        """Writer-specific facts for the merge report (shards, copied files...)."""
+
 
 class StreamWriter:
     """Base of the writers: splits the incoming byte stream at entry boundaries and calls the
@@ -85,9 +88,9 @@ class StreamWriter:
                 return
             size = sizes[self._i]
             if size < 0:
-                out = getattr(self, "out", None)
-                if hasattr(out, "flush"):
-                    out.flush()  # an alias may re-read bytes written earlier
+                flush = getattr(getattr(self, "out", None), "flush", None)
+                if flush is not None:
+                    flush()  # an alias may re-read bytes written earlier
                 self._alias(self._i, self.entries[self._i].alias_of)  # type: ignore[arg-type]
                 continue
             self._begin(self._i)
@@ -195,5 +198,8 @@ def local_entries(entries: Sequence[Entry], mine: Sequence[int]) -> list[Entry]:
         local_entries([Entry("a", torch.float32, (2,)), Entry("b", torch.float32, (2,), alias_of=0)], [0, 1])
     """
     pos = {g: j for j, g in enumerate(mine)}
-    return [Entry(entries[g].name, entries[g].dtype, entries[g].shape,
-                  None if entries[g].alias_of is None else pos[entries[g].alias_of]) for g in mine]
+    out = []
+    for g in mine:
+        e, src = entries[g], entries[g].alias_of
+        out.append(Entry(e.name, e.dtype, e.shape, None if src is None else pos[src]))
+    return out

@@ -20,10 +20,10 @@ Example::
 
 from .candidates import sweep_candidates
 from .common import DEFAULT_MAX_MEMORY, SOUP_OPTIONS, SWEEP_OPTIONS
+from .greedy import soup
 from .plots import plot_soup, plot_sweep
 from .reports import PlotData, SoupReport, SoupStep, SweepReport, SweepRow
-from .soup import soup
-from .sweep import sweep
+from .search import sweep
 
 __all__ = ["sweep", "soup", "SweepReport", "SweepRow", "SoupReport", "SoupStep", "PlotData", "plot_sweep",
            "plot_soup", "sweep_candidates", "DEFAULT_MAX_MEMORY", "SWEEP_OPTIONS", "SOUP_OPTIONS"]

@@ -29,7 +29,10 @@ def windows(last: list[int], epochs: list[str], steps: list[str], n: int) -> lis
         sizes = [2 ** k for k in range(1, n.bit_length() + 1) if 2 ** k < n]
         return [(f"last {k}", {"last": k}) for k in sizes] + [("all", {})]
     out = []
-    for lv, ev, sv in itertools.product(last or [None], epochs or [None], steps or [None]):
+    lasts: list[int | None] = [*last] or [None]
+    windows_e: list[str | None] = [*epochs] or [None]
+    windows_s: list[str | None] = [*steps] or [None]
+    for lv, ev, sv in itertools.product(lasts, windows_e, windows_s):
         opts = {k: v for k, v in (("last", lv), ("epochs", ev), ("steps", sv)) if v is not None}
         out.append((", ".join(f"{k} {v}" for k, v in opts.items()), opts))
     return out

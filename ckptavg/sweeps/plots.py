@@ -76,7 +76,8 @@ def plot_sweep(report: SweepReport, path: PathLike) -> PlotData:
     if len(sizes) > 1:
         kind, xlabel = "line", "checkpoints averaged (window size)"
         for m, p, v in combos:
-            pts = sorted((r.size, r.score) for r in avg if (r.method, r.param, r.value) == (m, p, v))
+            pts: list[tuple[Any, float]] = sorted((r.size, r.score) for r in avg
+                                                  if (r.method, r.param, r.value) == (m, p, v))
             label = m if p is None else f"{m} {p}={v:g}"
             ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", label=label)
     elif len(avg) > 1 and one_param and len({r.window for r in avg}) == 1:
@@ -113,7 +114,7 @@ def plot_sweep(report: SweepReport, path: PathLike) -> PlotData:
     return data
 
 
-def log_if_wide(ax: Any, scores: Sequence[float]) -> None:
+def log_if_wide(ax: Any, scores: Sequence[float | None]) -> None:
     """A log scale when the scores are positive and span more than a factor of 20 (losses): on a
     linear scale the baselines would flatten the candidates into one line."""
     vals = [v for v in scores if v is not None and math.isfinite(v)]

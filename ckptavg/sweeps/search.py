@@ -1,4 +1,4 @@
-"""``ckptavg sweep``: which average is best? Candidate averages scored against the baselines."""
+"""``ckptavg sweep``: which average is best? Candidate averages (windows x methods) scored against the baselines."""
 
 from __future__ import annotations
 
