@@ -1,6 +1,6 @@
-"""What a merge writes and reports: the checks of the output options (before anything is read)
-and :class:`MergeReport`. Shared by the one-process path (:mod:`ckptavg.api`) and the path across
-ranks (:mod:`ckptavg.distributed`)."""
+"""What a merge writes and reports: the output names (one path, or a template naming several),
+the checks of the output options against the output kind (before anything is read) and
+:class:`MergeReport`. Used by the one merge driver (:mod:`ckptavg.pipeline`)."""
 
 from __future__ import annotations
 
