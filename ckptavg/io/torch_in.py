@@ -22,16 +22,19 @@ from __future__ import annotations
 
 import argparse
 import bisect
+import contextlib
 import importlib
 import importlib.util
 import pathlib
 import pickle
 import re
+import struct
 import sys
+import threading
 import warnings
 import zipfile
 import zlib
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
@@ -170,12 +173,26 @@ class _Records:
         self._recs = recs
 
     def record_at(self, offset: int) -> tuple[str, int, int]:
-        """(name, header offset, size) of the record whose data starts at ``offset``."""
+        """(name, header offset, size) of the record whose data starts exactly at ``offset``, as
+        the record's own local zip header says (not as any reader computed it)."""
         k = bisect.bisect_right(self._starts, offset) - 1
         if k < 0:
             raise CheckpointReadError(f"{self.f.path}: damaged torch checkpoint: a storage lies before every record")
         h, size, name = self._recs[k]
+        if offset != self.data_start(h):
+            raise CheckpointReadError(
+                f"{self.f.path}: damaged torch checkpoint: a storage is located at byte {offset}, which is not where "
+                f"record {name.split('/')[-1]!r} keeps its data (byte {self.data_start(h)}, by its local header)")
         return name, h, size
+
+    def data_start(self, header: int) -> int:
+        """Where a record's data begins: after its local header (30 bytes), name and extra field,
+        whose lengths the local header itself gives (they may differ from the central directory's)."""
+        head = self.f.pread(header, 30)
+        if len(head) != 30 or head[:4] != b"PK\x03\x04":
+            raise CheckpointReadError(f"{self.f.path}: damaged torch checkpoint: no local zip header at byte {header}")
+        n, e = struct.unpack("<HH", head[26:30])
+        return header + 30 + n + e
 
 
 def _refuse_unsafe(path: Any, e: Exception, trust_pickle: bool) -> None:
@@ -188,12 +205,52 @@ def _refuse_unsafe(path: Any, e: Exception, trust_pickle: bool) -> None:
         ) from None
 
 
+class _ExactOffsets:
+    """torch's zip reader, but saying that the archive has no ``.format_version``: torch then takes
+    each storage's offset from the record's own local header (``get_record_offset``) instead of
+    computing it from the layout its own writer would have produced (a data descriptor after
+    every record), which is wrong for any zip another writer made, ckptavg's own included."""
+
+    def __init__(self, reader: Any) -> None:
+        self._reader = reader
+
+    def has_record(self, name: str) -> bool:
+        return False if name == ".format_version" else bool(self._reader.has_record(name))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._reader, name)
+
+
+_EXACT_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _exact_offsets() -> Iterator[None]:
+    """While it is active, ``torch.load`` reads storage offsets from the local zip headers
+    (:class:`_ExactOffsets`). torch offers no option for this, so its reader's opener is replaced
+    for the duration of one load (under a lock: loads on other threads wait)."""
+    real = torch.serialization._open_zipfile_reader
+
+    class _Opener(real):  # type: ignore[misc,valid-type]
+        def __enter__(self) -> Any:
+            return _ExactOffsets(super().__enter__())
+
+    with _EXACT_LOCK:
+        torch.serialization._open_zipfile_reader = _Opener  # type: ignore[misc]
+        try:
+            yield
+        finally:
+            torch.serialization._open_zipfile_reader = real  # type: ignore[misc]
+
+
 def _load_meta(f: InputFile, trust_pickle: bool) -> Any:
-    """The checkpoint's object tree with every storage on the meta device (no data read)."""
+    """The checkpoint's object tree with every storage on the meta device (no data read), each
+    storage's offset read from its record's local header (:func:`_exact_offsets`)."""
     try:
-        if trust_pickle:
-            return torch.load(f.path, map_location="meta", weights_only=False)
-        return _weights_only_load(f.path, "meta")
+        with _exact_offsets():
+            if trust_pickle:
+                return torch.load(f.path, map_location="meta", weights_only=False)
+            return _weights_only_load(f.path, "meta")
     except pickle.UnpicklingError as e:
         _refuse_unsafe(f.path, e, trust_pickle)
         raise CheckpointReadError(f"{f.path}: not a valid torch checkpoint (bad pickle: {_short(e)})") from None
