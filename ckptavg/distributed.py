@@ -295,9 +295,11 @@ class Ranks:
             return f"cuda:{int(os.environ['LOCAL_RANK'])}"
         return device
 
-    def prepare(self, targets: Sequence[Target], err: BaseException | None) -> None:
-        """Rank 0 makes the temporary folder beside the destination; every rank learns its name
-        (and whether every rank planned)."""
+    def prepare(self, targets: Sequence[Target], err: BaseException | None, plan: MergePlan | None) -> None:
+        """Rank 0 makes the temporary folder beside the destination; every rank learns its name,
+        whether every rank planned, and whether every rank planned the same merge: a checkpoint
+        that appeared between two ranks' discovery (training still writing), or nodes whose
+        folders differ, would otherwise average some tensors over other checkpoints than others."""
         tmp = None
         if err is None and self.rank == 0 and targets:
             out = targets[0].dest
@@ -310,8 +312,10 @@ class Ranks:
             except Exception as e:
                 err = e
         self.tmp = tmp
-        got = self.agree(err, os.fspath(tmp) if tmp else None)[0]
-        self.tmp = Path(got) if got else None
+        mine = plan.fingerprint() if plan is not None and err is None else None
+        got = self.agree(err, (os.fspath(tmp) if tmp else None, mine))
+        self.tmp = Path(got[0][0]) if got[0][0] else None
+        self.agree(_plans_differ([fp for _tmp, fp in got]))
 
     def share(self, plan: MergePlan) -> tuple[list[int], int | None]:
         """This rank's tensors (contiguous runs of about equal cost, :func:`partition`) and the
@@ -393,6 +397,25 @@ class Ranks:
         if writers:
             extra["output_notes"] = notes
         return extra
+
+def _plans_differ(prints: list[Any]) -> DistributedError | None:
+    """The error every rank raises when the ranks' plans differ (naming the first difference)."""
+    files0, digest0 = prints[0]
+    for r, (files, digest) in enumerate(prints[1:], 1):
+        if digest == digest0:
+            continue
+        if len(files) != len(files0):
+            only = sorted({f.split(" (")[0] for f in files} ^ {f.split(" (")[0] for f in files0})
+            diff = (f"rank 0 selected {len(files0)} checkpoints, rank {r} selected {len(files)}"
+                    + (f"; only one of them sees {only[0]}" if only else ""))
+        else:
+            diff = next((f"rank 0 has {a}, rank {r} has {b}" for a, b in zip(files0, files) if a != b), None)
+        return DistributedError(
+            f"the ranks planned different merges ({diff or f'rank {r} sees other tensors than rank 0'}): every "
+            "rank must see the same checkpoints (one written while the ranks planned, or nodes whose folders "
+            "differ); nothing was read")
+    return None
+
 
 def merge(inputs: Any, output: str | os.PathLike[str], opts: MergeOptions) -> Any:
     """Merge across the ranks of ``torch.distributed`` into a sharded safetensors folder or a DCP

@@ -28,7 +28,7 @@ import torch
 
 from .devices import resolve_device
 from .engine import EngineStats, run
-from .errors import OptionError
+from .errors import CheckpointReadError, OptionError
 from .io import Writer, feed, kind_of, state_dict_entries
 from .io.kinds import OutputKind, OutputSetup
 from .io.memory_out import MemoryWriter
@@ -38,7 +38,8 @@ from .outputs import MergeReport, check_output_options, output_names
 from .planner import build_plan, parse_dtype
 from .plans import MergePlan
 
-__all__ = ["Group", "OneProcess", "Target", "merge_into", "write_state", "close_inputs", "bn_provenance"]
+__all__ = ["Group", "OneProcess", "Target", "merge_into", "write_state", "close_inputs", "bn_provenance",
+           "check_unchanged"]
 
 
 @dataclass
@@ -63,8 +64,9 @@ class Group(Protocol):
     def device(self, device: str) -> str:
         """The device this member accumulates on."""
 
-    def prepare(self, targets: Sequence[Target], err: BaseException | None) -> None:
-        """Agree that every member planned (raising if one failed) and make the temporary folders."""
+    def prepare(self, targets: Sequence[Target], err: BaseException | None, plan: MergePlan | None) -> None:
+        """Agree that every member planned (raising if one failed) the same merge (``plan``) and
+        make the temporary folders."""
 
     def share(self, plan: MergePlan) -> tuple[list[int], int | None]:
         """The tensors (plan indices) this member averages and writes, and the chunk size (None: the engine's own)."""
@@ -100,7 +102,7 @@ class OneProcess:
         """The device as given."""
         return device
 
-    def prepare(self, targets: Sequence[Target], err: BaseException | None) -> None:
+    def prepare(self, targets: Sequence[Target], err: BaseException | None, plan: MergePlan | None) -> None:
         """Raise the planning error, if any (each writer makes its own temporary file or folder)."""
         if err is not None:
             raise err
@@ -207,7 +209,7 @@ def merge_into(inputs: Any, output: Any, opts: MergeOptions, group: Group,
                 spec = load_spec(opts.bn_spec)
         except Exception as e:
             err = e
-        group.prepare([] if opts.dry_run else targets, err)
+        group.prepare([] if opts.dry_run else targets, err, p)
         assert p is not None
         extra: dict[str, Any] = {}
         if structured is not None:
@@ -268,12 +270,30 @@ def _stream(p: MergePlan, open_writers: Callable[[], list[Writer]], weights: lis
         else:
             stats, bn_report = _recalibrated(p, writers[0], mine, opts, group, spec, bn_overrides, n_main, chunk)
         read = stats.bytes_read
+        check_unchanged(p)
     except Exception as e:
         if getattr(e, "ckptavg_agreed", False):
             raise  # every member knows already (a collective inside the recalibration)
         err = e
     read, written = group.publish(writers, err, read)
     return read, written, bn_report
+
+
+def check_unchanged(p: MergePlan) -> None:
+    """Before anything is published: refuse when an input was rewritten or replaced since it was
+    planned (training overwriting ``last.pt`` or re-saving a step mid-merge), since what was read
+    may mix old and new bytes.
+
+    Example::
+
+        check_unchanged(plan)  # raises CheckpointReadError naming the file
+    """
+    for i in p.inputs:
+        for f in i.checkpoint.files:
+            if f.changed():
+                raise CheckpointReadError(
+                    f"{f.path}: changed while the merge read it (its size, times or identity differ from when the "
+                    "merge was planned); nothing was written: run the merge again once the file is complete")
 
 
 def _restrict(p: MergePlan, mine: Sequence[int]) -> MergePlan:

@@ -8,6 +8,7 @@ last selected checkpoint (integer and bool tensors). ``--dry-run`` prints :meth:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -118,6 +119,23 @@ class MergePlan:
     def entries(self) -> list[Entry]:
         """The output tensors as a writer's plan (names, output dtypes, shapes, tied aliases)."""
         return [Entry(t.name, t.out_dtype, t.shape, t.alias_of) for t in self.tensors]
+
+    def fingerprint(self) -> tuple[list[str], str]:
+        """What must be the same for every rank of one merge: the inputs (path, size and weight,
+        in order) and a digest of those plus every output tensor (name, shape, dtypes, kind, tie)
+        and every weight vector.
+
+        Example::
+
+            files, digest = plan.fingerprint()
+        """
+        files = [f"{os.fspath(i.path)} ({i.size} bytes, weight {i.weight!r})" for i in self.inputs]
+        h = hashlib.sha256("\n".join(files).encode())
+        for t in self.tensors:
+            h.update(f"\n{t.name}|{t.shape}|{t.out_dtype}|{t.acc_dtype}|{t.kind}|{t.alias_of}".encode())
+        for w in self.variants or [self.weights]:
+            h.update(repr((w.coeffs, w.divisor)).encode())
+        return files, h.hexdigest()
 
     def provenance(self) -> dict[str, str]:
         """String metadata recorded in the output (safetensors ``__metadata__``)."""

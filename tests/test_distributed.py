@@ -573,3 +573,26 @@ def test_two_ranks_bn_precise_equals_single_process(tmp_path):
                         "--bn-mode", "torch", cwd=tmp_path)
     assert rc != 0 and "--bn-mode torch cannot be split across ranks" in _one_error_line(text), text
     assert not (tmp_path / "t.dcp").exists() and no_leftovers(tmp_path) == []
+
+
+_DIFFERING_PLANS = """
+import os, sys
+from ckptavg.cli import main
+inputs = sys.argv[2].split(",")
+if os.environ["RANK"] == "1":
+    inputs.append(sys.argv[3])  # a checkpoint that appeared between the two ranks' discovery
+main(["merge", *inputs, "-o", sys.argv[1], "--order", "given"])
+"""
+
+
+def test_ranks_that_plan_different_merges_fail_before_reading(tmp_path):
+    inputs = make_inputs(tmp_path)
+    script = tmp_path / "differ.py"
+    script.write_text(_DIFFERING_PLANS)
+    out = tmp_path / "soup"
+    rc, text = torchrun(2, script, out, ",".join(map(str, inputs[:2])), inputs[2], cwd=tmp_path)
+    assert rc != 0, text
+    assert ("the ranks planned different merges (rank 0 selected 2 checkpoints, rank 1 selected 3; only one of them "
+            f"sees {inputs[2]})") in text, text
+    assert text.count("the ranks planned different merges") == 1, text  # printed once, by rank 0
+    assert not out.exists() and no_leftovers(tmp_path) == []

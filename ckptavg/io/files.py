@@ -43,14 +43,22 @@ _OPEN_LOCK = threading.Lock()
 
 
 class InputFile:
-    """A file opened lazily for positioned reads (``pread``), shared by its tensors."""
+    """A file opened lazily for positioned reads (``pread``), shared by its tensors. It remembers
+    the file's identity as it was planned (:attr:`stamp`), so that a merge can tell, before it
+    publishes, whether the file was rewritten or replaced meanwhile (:meth:`changed`)."""
 
-    __slots__ = ("path", "size", "_fd")
+    __slots__ = ("path", "size", "_fd", "stamp")
 
     def __init__(self, path: Path, size: int) -> None:
         self.path = path
         self.size = size
         self._fd: int | None = None
+        self.stamp = file_stamp(path)
+
+    def changed(self) -> bool:
+        """Whether the file at :attr:`path` is no longer the one that was planned: another file
+        (device, inode), another size, or written since (modification or change time)."""
+        return file_stamp(self.path) != self.stamp
 
     def fd(self) -> int:
         if self._fd is not None:
@@ -124,6 +132,17 @@ class InputFile:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+
+
+def file_stamp(path: Path) -> tuple[int, ...] | None:
+    """What identifies a file's content without reading it: device, inode, size, and the
+    modification and change times in nanoseconds (an in-place rewrite changes the times even when
+    the size stays; a replacement changes the inode). None when it cannot be stat'ed."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
 def tensor_memoryview(t: torch.Tensor) -> memoryview:
