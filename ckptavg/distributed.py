@@ -409,9 +409,10 @@ def _plans_differ(prints: list[Any]) -> DistributedError | None:
             diff = (f"rank 0 selected {len(files0)} checkpoints, rank {r} selected {len(files)}"
                     + (f"; only one of them sees {only[0]}" if only else ""))
         else:
-            diff = next((f"rank 0 has {a}, rank {r} has {b}" for a, b in zip(files0, files) if a != b), None)
+            diff = next((f"rank 0 has {a}, rank {r} has {b}" for a, b in zip(files0, files) if a != b),
+                        f"rank {r} sees other tensors than rank 0")
         return DistributedError(
-            f"the ranks planned different merges ({diff or f'rank {r} sees other tensors than rank 0'}): every "
+            f"the ranks planned different merges ({diff}): every "
             "rank must see the same checkpoints (one written while the ranks planned, or nodes whose folders "
             "differ); nothing was read")
     return None
