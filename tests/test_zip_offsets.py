@@ -70,3 +70,22 @@ def test_checkpoint_repacked_by_another_zip_tool(tmp_path):
                 n = ref.nbytes
                 assert raw[ref.offset:ref.offset + n] == torch.load(repacked)[name].contiguous().view(-1).view(
                     torch.uint8).numpy().tobytes(), name
+
+
+def test_big_endian_checkpoint_is_refused_before_torch_sees_it(tmp_path):
+    """torch's meta loading crashes the process on a big-endian archive (exit 139 with no message):
+    the byte order is read from the zip first, and such a file is a one-line error."""
+    import subprocess
+    import sys
+
+    le, be = tmp_path / "le.pt", tmp_path / "be.pt"
+    torch.save({"w": torch.randn(10), "v": torch.randn(3)}, le)
+    with zipfile.ZipFile(le) as zin, zipfile.ZipFile(be, "w", zipfile.ZIP_STORED) as zout:
+        for info in zin.infolist():
+            zout.writestr(info, b"big" if info.filename.endswith("/byteorder") else zin.read(info))
+    for args in (["inspect", str(be)], ["merge", str(be), str(le), "-o", str(tmp_path / "o.pt"), "--dry-run"]):
+        p = subprocess.run([sys.executable, "-m", "ckptavg", *args], capture_output=True, text=True, timeout=120)
+        assert p.returncode == 1, (p.returncode, p.stderr)
+        assert f"{be}: a big-endian torch checkpoint (its byteorder record says 'big')" in p.stdout + p.stderr
+        assert "Traceback" not in p.stderr
+    assert not (tmp_path / "o.pt").exists()

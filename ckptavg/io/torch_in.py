@@ -319,6 +319,13 @@ def open_torch(f: InputFile, key: str | None, trust_pickle: bool) -> Checkpoint:
         if recs.byteorder not in (b"little", b"big"):
             raise CheckpointReadError(f"{f.path}: damaged torch checkpoint: unknown byte order {recs.byteorder[:16]!r}")
         byteswap = recs.byteorder.decode() != sys.byteorder
+        if recs.byteorder == b"big":
+            # torch's meta loading (which describes the file without reading it) crashes the whole
+            # process on big-endian archives: refuse before torch sees the file
+            raise CheckpointReadError(
+                f"{f.path}: a big-endian torch checkpoint (its byteorder record says 'big'); ckptavg reads "
+                "little-endian ones: load it with torch.load and save it again with torch.save on a little-endian "
+                "machine")
     if trust_pickle:
         warnings.warn(
             CkptavgWarning(f"{f.path}: loading with full unpickling (--trust-pickle): code in this file can run"),
