@@ -56,7 +56,7 @@ from ._version import __version__
 from .errors import CkptavgError, MismatchError, OptionError, OutputError
 from .io.checkpoint import Checkpoint, TensorRef
 from .io.structured_out import StructuredWriter
-from .io.torch_out import StorageRef, TensorStub
+from .io.torch_out import StorageRef, TensorStub, refuse_reduce_hooks
 from .io.writer import Entry
 from .planner import parse_dtype, plan_tensors
 from .plans import MergePlan, PlannedTensor
@@ -315,6 +315,9 @@ def _provenance(plan: MergePlan, base: Path, averaged: list[str], dropped: list[
 
 
 class _CheckPickler(pickle.Pickler):
+    def reducer_override(self, obj: Any) -> Any:
+        return refuse_reduce_hooks(obj)
+
     def persistent_id(self, obj: Any) -> Any:
         if isinstance(obj, StorageRef):
             return obj.key

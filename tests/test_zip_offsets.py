@@ -89,3 +89,25 @@ def test_big_endian_checkpoint_is_refused_before_torch_sees_it(tmp_path):
         assert f"{be}: a big-endian torch checkpoint (its byteorder record says 'big')" in p.stdout + p.stderr
         assert "Traceback" not in p.stderr
     assert not (tmp_path / "o.pt").exists()
+
+
+def test_keep_structure_never_runs_a_callable_an_object_sets_for_pickling(tmp_path):
+    """An allowed object from a checkpoint (timm's argparse.Namespace) whose own attributes name
+    a pickling hook would choose what runs while --keep-structure saves it: refused, not called."""
+    import argparse
+    from pathlib import Path
+
+    from ckptavg.errors import OutputError
+    from ckptavg.io.torch_out import TorchWriter
+
+    called = []
+    args = argparse.Namespace(lr=0.1)
+    args.__dict__["__reduce_ex__"] = lambda *a: called.append(a) or (dict, ())
+    out = tmp_path / "o.pt"
+    try:
+        TorchWriter(Path(out), [], {"args": args, "epoch": 3})
+    except OutputError as e:
+        assert "Namespace object sets __reduce_ex__ itself" in str(e)
+    else:
+        raise AssertionError("the writer pickled an object that chose its own reduction")
+    assert called == [] and not out.exists()

@@ -27,7 +27,7 @@ from .files import CHECKPOINT_SUFFIXES, AtomicFile
 from .kinds import OutputKind, OutputSetup
 from .writer import Entry, StreamWriter
 
-__all__ = ["KIND", "TorchWriter", "TensorStub", "StorageRef"]
+__all__ = ["KIND", "TorchWriter", "TensorStub", "StorageRef", "refuse_reduce_hooks"]
 
 _ZIP_DATE = (1980, 1, 1, 0, 0, 0)  # fixed: identical inputs give byte-identical files
 
@@ -72,7 +72,34 @@ class TensorStub:
                 (self.storage, 0, self.shape, stride_t, False, OrderedDict(), dt))
 
 
+#: attributes through which an object chooses what runs when it is pickled
+_REDUCE_HOOKS = frozenset({"__reduce_ex__", "__reduce__", "__getstate__", "__getnewargs__", "__getnewargs_ex__"})
+
+
+def refuse_reduce_hooks(obj: Any) -> Any:
+    """``reducer_override`` for picklers of a tree that came from a checkpoint: an object whose own
+    attributes (set when the checkpoint was loaded) name what pickling calls would choose a callable
+    that runs while ckptavg saves; refuse it. Everything else pickles as usual (NotImplemented).
+
+    Example::
+
+        class P(pickle.Pickler):
+            reducer_override = staticmethod(refuse_reduce_hooks)
+    """
+    own = getattr(obj, "__dict__", None)
+    if isinstance(own, dict) and not isinstance(obj, type):
+        hooks = sorted(k for k in own if k in _REDUCE_HOOKS)
+        if hooks:
+            raise pickle.PicklingError(
+                f"a {type(obj).__name__} object sets {hooks[0]} itself, which would choose code to run while "
+                "it is saved")
+    return NotImplemented
+
+
 class _Pickler(pickle.Pickler):
+    def reducer_override(self, obj: Any) -> Any:
+        return refuse_reduce_hooks(obj)
+
     def persistent_id(self, obj: Any) -> Any:
         if isinstance(obj, StorageRef):
             dt = obj.dtype
