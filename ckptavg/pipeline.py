@@ -30,6 +30,7 @@ from .devices import resolve_device
 from .engine import EngineStats, run
 from .errors import CheckpointReadError, OptionError
 from .io import Writer, feed, kind_of, state_dict_entries
+from .io.files import check_not_input
 from .io.kinds import OutputKind, OutputSetup
 from .io.memory_out import MemoryWriter
 from .io.writer import Entry
@@ -170,16 +171,22 @@ def _plan(inputs: Any, output: Any, opts: MergeOptions, group: Group
         shard_size = check_output_options(t.dest, t.kind, first)
     resolve_device(group.device(first.device))
     p = build_plan(inputs, first, targets[0].dest, targets[0].kind.name, variants)
-    n_main = len(p.tensors)
-    structured = None
-    if first.keep_structure:
-        from .structure import prepare
+    try:
+        n_main = len(p.tensors)
+        structured = None
+        if first.keep_structure:
+            from .structure import prepare
 
-        structured = prepare(p, keep_optimizer=first.keep_optimizer)
-        p = structured.plan
-    for t in targets:
-        t.mode = t.kind.check_destination(t.dest)  # refuse a folder of other files before reading any data
-        t.kind.check_entries(t.dest, p.entries())
+            structured = prepare(p, keep_optimizer=first.keep_optimizer)
+            p = structured.plan
+        paths = [i.path for i in p.inputs] + [f.path for i in p.inputs for f in i.checkpoint.files]
+        for t in targets:
+            check_not_input(t.dest, paths)  # every output of a template, and every file of an input folder
+            t.mode = t.kind.check_destination(t.dest)  # refuse a folder of other files before reading any data
+            t.kind.check_entries(t.dest, p.entries())
+    except BaseException:
+        close_inputs(p)
+        raise
     return p, targets, structured, first, shard_size, n_main
 
 

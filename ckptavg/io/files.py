@@ -395,7 +395,8 @@ def publish_folder(tmp: Path, dest: Path, mode: str) -> None:
 
 def check_not_input(output: Path, inputs: Sequence[Path]) -> None:
     """Refuse an output path that is also one of the inputs (the same path, or the same file
-    through another name), before anything is read or written.
+    through another name), or that holds an input (a folder output replacing a folder with an
+    input inside, which the replacement would delete), before anything is read or written.
 
     Example::
 
@@ -410,6 +411,9 @@ def check_not_input(output: Path, inputs: Sequence[Path]) -> None:
             same = False
         if same or p.resolve() == out_res:
             raise OptionError(f"{output}: the output is also an input; choose another output path")
+        if out_res in p.resolve().parents:
+            raise OptionError(f"{output}: the output would replace a folder that holds the input {p}; choose another "
+                              "output path")
 
 
 def write_atomically(path: Path, write: Callable[[str], None], what: str = "the output") -> None:
