@@ -447,15 +447,18 @@ def _make_ref(folder: Path, fqn: str, name: str, tmd: Any, locate: Any) -> DcpTe
 
 
 def _check_disjoint(where: str, chunks: list[tuple[tuple[int, ...], tuple[int, ...]]]) -> None:
-    """Refuse overlapping chunks (sweep along dim 0: cheap for the usual grid layouts)."""
+    """Refuse overlapping chunks: a sweep along the dimension the chunks are split on (the one with
+    the most distinct start offsets), so that chunks of one tensor-parallel or FSDP split are each
+    compared with their neighbours only (10,000 chunks split on dimension 1: milliseconds)."""
     if not chunks or not chunks[0][0]:
         if len(chunks) > 1:
             raise CheckpointReadError(f"{where}: the chunks overlap ({len(chunks)} chunks of a scalar)")
         return
-    order = sorted(chunks, key=lambda c: c[0][0])
+    d = max(range(len(chunks[0][0])), key=lambda k: len({o[k] for o, _ in chunks}))
+    order = sorted(chunks, key=lambda c: c[0][d])
     for i, (oa, sa) in enumerate(order):
         for ob, sb in order[i + 1 :]:
-            if ob[0] >= oa[0] + sa[0]:
+            if ob[d] >= oa[d] + sa[d]:
                 break
             if all(max(x, y) < min(x + m, y + n) for x, m, y, n in zip(oa, sa, ob, sb)):
                 raise CheckpointReadError(f"{where}: the chunks at {list(oa)} and {list(ob)} overlap")

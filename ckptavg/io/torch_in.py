@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import bisect
+import collections
 import contextlib
 import importlib
 import importlib.util
@@ -132,8 +133,8 @@ class _Records:
                 zf = zipfile.ZipFile(fh)
                 infos = zf.infolist()
                 names = [i.filename for i in infos]
-                if len(set(names)) != len(names):
-                    dup = next(n for n in names if names.count(n) > 1)
+                if len(set(names)) != len(names):  # (counted once: a zip can hold 100,000 members)
+                    dup = next(n for n, c in collections.Counter(names).items() if c > 1)
                     raise CheckpointReadError(
                         f"{f.path}: ambiguous torch checkpoint: the zip holds two members named {dup!r}"
                     )
