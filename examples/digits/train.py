@@ -67,6 +67,7 @@ def train(
             opt.zero_grad()
             nn.functional.cross_entropy(net(x), y).backward()
             opt.step()
+            model.snap_to_grid(net)
         val_acc, val_loss = evaluate(net, "val")
         path = out / f"epoch={epoch:03d}-step={step:04d}.ckpt"
         torch.save(
