@@ -20,6 +20,7 @@ import torch
 
 from .errors import OptionError, OutputError
 from .io.files import write_atomically
+from .power_ema_dcp import ShardSpec, local_of, save_dcp_snapshot, shard_spec, wrap
 from .weights import gamma_to_sigma_rel, sigma_rel_to_gamma
 
 __all__ = ["PowerEMA", "SNAPSHOT_KIND"]
@@ -98,6 +99,7 @@ class PowerEMA:
         self._float: list[bool] = []  # per tensor index
         self._emas: list[list[torch.Tensor | None]] = [[] for _ in self.gammas]  # [profile][tensor index]
         self._latest: list[torch.Tensor | None] = []  # non-floating tensors: latest value
+        self._spec: list[ShardSpec | None] = []  # per tensor index: a DTensor's layout (its EMA is the local shard)
         seen: dict[int, int] = {}
         with torch.no_grad():
             for name, t in model.state_dict(keep_vars=True).items():
@@ -110,6 +112,8 @@ class PowerEMA:
                 idx = len(self._float)
                 seen[id(t)] = idx
                 self._key_of[name] = idx
+                self._spec.append(shard_spec(t))
+                t = local_of(t)
                 dev = self.device if self.device is not None else t.device
                 if _is_float(t):
                     self._float.append(True)
@@ -156,11 +160,11 @@ class PowerEMA:
                 raise OptionError(f"PowerEMA.update: the model no longer has the tensor {name!r}")
             ref = self._emas[0][idx] if self._float[idx] else self._latest[idx]
             assert ref is not None
-            if tuple(t_now.shape) != tuple(ref.shape):
+            if tuple(local_of(t_now).shape) != tuple(ref.shape):
                 raise OptionError(
-                    f"PowerEMA.update: {name!r} changed shape from {tuple(ref.shape)} to {tuple(t_now.shape)}"
+                    f"PowerEMA.update: {name!r} changed shape from {tuple(ref.shape)} to {tuple(local_of(t_now).shape)}"
                 )
-            sources[idx] = t_now.detach()
+            sources[idx] = local_of(t_now.detach())
             if self._float[idx]:
                 groups.setdefault((t_now.device, t_now.dtype, ref.device, ref.dtype), []).append(idx)
         with torch.no_grad():
@@ -210,7 +214,9 @@ class PowerEMA:
         """One profile's average, keyed like ``model.state_dict()`` (by index, or by its sigma_rel).
 
         The tensors are the live averages (tied names share one tensor, as in the model): clone them
-        before changing them or before the next :meth:`update` if you keep them.
+        before changing them or before the next :meth:`update` if you keep them. For a sharded model
+        the average of a DTensor parameter is a DTensor with the parameter's mesh and placements,
+        holding this rank's shard.
 
         Example::
 
@@ -218,9 +224,22 @@ class PowerEMA:
         """
         p = self._profile(profile)
         out: dict[str, torch.Tensor] = {}
+        wrapped: dict[int, torch.Tensor] = {}
         for name in self._names:
             idx = self._key_of[name]
-            t = self._emas[p][idx] if self._float[idx] else self._latest[idx]
+            if idx not in wrapped:
+                t = self._emas[p][idx] if self._float[idx] else self._latest[idx]
+                assert t is not None
+                wrapped[idx] = wrap(t, self._spec[idx])
+            out[name] = wrapped[idx]
+        return out
+
+    def _targets(self, profile: int) -> dict[str, torch.Tensor]:
+        """One profile's live tensors as kept (a DTensor's local shard), keyed by name."""
+        out: dict[str, torch.Tensor] = {}
+        for name in self._names:
+            idx = self._key_of[name]
+            t = self._emas[profile][idx] if self._float[idx] else self._latest[idx]
             assert t is not None
             out[name] = t
         return out
@@ -263,43 +282,62 @@ class PowerEMA:
                 if set(sd) != set(self._names):
                     missing = sorted(set(self._names) - set(sd)) + sorted(set(sd) - set(self._names))
                     raise OptionError(f"PowerEMA.load_training_state: tensor names differ, e.g. {missing[0]!r}")
-                for name, t in self.state_dict(p).items():
-                    if tuple(sd[name].shape) != tuple(t.shape):
-                        raise OptionError(f"PowerEMA.load_training_state: {name!r} has shape {tuple(sd[name].shape)}")
-                    t.copy_(sd[name])
+                for name, t in self._targets(p).items():
+                    src = local_of(sd[name])
+                    if tuple(src.shape) != tuple(t.shape):
+                        raise OptionError(f"PowerEMA.load_training_state: {name!r} has shape {tuple(src.shape)}")
+                    t.copy_(src)
         self.step = step
 
     def save_snapshots(
         self, folder: str | os.PathLike[str], step: int | None = None, format: str = "safetensors"
     ) -> list[Path]:
-        """Write one file per profile into ``folder``; returns their paths.
+        """Write one snapshot per profile into ``folder``; returns their paths.
 
         Files are ``ema-{sigma_rel:.3f}-{step:08d}.safetensors`` with ``__metadata__`` ``{"step",
         "sigma_rel", "gamma", "ckptavg_snapshot": "power-ema"}`` (strings), or with ``format="torch"``
-        ``ema-....pt`` holding ``{"state_dict", "step", "sigma_rel", "gamma"}``. The tensors are saved in
-        the EMA's dtype (float32 by default). Each write is atomic (a temporary file in the folder, then
-        ``os.replace``). ``step`` defaults to the last update's step.
+        ``ema-....pt`` holding ``{"state_dict", "step", "sigma_rel", "gamma"}``. With ``format="dcp"``
+        each snapshot is a ``torch.distributed.checkpoint`` folder ``ema-{sigma_rel:.3f}-{step:08d}/``
+        holding the model's keys plus ``step``, ``sigma_rel``, ``gamma`` and ``ckptavg_snapshot``; it is
+        the format for sharded models (DTensor parameters, FSDP2, tensor parallel): every rank calls
+        ``save_snapshots`` and writes its own shards, nothing is gathered. The tensors are saved in the
+        EMA's dtype (float32 by default). Each write is atomic (a temporary file or folder beside it,
+        then a rename). ``step`` defaults to the last update's step.
 
         Example::
 
             paths = ema.save_snapshots("ema/")   # [ema/ema-0.050-00004000.safetensors, ema/ema-0.100-...]
+            ema.save_snapshots("ema/", format="dcp")   # on every rank of an FSDP2 run
         """
-        if format not in ("safetensors", "torch"):
-            raise OptionError(f"PowerEMA.save_snapshots: format must be 'safetensors' or 'torch', got {format!r}")
+        if format not in ("safetensors", "torch", "dcp"):
+            raise OptionError(
+                f"PowerEMA.save_snapshots: format must be 'safetensors', 'torch' or 'dcp', got {format!r}"
+            )
         if self.step == 0:
             raise OptionError("PowerEMA.save_snapshots: no update yet; call update() after an optimizer step first")
+        if format != "dcp" and any(spec is not None for spec in self._spec):
+            raise OptionError(
+                "PowerEMA.save_snapshots: the model has sharded (DTensor) parameters; use format='dcp', "
+                "which writes each rank's shards without gathering them"
+            )
         step = self.step if step is None else int(step)
         folder = Path(folder)
         try:
             folder.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise OutputError(f"{folder}: cannot create the snapshot folder ({e.strerror or e})") from None
-        ext = "safetensors" if format == "safetensors" else "pt"
+        ext = {"safetensors": ".safetensors", "torch": ".pt", "dcp": ""}[format]
         paths = []
         for p, (s, g) in enumerate(zip(self.sigma_rels, self.gammas)):
-            path = folder / f"ema-{s:.3f}-{step:08d}.{ext}"
+            path = folder / f"ema-{s:.3f}-{step:08d}{ext}"
             sd = self.state_dict(p)
-            if format == "safetensors":
+            if format == "dcp":
+                info = {"step": step, "sigma_rel": s, "gamma": g, "ckptavg_snapshot": SNAPSHOT_KIND}
+                clash = sorted(set(info) & set(sd))
+                if clash:
+                    raise OptionError(f"PowerEMA.save_snapshots: the model has a tensor named {clash[0]!r}")
+                save_dcp_snapshot(path, {**sd, **info})
+            elif format == "safetensors":
                 tensors: dict[str, torch.Tensor] = {}
                 stored: set[int] = set()
                 for name, t in sd.items():

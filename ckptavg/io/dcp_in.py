@@ -465,7 +465,8 @@ def _check_disjoint(where: str, chunks: list[tuple[tuple[int, ...], tuple[int, .
 
 
 def _recorded_meta(ckpt: Checkpoint, folder: Path, sdm: dict[str, Any], locate: Any) -> None:
-    """Step and epoch from the checkpoint's own small entries, when they hold integers."""
+    """Step and epoch from the checkpoint's own small entries, when they hold integers; a power-EMA
+    snapshot's ``sigma_rel``/``gamma``, which must be positive numbers when present."""
     meta = ckpt.meta
     for keys, attr in ((_STEP_KEYS, "step"), (_EPOCH_KEYS, "epoch")):
         for k in keys:
@@ -479,6 +480,14 @@ def _recorded_meta(ckpt: Checkpoint, folder: Path, sdm: dict[str, Any], locate: 
             if isinstance(v, int) and not isinstance(v, bool):
                 setattr(meta, attr, v)
                 setattr(meta, f"{attr}_from", "recorded")
+    for attr in ("sigma_rel", "gamma"):  # a power-EMA snapshot (PowerEMA.save_snapshots(format="dcp"))
+        if attr in sdm:
+            v = _small_value(folder, attr, sdm[attr], locate)
+            if isinstance(v, torch.Tensor) and v.numel() == 1:
+                v = float(v.reshape(()).item())
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not (math.isfinite(v) and v > 0):
+                raise CheckpointReadError(f"{folder}: entry {attr!r} must be a positive number, got {v!r}")
+            setattr(meta, attr, float(v))
 
 
 def _small_value(folder: Path, fqn: str, smd: Any, locate: Any) -> Any:
