@@ -242,9 +242,9 @@ def open_torch(f: InputFile, key: str | None, trust_pickle: bool) -> Checkpoint:
                 raise CheckpointReadError(f"{f.path}: damaged torch checkpoint: tensor {name!r} has no data record")
             checked[off] = (rname, rsize)
         rname, rsize = checked[off]
-        if nbytes > rsize or off + nbytes > f.size:
+        if nbytes != rsize or off + nbytes > f.size:  # (torch.load refuses a record of another size too)
             raise CheckpointReadError(
-                f"{f.path}: damaged torch checkpoint: tensor {name!r} needs {nbytes} bytes of storage, "
+                f"{f.path}: damaged torch checkpoint: tensor {name!r} names a storage of {nbytes} bytes, "
                 f"its record {rname.split('/')[-1]!r} holds {rsize}"
             )
         _check_view(f.path, name, t, nbytes, dtype.itemsize)
