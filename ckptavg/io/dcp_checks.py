@@ -145,10 +145,10 @@ def chunk_storage(f: InputFile, blob: int, length: int, where: str) -> tuple[tor
     if not isinstance(rec, int):
         raise CheckpointReadError(f"{where}: unsupported chunk layout")
     name, size = recs.record_at(int(rec))
-    if "/data/" not in name or st.nbytes() > size:
+    if "/data/" not in name or st.nbytes() != size:  # (torch.load refuses a record of another size)
         raise CheckpointReadError(
-            f"{where}: damaged chunk: its tensor needs {st.nbytes()} bytes but its data record "
-            f"{shown(name.split('/')[-1], 40)} holds {size} (a chunk shorter than its own pickle claims)")
+            f"{where}: damaged chunk: its tensor's storage is {st.nbytes()} bytes but its data record "
+            f"{shown(name.split('/')[-1], 40)} holds {size}")
     return t, blob + int(rec)
 
 
@@ -172,7 +172,7 @@ def load_small_blob(f: InputFile, off: int, length: int, where: str, cap: int) -
                 st = torch.Tensor.untyped_storage(o)
                 _name, size = recs.record_at(int(getattr(st, "_checkpoint_offset", -1)))
                 total += st.nbytes()
-                if st.nbytes() > size or total > cap:
+                if st.nbytes() != size or total > cap:
                     raise CheckpointReadError(f"{where}: damaged item (a tensor larger than its record)")
             elif isinstance(o, dict):
                 stack.extend(dict.values(o))
