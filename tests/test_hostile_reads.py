@@ -406,3 +406,11 @@ def test_safetensors_header_is_not_json_bomb(tmp_path, run_cli):
                                                                  "data_offsets": [0, 4]}}).encode())
     line = one_line_error(run_cli, "inspect", p)
     assert str(p) in line
+
+
+def test_big_endian_dcp_chunk_is_an_error_not_a_crash(tmp_path, dcp_folder):
+    """(item 10 for DCP chunks: torch's meta loading of a big-endian blob crashes the process)"""
+    bad = rewrite_dcp(dcp_folder, tmp_path / "step-8", lambda fqn, blob: zip_bytes(
+        [(n, b"big" if n.endswith("/byteorder") and fqn == "model.w" else d) for n, d in members(blob)]))
+    status, _ = _rss_mb(bad)  # (in a subprocess: a crash must not take pytest down)
+    assert status.startswith("ERR") and "'model.w'" in status and "byte order" in status, status

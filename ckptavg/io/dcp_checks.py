@@ -133,6 +133,9 @@ def chunk_storage(f: InputFile, blob: int, length: int, where: str) -> tuple[tor
         t, data = chunk_storage(f, 0, f.size, "chunk at [0, 0] in __0_0.distcp")
     """
     recs = ZipRecords(f, where, "chunk", blob, length)
+    if recs.byteorder not in (None, b"little"):  # (torch's meta loading crashes on big-endian archives)
+        raise CheckpointReadError(f"{where}: a chunk saved with byte order {recs.byteorder[:16]!r}; ckptavg reads "
+                                  "little-endian chunks")
     try:
         with open(f.path, "rb") as fh, exact_offsets():
             t = torch.load(_view(fh, blob, length), map_location="meta", weights_only=True)

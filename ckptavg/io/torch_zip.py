@@ -51,6 +51,13 @@ def short(e: BaseException | str, n: int = 200) -> str:
     return (s[:n] + "...") if len(s) > n else s
 
 
+def kind_checks_pickle(kind: str, pkl: zipfile.ZipInfo) -> bool:
+    """Whether ``data.pkl`` is read through once here: always when compressed (its real size and
+    CRC, in bounded pieces), and for whole files (its CRC) but not for each DCP chunk's small
+    stored pickle (its size is checked against the blob; torch reads it whole anyway)."""
+    return pkl.compress_type != zipfile.ZIP_STORED or kind == "torch checkpoint"
+
+
 class _Window(io.RawIOBase):
     """Bytes ``[start, start + length)`` of a file as a seekable read-only file (for :mod:`zipfile`)."""
 
@@ -113,7 +120,8 @@ class ZipRecords:
                 if "/data/" not in i.filename:
                     self._check_member(i)
             pkl = next(i for i in infos if i.filename.endswith("/data.pkl") and i.filename.count("/") == 1)
-            self._check_pickle(zf, pkl)
+            if kind_checks_pickle(self.kind, pkl):
+                self._check_pickle(zf, pkl)
             bo = pkl.filename[: -len("data.pkl")] + "byteorder"
             if bo in zf.NameToInfo:
                 with zf.open(bo) as bh:
@@ -251,6 +259,18 @@ class _ExactOffsets:
 
 
 _EXACT_LOCK = threading.Lock()
+_REAL_OPENER = torch.serialization._open_zipfile_reader
+
+
+class _Opener(_REAL_OPENER):
+    """torch's zip reader opener, handing torch an :class:`_ExactOffsets` (defined once: a class
+    made per load would cost more than the load of a small DCP chunk)."""
+
+    calls: list[int] = []
+
+    def __enter__(self) -> Any:
+        _Opener.calls.clear()  # a retried load starts again
+        return _ExactOffsets(super().__enter__(), _Opener.calls)
 
 
 @contextlib.contextmanager
@@ -265,17 +285,11 @@ def exact_offsets() -> Iterator[list[int]]:
         with exact_offsets() as calls:
             obj = torch.load(path, map_location="meta", weights_only=True)
     """
-    real = torch.serialization._open_zipfile_reader
     calls: list[int] = []
-
-    class _Opener(real):  # type: ignore[misc,valid-type]
-        def __enter__(self) -> Any:
-            calls.clear()  # a retried load starts again
-            return _ExactOffsets(super().__enter__(), calls)
-
     with _EXACT_LOCK:
+        _Opener.calls = calls
         torch.serialization._open_zipfile_reader = _Opener  # type: ignore[misc]
         try:
             yield calls
         finally:
-            torch.serialization._open_zipfile_reader = real  # type: ignore[misc]
+            torch.serialization._open_zipfile_reader = _REAL_OPENER  # type: ignore[misc]
