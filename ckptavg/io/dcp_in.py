@@ -371,7 +371,7 @@ def _choose_subtree(folder: Path, keys: list[str], key: str | None) -> tuple[str
             roots = sorted({k.split(".", 1)[0] for k in keys if "." in k})
             raise CheckpointReadError(
                 f"{folder}: key {key!r} not found: no tensor key starts with {prefix!r}"
-                + (f" (top-level entries: {', '.join(roots[:20])})" if roots else "")
+                + (f" (top-level entries: {', '.join(shown(r, 40) for r in roots[:20])})" if roots else "")
             )
         return prefix, key.rstrip(".")
     if any(k.startswith("model.") for k in keys):
