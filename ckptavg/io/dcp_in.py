@@ -23,9 +23,7 @@ Example::
 
 from __future__ import annotations
 
-import io
 import math
-import os
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +33,8 @@ import torch
 
 from ..errors import CheckpointReadError
 from .checkpoint import Checkpoint, CheckpointMeta, TensorRef
-from .dcp_metadata import METADATA_NAME, read_metadata, short_error
+from .dcp_checks import checked_metadata, chunk_storage, load_small_blob, shown
+from .dcp_metadata import METADATA_NAME, read_metadata
 from .files import InputFile
 from .metadata import apply_name_metadata
 
@@ -114,7 +113,7 @@ class DcpTensorRef(TensorRef):
         return False
 
     def _err(self, msg: str) -> CheckpointReadError:
-        return CheckpointReadError(f"{self.folder}: tensor {self.fqn!r}: {msg}")
+        return CheckpointReadError(f"{self.folder}: tensor {shown(self.fqn)}: {msg}")
 
     def read_into(self, start: int, mv: memoryview) -> None:
         """Copy ``len(mv)`` bytes of the global tensor's C-order data, from byte ``start``, into ``mv``."""
@@ -223,40 +222,30 @@ class DcpTensorRef(TensorRef):
         chunk's dtype, shape, strides and the record offset of its storage without reading
         the data; only the data bytes are then read by hand, piecewise.
         """
-        from torch.distributed.checkpoint.utils import _create_file_view
-
-        where = f"chunk at {list(c.offsets)} in {c.file.path.name}"
+        where = f"{self.folder}: tensor {shown(self.fqn)}: chunk at {list(c.offsets)} in {c.file.path.name}"
         try:
             c.file.pread_into(memoryview(head := bytearray(4)), c.blob)
         except CheckpointReadError as e:
-            raise self._err(f"{where}: {str(e).removeprefix(f'{c.file.path}: ')}") from None
+            raise CheckpointReadError(f"{where}: {str(e).removeprefix(f'{c.file.path}: ')}") from None
         if bytes(head) != b"PK\x03\x04":
-            raise self._err(
+            raise CheckpointReadError(
                 f"{where} is not a torch.save blob (a DCP serialization format ckptavg does not read, e.g. "
                 "safetensors-format DCP)"
             )
-        try:
-            with open(c.file.path, "rb") as fh:
-                view: Any = _create_file_view(fh, c.blob, c.length)
-                t = torch.load(view, map_location="meta", weights_only=True)
-        except Exception as e:
-            raise self._err(f"{where}: damaged chunk ({type(e).__name__}: {short_error(e)})") from None
-        if not isinstance(t, torch.Tensor) or t.layout != torch.strided:
-            raise self._err(f"{where} does not hold a dense tensor ({type(t).__name__})")
+        t, data = chunk_storage(c.file, c.blob, c.length, where)
         if t.dtype != self.dtype or tuple(t.shape) != c.sizes:
-            raise self._err(
+            raise CheckpointReadError(
                 f"{where} holds a {str(t.dtype).removeprefix('torch.')} {list(t.shape)} tensor but the metadata says "
                 f"{str(self.dtype).removeprefix('torch.')} {list(c.sizes)}"
             )
-        st = t.untyped_storage()
-        rec = getattr(st, "_checkpoint_offset", None)
+        st = torch.Tensor.untyped_storage(t)
         stride = tuple(t.stride())
-        if not isinstance(rec, int) or any(s < 0 for s in stride):
-            raise self._err(f"{where}: unsupported chunk layout")
+        if any(s < 0 for s in stride):
+            raise CheckpointReadError(f"{where}: unsupported chunk layout")
         last = t.storage_offset() + sum((n - 1) * s for n, s in zip(t.shape, stride)) if t.numel() else 0
-        if (last + 1) * t.element_size() > st.nbytes() or rec + st.nbytes() > c.length:
-            raise self._err(f"{where}: damaged chunk (its tensor runs past its stored bytes)")
-        c.stride, c.soff, c.data = stride, int(t.storage_offset()), c.blob + rec
+        if (last + 1) * t.element_size() > st.nbytes() or data + st.nbytes() > c.blob + c.length:
+            raise CheckpointReadError(f"{where}: damaged chunk (its tensor runs past its stored bytes)")
+        c.stride, c.soff, c.data = stride, int(t.storage_offset()), data
 
 
 def _c_order(ext: list[int], stride: tuple[int, ...]) -> bool:
@@ -310,34 +299,26 @@ def open_dcp(path: Path, *, key: str | None = None, trust_pickle: bool = False) 
         ckpt = open_dcp(Path("outputs/checkpoint/step-1000"))
         print(ckpt.format, ckpt.weights_key, ckpt.meta.step, len(ckpt.tensors))
     """
-    from torch.distributed.checkpoint.metadata import BytesStorageMetadata, TensorStorageMetadata
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
     folder = Path(path)
     if not is_dcp_folder(folder):
         raise CheckpointReadError(f"{folder}: not a DCP checkpoint folder (no {METADATA_NAME})")
-    md = read_metadata(folder, trust_pickle)
-    sdm: dict[str, Any] = md.state_dict_metadata
+    sdm, index = checked_metadata(folder / METADATA_NAME, read_metadata(folder, trust_pickle))
     tensor_keys = [k for k, v in sdm.items() if isinstance(v, TensorStorageMetadata)]
-    others = [k for k, v in sdm.items() if not isinstance(v, (TensorStorageMetadata, BytesStorageMetadata))]
-    if others:
-        raise CheckpointReadError(f"{folder}: entry {others[0]!r} has an unknown DCP storage type")
     prefix, wkey = _choose_subtree(folder, tensor_keys, key)
-
-    storage: dict[Any, Any] = md.storage_data
-    index = {(getattr(k, "fqn", None), _tup(getattr(k, "offset", None))): v for k, v in storage.items()}
     files: dict[str, InputFile] = {}
 
-    def file_for(rel: Any, fqn: str) -> InputFile:
-        if not isinstance(rel, str) or not rel or os.path.isabs(rel) or ".." in Path(rel).parts:
-            raise CheckpointReadError(f"{folder}: tensor {fqn!r}: bad data file name {rel!r} in the metadata")
+    def file_for(rel: str, fqn: str) -> InputFile:
         if rel not in files:
             p = folder / rel
             try:
                 size = p.stat().st_size
             except FileNotFoundError:
-                raise CheckpointReadError(f"{folder}: tensor {fqn!r}: data file {rel} is missing") from None
+                raise CheckpointReadError(f"{folder}: tensor {shown(fqn)}: data file {shown(rel)} is missing") from None
             except OSError as e:
-                raise CheckpointReadError(f"{folder}: tensor {fqn!r}: cannot access {rel}: {e.strerror}") from None
+                raise CheckpointReadError(f"{folder}: tensor {shown(fqn)}: cannot access {shown(rel)}: "
+                                          f"{e.strerror}") from None
             files[rel] = InputFile(p, size)
         return files[rel]
 
@@ -345,19 +326,16 @@ def open_dcp(path: Path, *, key: str | None = None, trust_pickle: bool = False) 
         info = index.get((fqn, offsets))
         if info is None:
             at = f" chunk at {list(offsets)}" if offsets is not None else ""
-            raise CheckpointReadError(f"{folder}: tensor {fqn!r}:{at} has no storage entry in the metadata")
-        rel, off, length = (getattr(info, a, None) for a in ("relative_path", "offset", "length"))
-        if getattr(info, "transform_descriptors", None):
+            raise CheckpointReadError(f"{folder}: tensor {shown(fqn)}:{at} has no storage entry in the metadata")
+        rel, off, length, transforms = info
+        if transforms:
             raise CheckpointReadError(
-                f"{folder}: tensor {fqn!r} is stored with transforms {list(info.transform_descriptors)} "
-                "(compression or similar), which ckptavg does not read"
-            )
+                f"{folder}: tensor {shown(fqn)} is stored with transforms ({shown(transforms)}: compression or "
+                "similar), which ckptavg does not read")
         f = file_for(rel, fqn)
-        if type(off) is not int or type(length) is not int or off < 0 or length < 0:
-            raise CheckpointReadError(f"{folder}: tensor {fqn!r}: bad storage entry {info!r}")
         if off + length > f.size:
             raise CheckpointReadError(
-                f"{folder}: tensor {fqn!r}: data file {rel} ended early (truncated?): needs bytes up to "
+                f"{folder}: tensor {shown(fqn)}: data file {shown(rel)} ended early (truncated?): needs bytes up to "
                 f"{off + length}, has {f.size}"
             )
         return f, off, length
@@ -385,10 +363,6 @@ def open_dcp(path: Path, *, key: str | None = None, trust_pickle: bool = False) 
     return ckpt
 
 
-def _tup(x: Any) -> tuple[int, ...] | None:
-    return None if x is None else tuple(int(v) for v in x)
-
-
 def _choose_subtree(folder: Path, keys: list[str], key: str | None) -> tuple[str | None, str | None]:
     """(prefix to keep and strip, weights_key) for ``key``, or the automatic choice."""
     if key:
@@ -397,7 +371,7 @@ def _choose_subtree(folder: Path, keys: list[str], key: str | None) -> tuple[str
             roots = sorted({k.split(".", 1)[0] for k in keys if "." in k})
             raise CheckpointReadError(
                 f"{folder}: key {key!r} not found: no tensor key starts with {prefix!r}"
-                + (f" (top-level entries: {', '.join(roots[:20])})" if roots else "")
+                + (f" (top-level entries: {', '.join(shown(r, 40) for r in roots[:20])})" if roots else "")
             )
         return prefix, key.rstrip(".")
     if any(k.startswith("model.") for k in keys):
@@ -406,29 +380,20 @@ def _choose_subtree(folder: Path, keys: list[str], key: str | None) -> tuple[str
 
 
 def _make_ref(folder: Path, fqn: str, name: str, tmd: Any, locate: Any) -> DcpTensorRef:
-    props = getattr(tmd, "properties", None)
-    dtype = getattr(props, "dtype", None)
-    where = f"{folder}: tensor {fqn!r}"
-    if not isinstance(dtype, torch.dtype):
-        raise CheckpointReadError(f"{where}: the metadata records no dtype")
+    """A reference to a tensor entry whose types :func:`checked_metadata` has checked."""
+    dtype = tmd.properties.dtype
+    where = f"{folder}: tensor {shown(fqn)}"
     if dtype in _QUANTIZED:
         raise CheckpointReadError(f"{where} is quantized ({dtype}); dequantize the model before averaging")
-    layout = getattr(props, "layout", torch.strided)
+    layout = getattr(tmd.properties, "layout", torch.strided)
     if layout != torch.strided:
-        raise CheckpointReadError(f"{where} has layout {layout}; only dense tensors are supported")
-    try:
-        shape = tuple(int(s) for s in tmd.size)
-        raw = [(tuple(int(x) for x in c.offsets), tuple(int(x) for x in c.sizes)) for c in tmd.chunks]
-    except (TypeError, ValueError, AttributeError):
-        raise CheckpointReadError(f"{where}: malformed size or chunks in the metadata") from None
-    if any(s < 0 for s in shape):
-        raise CheckpointReadError(f"{where}: negative size {list(shape)} in the metadata")
+        raise CheckpointReadError(f"{where} has layout {shown(layout)}; only dense tensors are supported")
+    shape = tuple(tmd.size)
+    raw = [(tuple(c.offsets), tuple(c.sizes)) for c in tmd.chunks]
     numel = math.prod(shape)
     vol = 0
     for off, sz in raw:
-        if len(off) != len(shape) or len(sz) != len(shape) or any(
-            o < 0 or s < 0 or o + s > g for o, s, g in zip(off, sz, shape)
-        ):
+        if any(o + s > g for o, s, g in zip(off, sz, shape)):
             raise CheckpointReadError(
                 f"{where}: chunk at {list(off)} of size {list(sz)} lies outside the tensor's size {list(shape)}"
             )
@@ -442,6 +407,9 @@ def _make_ref(folder: Path, fqn: str, name: str, tmd: Any, locate: Any) -> DcpTe
     chunks = []
     for off, sz in raw:
         f, blob, length = locate(fqn, off)
+        if length < math.prod(sz) * dtype.itemsize:
+            raise CheckpointReadError(f"{where}: chunk at {list(off)} needs {math.prod(sz) * dtype.itemsize} bytes "
+                                      f"but the metadata gives it {length}")
         chunks.append(_Chunk(off, sz, f, blob, length))
     return DcpTensorRef(name=name, dtype=dtype, shape=shape, folder=folder, chunks=chunks, fqn=fqn)
 
@@ -503,6 +471,10 @@ def _small_value(folder: Path, fqn: str, smd: Any, locate: Any) -> Any:
         f, off, length = locate(fqn, None)
         if length > _MAX_SMALL_ITEM:
             return None
-        return torch.load(io.BytesIO(f.pread(off, length)), map_location="cpu", weights_only=True)
+        return load_small_blob(f, off, length, f"{folder}: item {shown(fqn)}", _MAX_SMALL_ITEM)
+    except CheckpointReadError as e:
+        if "zip bomb" in str(e):
+            raise  # a hostile item is an error, a damaged one only loses its step or epoch
+        return None
     except Exception:
         return None  # step/epoch are optional: the folder name or the order option decide then

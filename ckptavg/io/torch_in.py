@@ -21,21 +21,14 @@ Legacy (pre-1.6, non-zip) files cannot be read piecewise: they are loaded whole 
 from __future__ import annotations
 
 import argparse
-import bisect
-import collections
-import contextlib
 import importlib
 import importlib.util
 import pathlib
 import pickle
 import re
-import struct
 import sys
-import threading
 import warnings
-import zipfile
-import zlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -44,10 +37,11 @@ from ..errors import CheckpointReadError, CkptavgWarning, UnsafePickleError
 from .checkpoint import Checkpoint, CheckpointMeta, TensorRef
 from .files import InputFile
 from .metadata import apply_name_metadata, find_state_dict, meta_from_object
+from .torch_storages import effective_storages
+from .torch_zip import ZipRecords, exact_offsets, short
 
 __all__ = ["open_torch", "open_torch_legacy", "SAFE_GLOBALS", "LAZY_SAFE_GLOBALS", "is_torch_zip", "is_legacy_pickle"]
 
-_MAX_PICKLE = 1 << 30
 _QUANTIZED = {torch.qint8, torch.quint8, torch.qint32, torch.quint4x2, torch.quint2x4}
 
 #: Harmless non-tensor classes real training frameworks put into checkpoints, allowed on top of
@@ -118,84 +112,6 @@ def is_legacy_pickle(head: bytes) -> bool:
     return head[:1] == b"\x80"
 
 
-def _short(e: BaseException) -> str:
-    s = " ".join(str(e).split())
-    return (s[:200] + "...") if len(s) > 200 else s
-
-
-class _Records:
-    """The zip directory of a torch checkpoint, checked the way torch's own loader sees it."""
-
-    def __init__(self, f: InputFile) -> None:
-        self.f = f
-        try:
-            with open(f.path, "rb") as fh:
-                zf = zipfile.ZipFile(fh)
-                infos = zf.infolist()
-                names = [i.filename for i in infos]
-                if len(set(names)) != len(names):  # (counted once: a zip can hold 100,000 members)
-                    dup = next(n for n, c in collections.Counter(names).items() if c > 1)
-                    raise CheckpointReadError(
-                        f"{f.path}: ambiguous torch checkpoint: the zip holds two members named {dup!r}"
-                    )
-                pkls = [n for n in names if n.endswith("/data.pkl") and n.count("/") == 1]
-                if not pkls:
-                    if any(n.endswith("constants.pkl") for n in names):
-                        raise CheckpointReadError(f"{f.path}: a TorchScript archive, not a checkpoint of weights")
-                    raise CheckpointReadError(f"{f.path}: a zip file without data.pkl, not a torch checkpoint")
-                tops = {n.split("/", 1)[0] for n in names}
-                if len(tops) != 1:
-                    raise CheckpointReadError(
-                        f"{f.path}: ambiguous torch checkpoint: the zip has {len(tops)} top-level folders "
-                        f"({', '.join(sorted(tops)[:4])}); torch expects one"
-                    )
-                pkl = zf.getinfo(pkls[0])
-                if pkl.file_size > _MAX_PICKLE:
-                    raise CheckpointReadError(f"{f.path}: data.pkl is implausibly large ({pkl.file_size} bytes)")
-                self.pickle_crc_ok = pkl.CRC == 0 or zlib.crc32(zf.read(pkl)) == pkl.CRC
-                self.byteorder = zf.read(pkls[0][: -len("data.pkl")] + "byteorder") if any(
-                    n == pkls[0][: -len("data.pkl")] + "byteorder" for n in names) else None
-        except CheckpointReadError:
-            raise
-        except zipfile.BadZipFile as e:
-            if "CRC" in str(e):
-                raise CheckpointReadError(f"{f.path}: damaged torch checkpoint: a record fails its CRC check") from None
-            raise CheckpointReadError(
-                f"{f.path}: damaged or truncated torch checkpoint (its zip directory is unreadable: {_short(e)})"
-            ) from None
-        except Exception as e:  # zipfile raises many types on damaged directories
-            raise CheckpointReadError(
-                f"{f.path}: damaged or truncated torch checkpoint (its zip directory is unreadable: {_short(e)})"
-            ) from None
-        if not self.pickle_crc_ok:
-            raise CheckpointReadError(f"{f.path}: damaged torch checkpoint: record 'data.pkl' fails its CRC check")
-        recs = sorted((i.header_offset, i.file_size, i.filename) for i in infos)
-        self._starts = [r[0] for r in recs]
-        self._recs = recs
-
-    def record_at(self, offset: int) -> tuple[str, int, int]:
-        """(name, header offset, size) of the record whose data starts exactly at ``offset``, as
-        the record's own local zip header says (not as any reader computed it)."""
-        k = bisect.bisect_right(self._starts, offset) - 1
-        if k < 0:
-            raise CheckpointReadError(f"{self.f.path}: damaged torch checkpoint: a storage lies before every record")
-        h, size, name = self._recs[k]
-        if offset != self.data_start(h):
-            raise CheckpointReadError(
-                f"{self.f.path}: damaged torch checkpoint: a storage is located at byte {offset}, which is not where "
-                f"record {name.split('/')[-1]!r} keeps its data (byte {self.data_start(h)}, by its local header)")
-        return name, h, size
-
-    def data_start(self, header: int) -> int:
-        """Where a record's data begins: after its local header (30 bytes), name and extra field,
-        whose lengths the local header itself gives (they may differ from the central directory's)."""
-        head = self.f.pread(header, 30)
-        if len(head) != 30 or head[:4] != b"PK\x03\x04":
-            raise CheckpointReadError(f"{self.f.path}: damaged torch checkpoint: no local zip header at byte {header}")
-        n, e = struct.unpack("<HH", head[26:30])
-        return header + 30 + n + e
-
-
 def _refuse_unsafe(path: Any, e: Exception, trust_pickle: bool) -> None:
     """Raise the refusal for a pickle that names a global weights-only loading does not allow."""
     bad = _unsafe_global(str(e))
@@ -206,59 +122,22 @@ def _refuse_unsafe(path: Any, e: Exception, trust_pickle: bool) -> None:
         ) from None
 
 
-class _ExactOffsets:
-    """torch's zip reader, but saying that the archive has no ``.format_version``: torch then takes
-    each storage's offset from the record's own local header (``get_record_offset``) instead of
-    computing it from the layout its own writer would have produced (a data descriptor after
-    every record), which is wrong for any zip another writer made, ckptavg's own included."""
-
-    def __init__(self, reader: Any) -> None:
-        self._reader = reader
-
-    def has_record(self, name: str) -> bool:
-        return False if name == ".format_version" else bool(self._reader.has_record(name))
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._reader, name)
-
-
-_EXACT_LOCK = threading.Lock()
-
-
-@contextlib.contextmanager
-def _exact_offsets() -> Iterator[None]:
-    """While it is active, ``torch.load`` reads storage offsets from the local zip headers
-    (:class:`_ExactOffsets`). torch offers no option for this, so its reader's opener is replaced
-    for the duration of one load (under a lock: loads on other threads wait)."""
-    real = torch.serialization._open_zipfile_reader
-
-    class _Opener(real):  # type: ignore[misc,valid-type]
-        def __enter__(self) -> Any:
-            return _ExactOffsets(super().__enter__())
-
-    with _EXACT_LOCK:
-        torch.serialization._open_zipfile_reader = _Opener  # type: ignore[misc]
-        try:
-            yield
-        finally:
-            torch.serialization._open_zipfile_reader = real  # type: ignore[misc]
-
-
-def _load_meta(f: InputFile, trust_pickle: bool) -> Any:
+def _load_meta(f: InputFile, trust_pickle: bool) -> tuple[Any, list[int]]:
     """The checkpoint's object tree with every storage on the meta device (no data read), each
-    storage's offset read from its record's local header (:func:`_exact_offsets`)."""
+    storage's offset read from its record's local header (:func:`exact_offsets`), and the
+    offsets torch asked for, in order."""
     try:
-        with _exact_offsets():
+        with exact_offsets() as calls:
             if trust_pickle:
-                return torch.load(f.path, map_location="meta", weights_only=False)
-            return _weights_only_load(f.path, "meta")
+                return torch.load(f.path, map_location="meta", weights_only=False), calls
+            return _weights_only_load(f.path, "meta"), calls
     except pickle.UnpicklingError as e:
         _refuse_unsafe(f.path, e, trust_pickle)
-        raise CheckpointReadError(f"{f.path}: not a valid torch checkpoint (bad pickle: {_short(e)})") from None
+        raise CheckpointReadError(f"{f.path}: not a valid torch checkpoint (bad pickle: {short(e)})") from None
     except (MemoryError, RecursionError, OverflowError) as e:
         raise CheckpointReadError(f"{f.path}: not a valid torch checkpoint ({type(e).__name__})") from None
     except Exception as e:  # a damaged pickle or zip can fail in any way while being parsed
-        raise CheckpointReadError(f"{f.path}: not a valid torch checkpoint ({type(e).__name__}: {_short(e)})") from None
+        raise CheckpointReadError(f"{f.path}: not a valid torch checkpoint ({type(e).__name__}: {short(e)})") from None
 
 
 _MAX_OBJECTS = 10_000_000
@@ -289,7 +168,7 @@ def _unshadow(obj: Any, path: Any) -> None:
             stack.extend(o)
 
 
-def _check_view(path: Any, name: str, t: torch.Tensor, storage_nbytes: int) -> None:
+def _check_view(path: Any, name: str, t: torch.Tensor, storage_nbytes: int, itemsize: int) -> None:
     """The view (offset, size, stride) must lie inside its storage and not overlap itself."""
     shape, stride, soff = tuple(t.shape), tuple(t.stride()), t.storage_offset()
     where = f"{path}: tensor {name!r}"
@@ -304,7 +183,7 @@ def _check_view(path: Any, name: str, t: torch.Tensor, storage_nbytes: int) -> N
             raise CheckpointReadError(f"{where}: its elements overlap in storage (stride {list(stride)}); "
                                       "expanded or overlapping views are not supported")
         extent += (n - 1) * st
-    end = (soff + extent + 1) * t.element_size()
+    end = (soff + extent + 1) * itemsize
     if end > storage_nbytes:
         raise CheckpointReadError(
             f"{where}: the view (offset {soff}, shape {list(shape)}, stride {list(stride)}) runs past its storage "
@@ -314,7 +193,7 @@ def _check_view(path: Any, name: str, t: torch.Tensor, storage_nbytes: int) -> N
 
 def open_torch(f: InputFile, key: str | None, trust_pickle: bool) -> Checkpoint:
     """Describe a torch zip checkpoint (no tensor data read)."""
-    recs = _Records(f)
+    recs = ZipRecords(f, str(f.path))
     byteswap = False
     if recs.byteorder is not None:
         if recs.byteorder not in (b"little", b"big"):
@@ -332,46 +211,49 @@ def open_torch(f: InputFile, key: str | None, trust_pickle: bool) -> Checkpoint:
             CkptavgWarning(f"{f.path}: loading with full unpickling (--trust-pickle): code in this file can run"),
             stacklevel=3,
         )
-    obj = _load_meta(f, trust_pickle)
-    checked: dict[int, tuple[int, int]] = {}  # storage data offset -> (nbytes, record size)
+    obj, calls = _load_meta(f, trust_pickle)
+    fixed = effective_storages(obj, calls, str(f.path))  # tensors torch.load gives another storage's dtype
+    checked: dict[int, tuple[str, int]] = {}  # storage data offset -> (record name, record size)
     sources: dict[int, TensorRef] = {}
 
     def make_ref(t: torch.Tensor, name: str) -> TensorRef:
         if id(t) in sources:
             return sources[id(t)]
-        if t.dtype in _QUANTIZED or t.is_quantized:
+        st = t.untyped_storage()
+        dtype, nbytes = fixed.get(id(t)) or (t.dtype, st.nbytes())
+        if dtype in _QUANTIZED or t.is_quantized:
             raise CheckpointReadError(
-                f"{f.path}: tensor {name!r} is quantized ({t.dtype}); dequantize the model before averaging"
+                f"{f.path}: tensor {name!r} is quantized ({dtype}); dequantize the model before averaging"
             )
         if t.layout != torch.strided:
             raise CheckpointReadError(
                 f"{f.path}: tensor {name!r} has layout {t.layout}; only dense tensors are supported"
             )
-        st = t.untyped_storage()
         off = getattr(st, "_checkpoint_offset", None)
         if not isinstance(off, int):
             raise CheckpointReadError(
                 f"{f.path}: tensor {name!r}: torch {torch.__version__} did not report where its bytes are "
                 "(ckptavg needs torch >= 2.7)"
             )
-        nbytes = st.nbytes()
+        off = int(off)
         if off not in checked:
-            rname, _h, rsize = recs.record_at(off)
+            rname, rsize = recs.record_at(off)
             if "/data/" not in rname:
                 raise CheckpointReadError(f"{f.path}: damaged torch checkpoint: tensor {name!r} has no data record")
-            if nbytes > rsize or off + nbytes > f.size:
-                raise CheckpointReadError(
-                    f"{f.path}: damaged torch checkpoint: tensor {name!r} needs {nbytes} bytes of storage, "
-                    f"its record {rname.split('/')[-1]!r} holds {rsize}"
-                )
-            checked[off] = (nbytes, rsize)
-        _check_view(f.path, name, t, nbytes)
+            checked[off] = (rname, rsize)
+        rname, rsize = checked[off]
+        if nbytes != rsize or off + nbytes > f.size:  # (torch.load refuses a record of another size too)
+            raise CheckpointReadError(
+                f"{f.path}: damaged torch checkpoint: tensor {name!r} names a storage of {nbytes} bytes, "
+                f"its record {rname.split('/')[-1]!r} holds {rsize}"
+            )
+        _check_view(f.path, name, t, nbytes, dtype.itemsize)
         shape, stride, soff = tuple(t.shape), tuple(t.stride()), int(t.storage_offset())
         contiguous = t.is_contiguous() or t.numel() <= 1
-        ref = TensorRef(name=name, dtype=t.dtype, shape=shape, file=f, byteswap=byteswap)
+        ref = TensorRef(name=name, dtype=dtype, shape=shape, file=f, byteswap=byteswap)
         ref.alias_key = (off, soff, shape, stride if not contiguous else None)
         if contiguous:
-            ref.offset = off + soff * t.element_size()
+            ref.offset = off + soff * dtype.itemsize
         else:
             ref.strided = (off, nbytes, soff, stride)
         sources[id(t)] = ref
@@ -422,9 +304,9 @@ def open_torch_legacy(f: InputFile, key: str | None, trust_pickle: bool) -> Chec
             obj = _weights_only_load(p, "cpu")
     except pickle.UnpicklingError as e:
         _refuse_unsafe(p, e, trust_pickle)
-        raise CheckpointReadError(f"{p}: not a checkpoint ckptavg can read ({_short(e)})") from None
+        raise CheckpointReadError(f"{p}: not a checkpoint ckptavg can read ({short(e)})") from None
     except Exception as e:
-        raise CheckpointReadError(f"{p}: not a checkpoint ckptavg can read ({_short(e)})") from None
+        raise CheckpointReadError(f"{p}: not a checkpoint ckptavg can read ({short(e)})") from None
     if not isinstance(obj, (Mapping, torch.nn.Module)):
         raise CheckpointReadError(f"{p}: holds a {type(obj).__name__}, not a state dict or checkpoint dict")
     if isinstance(obj, torch.nn.Module):
