@@ -147,8 +147,9 @@ def check_replaceable(dest: Path) -> bool:
         raise OutputError(f"{dest}: cannot list the output folder: {e.strerror}") from None
     if extra is not None:
         raise OutputError(
-            f"{dest}: the folder is an earlier ckptavg output but also holds {extra!r}, which ckptavg did not write "
-            "and replacing the folder would delete: move it out of the folder, or choose another output folder"
+            f"{dest}: the folder is an earlier ckptavg output but also holds {extra!r}, not one of the files ckptavg "
+            "wrote there (replacing the folder would delete it): move it out of the folder, or choose another output "
+            "folder"
         )
     return True
 
@@ -289,8 +290,9 @@ def _replace(tmp: Path, dest: Path) -> None:
     own = earlier_output(dest)
     extra = foreign_entry(dest, own) if own is not None else None
     if extra is not None:  # added since the destination was checked
-        raise OutputError(f"{dest}: the folder now also holds {extra!r}, which ckptavg did not write and replacing "
-                          "the folder would delete: move it out of the folder, or choose another output folder")
+        raise OutputError(f"{dest}: the folder now also holds {extra!r}, not one of the files ckptavg wrote there "
+                          "(replacing the folder would delete it): move it out of the folder, or choose another "
+                          "output folder")
     new = _sibling(dest, "new")
     try:
         os.rename(tmp, new)  # onto the empty folder just made: a complete output, recognisably named
