@@ -144,6 +144,24 @@ def test_a_file_added_while_merging_is_not_deleted(runs, tmp_path, monkeypatch):
     assert _hidden(tmp_path) == []
 
 
+def test_a_folder_swapped_in_during_the_merge_is_not_replaced(runs, tmp_path, monkeypatch):
+    dest = tmp_path / "soup"
+    ckptavg.merge(runs[:2], dest)
+    real_finish = hf_folder_out.ShardedSafetensorsWriter.finish
+
+    def finish(self):
+        real_finish(self)
+        os.rename(dest, tmp_path / "moved")
+        dest.mkdir()
+        (dest / "thesis.tex").write_text("not ckptavg's")
+
+    monkeypatch.setattr(hf_folder_out.ShardedSafetensorsWriter, "finish", finish)
+    with pytest.raises(CkptavgError, match="no longer an earlier ckptavg output"):
+        ckptavg.merge(runs, dest)
+    assert _snapshot(dest) == {"thesis.tex": b"not ckptavg's"}
+    assert _hidden(tmp_path) == []
+
+
 # -- item 8: what is copied from an input model folder
 
 

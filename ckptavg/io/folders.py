@@ -10,7 +10,8 @@ that list existed: its weight files and index only), for a DCP folder ``.metadat
 ``ckptavg.json`` and ``__R_N.distcp``. Anything else (eval results, notes, a sub-folder, a
 symlink) makes the merge fail before anything is read, with a one-line error naming the folder
 and the first such entry; move it out of the folder (or choose another output folder) to
-proceed. The check is repeated just before the old folder is swapped out.
+proceed. The check is repeated just before the old folder is swapped out (a folder that is no
+longer an earlier ckptavg output by then is left as it is, and the merge fails).
 
 **Replacing** a folder renames the finished temporary folder to ``.NAME.XXXXXXXX.ckptavg-new``,
 then on Linux exchanges it with the destination in one ``renameat2(RENAME_EXCHANGE)`` call, so
@@ -279,6 +280,13 @@ def _sibling(dest: Path, kind: str) -> Path:
     return Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=f".ckptavg-{kind}", dir=dest.parent))
 
 
+def _empty_folder(path: Path) -> bool:
+    try:
+        return os.path.isdir(path) and not os.path.islink(path) and not os.listdir(path)
+    except OSError:
+        return False
+
+
 def _rmdir_quietly(path: Path) -> None:
     try:
         os.rmdir(path)
@@ -288,7 +296,10 @@ def _rmdir_quietly(path: Path) -> None:
 
 def _replace(tmp: Path, dest: Path) -> None:
     own = earlier_output(dest)
-    extra = foreign_entry(dest, own) if own is not None else None
+    if own is None:  # replaced by another folder since it was checked
+        raise OutputError(f"{dest}: the folder changed since it was checked and is no longer an earlier ckptavg "
+                          "output; it was left as it is")
+    extra = foreign_entry(dest, own)
     if extra is not None:  # added since the destination was checked
         raise OutputError(f"{dest}: the folder now also holds {extra!r}, not one of the files ckptavg wrote there "
                           "(replacing the folder would delete it): move it out of the folder, or choose another "
@@ -340,7 +351,7 @@ def publish_folder(tmp: Path, dest: Path, mode: str) -> None:
     """
     _settle_modes(tmp)
     fsync_path(tmp, directory=True)
-    if mode == "replace" and os.path.lexists(dest):
+    if mode == "replace" and os.path.lexists(dest) and not _empty_folder(dest):
         _replace(tmp, dest)
     else:
         os.rename(tmp, dest)  # replaces an empty folder; fails if one with files appeared
