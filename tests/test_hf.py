@@ -244,11 +244,16 @@ def test_existing_destination_rules(finetunes, tmp_path, run_cli):
     code, _, err = run_cli("merge", *inputs, "-o", empty)
     assert code == 0, err
     assert (empty / "config.json").is_file()
-    # an earlier ckptavg output is replaced as a whole
+    # an earlier ckptavg output with a file added since is refused, untouched (issue 23, item 7);
+    # without that file it is replaced as a whole
     (empty / "stale.txt").write_text("x")
+    before = {q.name: q.read_bytes() for q in empty.iterdir()}
+    code, _, err = run_cli("merge", root / "ft3", root / "ft1", "-o", empty, "--order", "given")
+    assert code == 1 and "also holds 'stale.txt', not one of the files ckptavg wrote there" in err
+    assert {q.name: q.read_bytes() for q in empty.iterdir()} == before
+    (empty / "stale.txt").unlink()
     code, _, err = run_cli("merge", root / "ft3", root / "ft1", "-o", empty, "--order", "given")
     assert code == 0, err
-    assert not (empty / "stale.txt").exists()
     with safe_open(str(empty / "model.safetensors"), "pt") as f:
         inputs_meta = json.loads(f.metadata()["ckptavg_inputs"])
     assert [os.path.basename(i["file"]) for i in inputs_meta] == ["ft3", "ft1"]

@@ -17,8 +17,9 @@ Under torchrun (:mod:`ckptavg.distributed`) each rank writes its own tensors int
 rank's records (:func:`write_dcp_metadata`).
 
 Tied names point at one stored chunk. Everything is written into a temporary sibling folder
-renamed into place once complete (:func:`ckptavg.io.files.publish_folder`); an existing
-destination is replaced only if empty or an earlier ckptavg DCP output.
+renamed into place once complete (:func:`ckptavg.io.folders.publish_folder`); an existing
+destination is replaced only if empty or an earlier ckptavg output holding only the files
+ckptavg wrote there (a file added to it later is never deleted: the merge is refused).
 
 Example::
 
@@ -44,7 +45,8 @@ from typing import Any
 import torch
 
 from ..errors import OutputError
-from .files import TMP_SUFFIX, fsync_path, publish_folder, signals_blocked
+from .files import TMP_SUFFIX, fsync_path, signals_blocked
+from .folders import publish_folder
 from .hf_folder_layout import check_destination
 from .kinds import OutputKind, OutputSetup, RankPart
 from .torch_out import StorageRef, TensorStub, TorchWriter
@@ -70,20 +72,15 @@ def is_dcp_output(output: str | os.PathLike[str]) -> bool:
 
 
 def check_dcp_destination(dest: Path) -> str:
-    """``"new"``, ``"empty"`` or ``"replace"`` (an earlier ckptavg DCP output is there);
-    anything else at ``dest`` raises :class:`~ckptavg.errors.OutputError`.
+    """``"new"``, ``"empty"`` or ``"replace"`` (an earlier ckptavg DCP or folder output holding
+    only files ckptavg wrote is there: ``.metadata``, ``ckptavg.json``, ``__R_N.distcp``);
+    anything else at ``dest`` raises :class:`~ckptavg.errors.OutputError`, naming the first
+    file ckptavg did not write (see :mod:`ckptavg.io.folders`).
 
     Example::
 
         check_dcp_destination(Path("avg.dcp"))  # "new" when nothing is there yet
     """
-    if dest.is_dir() and not dest.is_symlink() and (dest / _METADATA_NAME).is_file():
-        try:
-            prov = json.loads((dest / PROVENANCE_NAME).read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            prov = None
-        if isinstance(prov, dict) and "ckptavg_version" in prov:
-            return "replace"
     return check_destination(dest)
 
 

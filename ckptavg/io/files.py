@@ -6,7 +6,8 @@ process's RSS, and a file truncated during a merge would kill a mapping reader w
 
 Outputs are written under a hidden temporary name beside the destination, fsynced and
 renamed into place only when complete; on any failure the temporary is removed and an
-existing destination is left untouched.
+existing destination is left untouched. Publishing a folder output, and what happens to an
+earlier output folder it replaces: :mod:`ckptavg.io.folders`.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
-import shutil
 import signal
 import sys
 import tempfile
@@ -28,7 +28,7 @@ import torch
 from ..errors import CheckpointReadError, OptionError, OutputError
 
 __all__ = ["CHECKPOINT_SUFFIXES", "InputFile", "AtomicFile", "tensor_memoryview", "fsync_path", "umask", "make_parent",
-           "remove_created", "publish_folder", "signals_blocked", "TMP_SUFFIX", "PUBLISHED"]
+           "remove_created", "signals_blocked", "TMP_SUFFIX", "PUBLISHED"]
 
 #: suffix of every temporary output (file or folder) ckptavg creates
 TMP_SUFFIX = ".ckptavg-tmp"
@@ -365,32 +365,6 @@ class AtomicFile:
             except OSError:
                 pass
             remove_created(self._created)
-
-
-def publish_folder(tmp: Path, dest: Path, mode: str) -> None:
-    """Rename the finished folder ``tmp`` to ``dest``: ``mode="replace"`` swaps out an earlier
-    output (renamed aside, the new one renamed in, the old one deleted), else ``dest`` must be
-    absent or empty. Raises ``OSError``. Call it with signals blocked (:func:`signals_blocked`),
-    so that no interrupt falls between the two renames of a replacement; any exception between
-    them renames the old folder back."""
-    os.chmod(tmp, 0o777 & ~umask())
-    for q in tmp.iterdir():
-        os.chmod(q, 0o666 & ~umask())
-    fsync_path(tmp, directory=True)
-    if mode == "replace":
-        old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".ckptavg-old", dir=dest.parent))
-        os.rmdir(old)
-        os.rename(dest, old)
-        try:
-            os.rename(tmp, dest)
-        except BaseException:
-            os.rename(old, dest)
-            raise
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(tmp, dest)  # replaces an empty folder; fails if one with files appeared
-    PUBLISHED.append(dest)
-    fsync_path(dest.parent, directory=True)
 
 
 def check_not_input(output: Path, inputs: Sequence[Path]) -> None:

@@ -4,29 +4,27 @@ folder are copied along, and what an existing destination may be replaced."""
 
 from __future__ import annotations
 
-import json
 import os
 import re
-import struct
+import stat
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from ..errors import CkptavgError, OutputError
+from .folders import INDEX_NAME, SINGLE_NAME, check_replaceable, recover_leftovers
 from .writer import Entry
 
-__all__ = ["INDEX_NAME", "SINGLE_NAME", "ShardLayout", "check_destination", "folder_extras", "is_folder_output",
-           "shard_layout", "shard_names"]
+__all__ = ["INDEX_NAME", "SINGLE_NAME", "Extras", "ShardLayout", "check_destination", "folder_extras",
+           "is_folder_output", "shard_layout", "shard_names"]
 
-INDEX_NAME = "model.safetensors.index.json"
-SINGLE_NAME = "model.safetensors"
 
 _MODEL_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt", ".pth.tar", ".tar")
 # files in a model folder that are weights (of any framework) or training state: not copied
 _NOT_COPIED_SUFFIXES = _MODEL_SUFFIXES + (".h5", ".msgpack", ".onnx", ".onnx_data", ".gguf", ".ot", ".npz",
                                           ".pkl", ".pickle", ".keras", ".tflite")
 _NOT_COPIED_NAMES = {"trainer_state.json", "training_args.json"}
-_SHARD_RE = re.compile(r"^model-\d{5}-of-\d{5}\.safetensors$")
 _FILE_EXT_RE = re.compile(r"^(?=.*[A-Za-z])[A-Za-z0-9]{1,5}$")
 
 
@@ -60,56 +58,95 @@ def shard_names(n: int) -> list[str]:
     return [f"model-{k:05d}-of-{n:05d}.safetensors" for k in range(1, n + 1)]
 
 
-def folder_extras(folder: Path) -> list[Path]:
+class Extras(NamedTuple):
+    """The files of an input model folder copied to a folder output, and what was left out for safety."""
+
+    files: list[tuple[str, Path]]  # (name in the folder, regular file to read), in name order
+    skipped: list[str]  # one note per entry left out: a symlink leading outside, a FIFO, a device...
+
+
+def _hub_blobs(folder: Path) -> Path | None:
+    """``models--ORG--NAME/blobs`` when ``folder`` is a snapshot of the Hugging Face hub cache
+    (``.../models--ORG--NAME/snapshots/REV``), whose files are symlinks into that folder."""
+    if folder.parent.name == "snapshots" and folder.parent.parent.name.startswith(("models--", "datasets--")):
+        return folder.parent.parent / "blobs"
+    return None
+
+
+def _safe_source(root: Path, blobs: Path | None, q: Path) -> tuple[Path | None, str | None]:
+    """The file to read for entry ``q`` (itself, or its symlink's target when that is a regular
+    file inside ``root`` or the hub cache's ``blobs``), or a note on why it is left out."""
+    try:
+        st = os.lstat(q)
+    except OSError:
+        return None, None
+    if stat.S_ISREG(st.st_mode):
+        return q, None
+    if stat.S_ISDIR(st.st_mode):
+        return None, None  # sub-folders are not copied
+    if not stat.S_ISLNK(st.st_mode):
+        return None, f"{q}: not a regular file (a FIFO, socket or device), not copied"
+    target = Path(os.path.realpath(q))
+    inside = root in target.parents or (blobs is not None and Path(os.path.realpath(blobs)) in target.parents)
+    try:
+        regular = stat.S_ISREG(os.lstat(target).st_mode)
+    except OSError:
+        regular = False
+    if not inside:
+        return None, f"{q}: a symlink to {target}, outside the model folder, not copied"
+    if not regular:
+        return None, f"{q}: a symlink to something that is not a regular file, not copied"
+    return target, None
+
+
+def folder_extras(folder: Path) -> Extras:
     """The files of a model folder that are copied to a folder output (not weights, not
-    training state, not hidden, not sub-folders), in name order."""
-    out = []
+    training state, not hidden, not sub-folders), in name order. Only regular files that are
+    really inside the folder are taken: a symlink whose target lies outside it (or is not a
+    regular file) and special files (FIFOs, sockets, devices) are left out, each with a note
+    (:attr:`Extras.skipped`). A snapshot folder of the Hugging Face hub cache may link into its
+    repository's ``blobs``. Each file comes as its name and the path to read (a symlink's target).
+
+    Example::
+
+        folder_extras(Path("ft1")).files  # [('config.json', Path('ft1/config.json')), ...]
+    """
+    out: list[tuple[str, Path]] = []
+    skipped: list[str] = []
     try:
         items = sorted(folder.iterdir(), key=lambda q: q.name)
     except OSError as e:
         raise CkptavgError(f"{folder}: cannot list folder: {e.strerror}") from None
+    root = Path(os.path.realpath(folder))
+    blobs = _hub_blobs(folder)
     for q in items:
         low = q.name.lower()
-        if low.startswith(".") or not q.is_file():
+        if low.startswith("."):
             continue
         if any(low.endswith(s) for s in _NOT_COPIED_SUFFIXES) or low.endswith(".index.json"):
             continue
         if low in _NOT_COPIED_NAMES or low.startswith("rng_state"):
             continue
-        out.append(q)
-    return out
-
-
-def _is_ckptavg_output(folder: Path) -> bool:
-    """Whether ``folder`` is an earlier ckptavg output: an index, a single file or (a node's part
-    of a merge across ranks without a shared file system) shards only, ckptavg's provenance in
-    the index's or the first safetensors header's metadata."""
-    idx = folder / INDEX_NAME
-    try:
-        if idx.is_file():
-            meta = json.loads(idx.read_text(encoding="utf-8")).get("metadata") or {}
-            return isinstance(meta, dict) and "ckptavg_version" in meta
-        single = folder / SINGLE_NAME
-        if not single.is_file():
-            names = sorted(q.name for q in folder.iterdir())
-            if not names or not all(_SHARD_RE.match(n) for n in names):
-                return False
-            single = folder / names[0]
-        with open(single, "rb") as fh:
-            (n,) = struct.unpack("<Q", fh.read(8))
-            if n > 100 * 1024 * 1024:
-                return False
-            header = json.loads(fh.read(n).decode("utf-8"))
-        meta = header.get("__metadata__") or {}
-        return isinstance(meta, dict) and "ckptavg_version" in meta
-    except (OSError, ValueError, struct.error, AttributeError, UnicodeDecodeError):
-        return False
+        src, note = _safe_source(root, blobs, q)
+        if note is not None:
+            skipped.append(note)
+        if src is not None:
+            out.append((q.name, src))
+    return Extras(out, skipped)
 
 
 def check_destination(dest: Path) -> str:
     """How a folder output will be published: ``"new"``, ``"empty"`` (an empty folder
-    is there) or ``"replace"`` (an earlier ckptavg output is there). Anything else at
-    ``dest`` is refused with :class:`~ckptavg.errors.OutputError`."""
+    is there) or ``"replace"`` (an earlier ckptavg output holding only files ckptavg wrote is
+    there, see :mod:`ckptavg.io.folders`). Anything else at ``dest`` is refused with
+    :class:`~ckptavg.errors.OutputError`, before anything is read. Leftovers of an interrupted
+    replacement of ``dest`` are restored or removed first (:func:`~ckptavg.io.folders.recover_leftovers`).
+
+    Example::
+
+        check_destination(Path("soup"))  # "new" when nothing is there yet
+    """
+    recover_leftovers(dest)
     if not dest.exists() and not dest.is_symlink():
         for anc in dest.parents:
             if anc.exists():
@@ -125,7 +162,7 @@ def check_destination(dest: Path) -> str:
         raise OutputError(f"{dest}: cannot list the output folder: {e.strerror}") from None
     if not items:
         return "empty"
-    if _is_ckptavg_output(dest):
+    if check_replaceable(dest):
         return "replace"
     shown = ", ".join(repr(n) for n in items[:3]) + (", ..." if len(items) > 3 else "")
     raise OutputError(

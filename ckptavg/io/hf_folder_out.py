@@ -16,6 +16,12 @@
   ``optimizer.pt``, ``scheduler.pt``, ``rng_state*.pth``, ``training_args.bin``), other
   weight files (``.bin``, ``.pt``, ``.h5``, ``.onnx``, ``.gguf``...) and sub-folders are
   not copied. With ``dtype`` given, ``config.json``'s ``torch_dtype``/``dtype`` is updated.
+  Only regular files really inside the folder are copied: a symlink whose target lies outside
+  it (except a Hugging Face hub cache snapshot's links into its repository's ``blobs``) and
+  FIFOs, sockets or devices are skipped with a warning on stderr. A copy never gets more
+  permission bits than its source has (a 0600 file stays 0600), under the umask;
+* the metadata (index and every shard header) lists under ``ckptavg_files`` the files ckptavg
+  wrote into the folder, so that a later run knows what it may replace.
 
 Shards are written one after the other, tensor by tensor, as the engine produces them:
 memory stays bounded by the engine's buffers whatever the model size.
@@ -26,10 +32,11 @@ SIGINT and SIGTERM are held back during the final renames and during that cleanu
 interrupt (or a second Ctrl-C) can neither split a replacement nor leave the folder behind.
 
 **An existing destination folder** is replaced only if it is empty or is an earlier
-ckptavg output (its ``model.safetensors.index.json`` or ``model.safetensors`` records
-ckptavg provenance); it is then replaced as a whole (renamed aside, the new folder renamed
-in, the old one deleted). Any other existing folder is refused before anything is read,
-so ``-o`` can never wipe a folder of other files.
+ckptavg output holding nothing but the files ckptavg wrote there; it is then replaced as a
+whole, atomically where the OS allows (:mod:`ckptavg.io.folders`). A folder of other files,
+or an earlier output to which a file was added since (eval results, notes), is refused before
+anything is read, naming the first such file: **ckptavg never deletes a file it did not
+write**. Move that file out, or choose another folder.
 
 **Tied weights** (one tensor under several names, e.g. GPT-2's ``lm_head.weight`` and
 ``transformer.wte.weight`` in a ``torch.save``-d state dict): safetensors cannot share
@@ -40,22 +47,27 @@ does the output; ``from_pretrained`` ties the weights again from the config eith
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
+import stat
 import tempfile
-from collections.abc import Iterable, Mapping, Sequence
+import warnings
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..errors import OutputError
+from ..errors import CkptavgWarning, OutputError
 from ..units import DEFAULT_SHARD_SIZE
 from .dtypes import TORCH_TO_SAFETENSORS
-from .files import TMP_SUFFIX, fsync_path, make_parent, publish_folder, remove_created, signals_blocked
+from .files import TMP_SUFFIX, fsync_path, make_parent, remove_created, signals_blocked, umask
+from .folders import FILES_KEY, publish_folder
 from .hf_folder_layout import (
     INDEX_NAME,
+    Extras,
     check_destination,
     folder_extras,
     is_folder_output,
@@ -65,7 +77,7 @@ from .kinds import OutputKind, OutputSetup, RankPart
 from .safetensors_out import safetensors_header
 from .writer import Entry, FolderPart, StreamWriter, local_entries
 
-__all__ = ["KIND", "HFFolderKind", "ShardedSafetensorsWriter", "check_storable"]
+__all__ = ["KIND", "HFFolderKind", "ShardedSafetensorsWriter", "check_storable", "copy_file"]
 
 
 class ShardedSafetensorsWriter(FolderPart, StreamWriter):
@@ -87,12 +99,21 @@ class ShardedSafetensorsWriter(FolderPart, StreamWriter):
         self.mode = check_destination(self.dest) if part is None else part.mode
         entries = list(entries)
         check_storable(self.dest, entries)
+        extras = folder_extras(Path(copy_source)) if copy_source is not None else Extras([], [])
         self.copy_source = Path(copy_source) if copy_source is not None and self.rank == 0 else None
-        self.copy_files = folder_extras(self.copy_source) if self.copy_source is not None else []
         self.config_dtype = config_dtype
         owner = part.owner if part is not None else [0] * len(entries)
         self.layout = shard_layout(entries, owner, part.world if part is not None else 1, shard_size)
         self.names = self.layout.names
+        taken = set(self.names) | {INDEX_NAME}
+        self.copy_files = [(n, src) for n, src in extras.files if n not in taken] if self.copy_source else []
+        if self.copy_source is not None:
+            for note in extras.skipped:
+                warnings.warn(note, CkptavgWarning, stacklevel=2)
+        # every rank lists the same files: what a later run may replace (ckptavg.io.folders)
+        written = list(self.names) + ([INDEX_NAME] if len(self.names) > 1 else [])
+        written += [n for n, _src in extras.files if n not in taken]
+        self.metadata[FILES_KEY] = json.dumps(written, separators=(",", ":"))
         self.total_size = sum(e.nbytes for e in entries)
         self.total_parameters = sum(e.nbytes // e.dtype.itemsize for e in entries)
         self.weight_map = {e.name: self.names[k] for e, k in zip(entries, self.layout.shard_of)}
@@ -231,28 +252,25 @@ class ShardedSafetensorsWriter(FolderPart, StreamWriter):
         fsync_path(self.tmp / INDEX_NAME)
 
     def _copy_extras(self) -> None:
-        taken = set(self.names) | {INDEX_NAME}
-        for src in self.copy_files:
-            if src.name in taken:
-                continue
-            target = self.tmp / src.name
+        for name, src in self.copy_files:
+            target = self.tmp / name
             try:
-                if src.name == "config.json" and self.config_dtype is not None and self._write_config(src, target):
-                    pass
-                else:
-                    shutil.copyfile(src, target)
+                copy_file(src, target, self._new_config if name == "config.json" else None)
             except OSError as e:
                 raise OutputError(f"{self.dest}: cannot copy {src}: {e.strerror}") from None
             fsync_path(target)
-            self.copied.append(src.name)
+            self.copied.append(name)
 
-    def _write_config(self, src: Path, target: Path) -> bool:
+    def _new_config(self, data: bytes) -> bytes | None:
+        """``config.json`` with ``torch_dtype``/``dtype`` set to the output dtype (None: keep it)."""
+        if self.config_dtype is None:
+            return None
         try:
-            cfg = json.loads(src.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return False
+            cfg = json.loads(data.decode("utf-8"))
+        except (ValueError, UnicodeDecodeError, RecursionError):
+            return None
         if not isinstance(cfg, dict):
-            return False
+            return None
         name = str(self.config_dtype).removeprefix("torch.")
         changed = False
         for key in ("torch_dtype", "dtype"):
@@ -260,9 +278,8 @@ class ShardedSafetensorsWriter(FolderPart, StreamWriter):
                 cfg[key] = name
                 changed = True
         if not changed:
-            return False
-        target.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        return True
+            return None
+        return (json.dumps(cfg, indent=2, sort_keys=True) + "\n").encode("utf-8")
 
     def _publish(self) -> None:
         """Rename the finished folder into place. Called with SIGINT/SIGTERM blocked (see
@@ -323,6 +340,48 @@ class ShardedSafetensorsWriter(FolderPart, StreamWriter):
             if tmp is not None:
                 shutil.rmtree(tmp, ignore_errors=True)
             remove_created(self._created)
+
+
+_CONFIG_LIMIT = 64 << 20  # a config.json larger than this is copied as it is
+
+
+def copy_file(src: Path, target: Path, rewrite: Callable[[bytes], bytes | None] | None = None) -> None:
+    """Copy the regular file ``src`` to the new file ``target`` (``rewrite`` may replace the bytes
+    of a small file), giving ``target`` at most ``src``'s permission bits, under the umask: a
+    0600 file stays 0600. ``src`` is opened without following a symlink and must be a regular
+    file when opened. Raises ``OSError``.
+
+    Example::
+
+        copy_file(Path("ft1/tokenizer.json"), Path(".soup.tmp/tokenizer.json"))
+    """
+    sfd = os.open(src, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0))
+    try:
+        st = os.fstat(sfd)
+        if not stat.S_ISREG(st.st_mode):
+            raise OSError(errno.EINVAL, "not a regular file")
+        mode = stat.S_IMODE(st.st_mode) & 0o777
+        dfd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)  # the umask applies
+        try:
+            os.fchmod(dfd, mode & ~umask())
+            data = None
+            if rewrite is not None and st.st_size <= _CONFIG_LIMIT:
+                data = rewrite(os.pread(sfd, st.st_size, 0))
+            if data is not None:
+                _write_all(dfd, data)
+            else:
+                while chunk := os.read(sfd, 1 << 20):
+                    _write_all(dfd, chunk)
+        finally:
+            os.close(dfd)
+    finally:
+        os.close(sfd)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    mv = memoryview(data)
+    while mv:
+        mv = mv[os.write(fd, mv):]
 
 
 def check_storable(dest: Path, entries: Sequence[Entry]) -> None:

@@ -18,7 +18,8 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 
 from ..errors import OutputError
-from .files import publish_folder, signals_blocked, tensor_memoryview
+from .files import signals_blocked, tensor_memoryview
+from .folders import publish_folder
 
 __all__ = ["Entry", "Writer", "StreamWriter", "FolderPart", "local_entries"]
 
