@@ -160,6 +160,8 @@ class MergePlan:
         """A JSON-ready description of the plan."""
         return {
             "method": self.weights.description,
+            "amplification": self.weights.amplification,
+            "fit_error": self.weights.fit_error,
             "order": self.order_rule,
             "selection": self.selection,
             "candidates": self.candidates,
