@@ -48,6 +48,12 @@ class MergeReport:
     def method(self) -> str:
         return self.plan.method
 
+    @property
+    def amplification(self) -> float:
+        """``sum_i |w_i|`` of the (first) weight vector: 1 for non-negative weights; how much the inputs'
+        rounding errors can be multiplied in the result (post-hoc EMA from similar profiles)."""
+        return self.plan.weights.amplification
+
     def summary(self) -> str:
         """One line for the end of a run."""
         n = len(self.plan.inputs)
@@ -124,7 +130,8 @@ def _render(text: str, label: dict[str, str], swept: str) -> str:
     ``label[name]``. Attribute and index lookups (``{last.x}``, ``{last[0]}``), conversions (``!r``), nested
     fields and huge widths are one-line :class:`OptionError` s, checked before any string is built."""
     def bad(why: str) -> OptionError:
-        return OptionError(f"{text}: invalid output name template: {why}")
+        shown = text if len(text) <= 200 else text[:200] + "..."
+        return OptionError(f"{shown}: invalid output name template: {why}")
 
     try:
         parts = list(string.Formatter().parse(text))

@@ -179,6 +179,7 @@ class MergePlan:
             "output_bytes": self.output_bytes,
             "read_bytes": self.read_bytes,
             "notes": self.notes,
+            **({"amplifications": [w.amplification for w in self.variants]} if self.variants else {}),
         }
 
     def format(self) -> str:

@@ -124,8 +124,12 @@ def test_cli_reports_amplification_refuses_and_proceeds_on_request(tmp_path, run
     assert code == 2 and "--allow-ill-conditioned" in err and "Traceback" not in err
     assert len(err.strip().splitlines()) == 1 and not (tmp_path / "n.pt").exists()
     with pytest.warns(CkptavgWarning, match="amplify the snapshots' rounding errors 167 times") as rec:
-        code, out, err = run_cli(*args, "--allow-ill-conditioned")
+        code, out, err = run_cli(*args, "--allow-ill-conditioned", "--json")
     assert code == 0 and (tmp_path / "n.pt").exists(), err
+    ref = _np_posthoc([(4000, sigma_rel_to_gamma(s)) for s in (0.05, 0.0501)], 4000, sigma_rel_to_gamma(0.06))
+    report = json.loads(out)
+    assert report["amplification"] == pytest.approx(float(np.abs(ref).sum()), rel=1e-6)
+    assert report["dry_run"] is False
     assert sum("amplify" in str(r.message) for r in rec) == 1  # the CLI prints each CkptavgWarning as one line
 
 
