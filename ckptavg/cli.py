@@ -279,8 +279,8 @@ def _eval_options(command: Any) -> Any:
     return command
 
 
-_FIXED = ["order", "every", "key", "strip_prefix", "trust_pickle", "allow_nonfinite", "allow_ill_conditioned",
-          "accumulate", "buffers", "dtype", "bn_mode"]
+_FIXED = ["order", "every", "key", "strip_prefix", "trust_pickle", "allow_nonfinite", "accumulate", "buffers",
+          "dtype", "bn_mode"]
 
 
 def _echo_report(report: Any, as_json: bool, quiet: bool, notes: list[str]) -> None:
