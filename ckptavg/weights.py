@@ -275,6 +275,7 @@ def posthoc_ema(
         snaps = [(s, g) for s in range(1000, 33000, 1000) for g in (16.97, 6.94)]
         w = posthoc_ema(snaps, sigma_rel=0.07)          # at the last step, 32000
         w.values, w.fit_error                           # 64 weights summing to 1, ~0.1 %
+        w.amplification                                 # sum of |weights|: 1.51
     """
     if (gamma is None) == (sigma_rel is None):
         raise OptionError("post-hoc EMA needs exactly one of --gamma or --sigma-rel")
