@@ -239,3 +239,17 @@ def test_deep_or_huge_integer_toml_is_a_one_line_error(tmp_path, text):
     with pytest.raises(SpecError) as e:
         load_spec(spec)
     assert "\n" not in str(e.value) and str(e.value).startswith(str(spec))
+
+
+def test_several_outputs_show_each_amplification(tmp_path, run_cli):
+    _snapshots(tmp_path / "ok", (0.05, 0.10), steps=(100, 200, 300, 400))
+    code, out, err = run_cli("merge", tmp_path / "ok", "--method", "power-ema", "--sigma-rel", "0.03,0.07",
+                             "-o", tmp_path / "e-{sigma_rel}.safetensors", "--dry-run", "--json")
+    assert code == 0, err
+    d = json.loads(out)
+    snaps = [(t, g) for t in (100, 200, 300, 400) for g in (G05, G10)]
+    refs = [float(np.abs(_np_posthoc(snaps, 400, sigma_rel_to_gamma(s))).sum()) for s in (0.03, 0.07)]
+    assert d["amplifications"] == pytest.approx(refs, rel=1e-6)
+    code, out, _ = run_cli("merge", tmp_path / "ok", "--method", "power-ema", "--sigma-rel", "0.03,0.07",
+                           "-o", tmp_path / "e-{sigma_rel}.safetensors", "--dry-run")
+    assert [f"(amplification {a:.4g})" in out for a in refs] == [True, True]
