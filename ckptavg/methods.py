@@ -31,7 +31,7 @@ def profile_gamma(c: Checkpoint) -> float:
         return c.meta.gamma
     if c.meta.sigma_rel is None:
         raise OptionError(f"{c.path}: records no power-EMA profile (sigma_rel or gamma)")
-    return sigma_rel_to_gamma(c.meta.sigma_rel)
+    return sigma_rel_to_gamma(c.meta.sigma_rel, f"{c.path}: the snapshot's sigma_rel")
 
 
 def snapshot_sigma(c: Checkpoint) -> float | None:
@@ -102,7 +102,8 @@ def weights_for(opts: MergeOptions, chosen: list[Checkpoint], time_notes: list[s
             )
         # exact post-hoc EMA (EDM2) from snapshots of power-function EMAs
         profiles = [(s, profile_gamma(c)) for s, c in zip(steps(), chosen)]
-        return posthoc_ema(profiles, gamma=opts.gamma, sigma_rel=opts.sigma_rel, at=opts.at)
+        return posthoc_ema(profiles, gamma=opts.gamma, sigma_rel=opts.sigma_rel, at=opts.at,
+                           allow_ill_conditioned=opts.allow_ill_conditioned)
     if opts.at is not None:
         raise OptionError("--at picks the step of a post-hoc EMA from power-EMA snapshots; these checkpoints record "
                           "no power-EMA profile (sigma_rel or gamma)")

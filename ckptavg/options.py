@@ -89,6 +89,9 @@ class MergeOptions:
                         "checkpoint's (torch's AveragedModel(use_buffers=False)).", example="--buffers last",
                         choices=BUFFERS)
     allow_nonfinite: bool = _opt(False, "Average even if an input holds NaN or Inf.", example="--allow-nonfinite")
+    allow_ill_conditioned: bool = _opt(False, "Post-hoc EMA from snapshots: proceed even when the weights amplify "
+                                       "the snapshots' rounding errors more than 100 times (sum of |weights|).",
+                                       example="--allow-ill-conditioned")
     device: str = _opt("cpu", "cpu, cuda or cuda:N.", example="--device cuda")
     # -- output
     bn_spec: str | None = _opt(None, "Recalibrate BatchNorm statistics with this spec (TOML) before writing.",

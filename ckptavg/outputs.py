@@ -5,6 +5,8 @@ the checks of the output options against the output kind (before anything is rea
 from __future__ import annotations
 
 import os
+import re
+import string
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,6 +47,12 @@ class MergeReport:
     @property
     def method(self) -> str:
         return self.plan.method
+
+    @property
+    def amplification(self) -> float:
+        """``sum_i |w_i|`` of the (first) weight vector: 1 for non-negative weights; how much the inputs'
+        rounding errors can be multiplied in the result (post-hoc EMA from similar profiles)."""
+        return self.plan.weights.amplification
 
     def summary(self) -> str:
         """One line for the end of a run."""
@@ -105,12 +113,49 @@ def output_names(output: str | os.PathLike[str], labels: list[dict[str, str]]) -
             f"{text}: {len(labels)} outputs ({swept} given several values) need an output name template, "
             f"e.g. -o 'avg-{{{next(iter(labels[0]))}}}.safetensors'"
         )
-    try:
-        names = [text.format(**label) for label in labels]
-    except (KeyError, IndexError, ValueError) as e:
-        raise OptionError(f"{text}: the output name template names {e}, which is not among the options given "
-                          f"several values ({swept})") from None
+    names = [_render(text, label, swept) for label in labels]
     if len(set(names)) != len(names):
         raise OptionError(f"{text}: the template gives the same name to two outputs; name every option given "
                           f"several values ({swept})")
     return [Path(n) for n in names]
+
+
+#: an output-name template field may have a format spec of at most this width (a file name's length limit)
+MAX_TEMPLATE_WIDTH = 255
+_SPEC_RE = re.compile(r"(?:.?[<>^=])?[-+ ]?z?#?0?(\d*)[,_]?(?:\.\d+)?[bcdeEfFgGnosxX%]?")
+
+
+def _render(text: str, label: dict[str, str], swept: str) -> str:
+    """``text`` with each ``{name}`` (or ``{name:spec}``, width at most :data:`MAX_TEMPLATE_WIDTH`) replaced by
+    ``label[name]``. Attribute and index lookups (``{last.x}``, ``{last[0]}``), conversions (``!r``), nested
+    fields and huge widths are one-line :class:`OptionError` s, checked before any string is built."""
+    def bad(why: str) -> OptionError:
+        shown = text if len(text) <= 200 else text[:200] + "..."
+        return OptionError(f"{shown}: invalid output name template: {why}")
+
+    try:
+        parts = list(string.Formatter().parse(text))
+    except ValueError as e:  # unmatched braces
+        raise bad(f"{e} (write {{{{ and }}}} for literal braces)") from None
+    out: list[str] = []
+    for literal, field_name, raw_spec, conversion in parts:
+        out.append(literal)
+        if field_name is None:
+            continue
+        spec = raw_spec or ""
+        shown = repr(field_name[:40])
+        if field_name not in label:
+            plain = field_name.isidentifier()
+            raise bad(f"the field {shown} is not among the options given several values ({swept})"
+                      + ("" if plain else "; fields are plain option names, without attributes or indexes"))
+        if conversion is not None:
+            raise bad(f"the field {shown} has a conversion (!{conversion}); write {{{field_name}}}")
+        m = _SPEC_RE.fullmatch(spec)
+        if m is None or (m.group(1) and (len(m.group(1)) > 4 or int(m.group(1)) > MAX_TEMPLATE_WIDTH)):
+            raise bad(f"the field {shown} has the format spec {spec[:40]!r}; give a plain field or a width of at "
+                      f"most {MAX_TEMPLATE_WIDTH}")
+        try:
+            out.append(format(label[field_name], spec))
+        except ValueError as e:
+            raise bad(f"the field {shown} cannot be formatted with {spec[:40]!r} ({e})") from None
+    return "".join(out)

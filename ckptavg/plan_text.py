@@ -9,6 +9,7 @@ from .units import fmt_epoch, fmt_value, human_bytes
 
 if TYPE_CHECKING:
     from .plans import MergePlan
+    from .weights import Weights
 
 __all__ = ["format_plan"]
 
@@ -24,10 +25,13 @@ def format_plan(plan: MergePlan) -> str:
     if len(many) > 1:
         labels = plan.variant_labels or [{} for _ in many]
         lines = [f"outputs:   {len(many)} from one pass"] + [
-            f"  w{m + 1}: {' '.join(f'{k}={v}' for k, v in lab.items())}: {w.description}"
+            f"  w{m + 1}: {' '.join(f'{k}={v}' for k, v in lab.items())}: {w.description}{_amplified(w)}"
             for m, (lab, w) in enumerate(zip(labels, many))]
     else:
         lines = [f"method:    {plan.weights.description}"]
+        if _amplified(plan.weights):
+            lines.append(f"amplification: {plan.weights.amplification:.4g} (sum of |weights|: the inputs' rounding "
+                         "errors reach the result multiplied by up to this)")
     lines += [
         f"order:     {plan.order_rule}",
         f"selection: {plan.selection} -> {len(plan.inputs)} of {plan.candidates} checkpoints",
@@ -68,3 +72,10 @@ def format_plan(plan: MergePlan) -> str:
     for n in plan.notes:
         lines.append(f"note:      {n}")
     return "\n".join(lines)
+
+
+def _amplified(w: Weights) -> str:
+    """`` (amplification A)`` for a post-hoc EMA fit or weights with negative values, else empty."""
+    if w.fit_error is None and min(w.values, default=0.0) >= 0:
+        return ""
+    return f" (amplification {w.amplification:.4g})"

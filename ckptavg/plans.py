@@ -160,6 +160,8 @@ class MergePlan:
         """A JSON-ready description of the plan."""
         return {
             "method": self.weights.description,
+            "amplification": self.weights.amplification,
+            "fit_error": self.weights.fit_error,
             "order": self.order_rule,
             "selection": self.selection,
             "candidates": self.candidates,
@@ -177,6 +179,7 @@ class MergePlan:
             "output_bytes": self.output_bytes,
             "read_bytes": self.read_bytes,
             "notes": self.notes,
+            **({"amplifications": [w.amplification for w in self.variants]} if self.variants else {}),
         }
 
     def format(self) -> str:

@@ -43,6 +43,9 @@ __all__ = [
     "gamma_to_sigma_rel",
     "POSTHOC_WARN_ERROR",
     "POSTHOC_MAX_ERROR",
+    "POSTHOC_WARN_AMPLIFICATION",
+    "POSTHOC_MAX_AMPLIFICATION",
+    "MAX_GAMMA",
 ]
 
 @dataclass
@@ -61,6 +64,19 @@ class Weights:
     #: post-hoc EMA only: ``||p_target - sum_i w_i p_i|| / ||p_target||``, the relative L2 error of the
     #: reconstructed averaging profile (None for the other methods).
     fit_error: float | None = None
+
+    @property
+    def amplification(self) -> float:
+        """``sum_i |w_i|``: how much the rounding errors of the inputs (bf16: up to 0.2 % of each value) can be
+        multiplied in the result. 1 for weights that are all >= 0; larger when some are negative (post-hoc
+        EMA from similar profiles, explicit weights).
+
+        Example::
+
+            >>> Weights([1.5, -0.5], "explicit", [1.5, -0.5]).amplification
+            2.0
+        """
+        return math.fsum(abs(v) for v in self.values)
 
 
 def uniform(n: int) -> Weights:
@@ -100,13 +116,24 @@ def ema_per_step(steps: Sequence[int], decay_per_step: float) -> Weights:
     return _normalised(w, f"ema (decay {decay_per_step:g} per step)")
 
 
-def sigma_rel_to_gamma(sigma_rel: float) -> float:
+#: Largest power-EMA exponent a snapshot may record (sigma_rel about 1e-3 of the run); beyond it the profile's
+#: powers leave the float range.
+MAX_GAMMA = 1e6
+
+
+def sigma_rel_to_gamma(sigma_rel: float, what: str = "--sigma-rel") -> float:
     """The power-EMA exponent gamma whose profile has relative width ``sigma_rel``.
 
-    Solves ``sigma_rel^2 = (g+1) / ((g+2)^2 (g+3))`` for g > -1 by bisection.
+    Solves ``sigma_rel^2 = (g+1) / ((g+2)^2 (g+3))`` for g > -1 by bisection. ``what`` names the
+    value in the error message when it is out of range (the option, or a snapshot's file).
+
+    Example::
+
+        >>> round(sigma_rel_to_gamma(0.10), 2)
+        6.94
     """
-    if not (0.0 < sigma_rel < 0.2886):  # g -> -1 gives sigma_rel -> 1/sqrt(12)
-        raise OptionError(f"--sigma-rel must be in (0, 0.288), got {sigma_rel}")
+    if not (0.0 < sigma_rel < 0.2886):  # g -> -1 gives sigma_rel -> 1/sqrt(12); NaN fails too
+        raise OptionError(f"{what} must be in (0, 0.288), got {sigma_rel}")
 
     def f(g: float) -> float:
         return math.sqrt((g + 1) / ((g + 2) ** 2 * (g + 3))) - sigma_rel
@@ -155,8 +182,8 @@ def gamma_to_sigma_rel(gamma: float) -> float:
         >>> round(gamma_to_sigma_rel(6.94), 3)
         0.1
     """
-    if not (math.isfinite(gamma) and gamma > -1):
-        raise OptionError(f"--gamma must be a finite number greater than -1, got {gamma}")
+    if not (math.isfinite(gamma) and -1 < gamma <= MAX_GAMMA):
+        raise OptionError(f"--gamma must be a finite number greater than -1 (at most {MAX_GAMMA:g}), got {gamma}")
     return math.sqrt((gamma + 1) / ((gamma + 2) ** 2 * (gamma + 3)))
 
 
@@ -199,6 +226,12 @@ POSTHOC_WARN_ERROR = 0.05
 #: :func:`posthoc_ema` refuses (``OptionError``) when the best fit's relative error exceeds this: the
 #: snapshots cannot represent the target (no weights at all would give 1.0).
 POSTHOC_MAX_ERROR = 0.5
+#: :func:`posthoc_ema` warns when the amplification ``sum_i |w_i|`` exceeds this: rounding errors of the
+#: snapshots (bf16: up to 2**-9 of each value) reach the result multiplied by up to this factor.
+POSTHOC_WARN_AMPLIFICATION = 10.0
+#: :func:`posthoc_ema` refuses beyond this amplification unless ``allow_ill_conditioned=True``
+#: (``--allow-ill-conditioned``), which proceeds with the same weights and a warning.
+POSTHOC_MAX_AMPLIFICATION = 100.0
 
 
 def posthoc_ema(
@@ -207,6 +240,7 @@ def posthoc_ema(
     gamma: float | None = None,
     sigma_rel: float | None = None,
     at: int | None = None,
+    allow_ill_conditioned: bool = False,
 ) -> Weights:
     """Exact post-hoc EMA (Karras et al. 2024, EDM2): weights over power-EMA snapshots.
 
@@ -228,11 +262,20 @@ def posthoc_ema(
     different from the target's; an ``OptionError`` when it exceeds :data:`POSTHOC_MAX_ERROR` (50 %),
     with fewer than 2 snapshots, or when ``at`` is not a snapshot's step.
 
+    Nearly identical snapshot profiles make ``A`` ill-conditioned: the least-squares weights then
+    alternate in sign with large magnitudes, and the rounding errors of the snapshots (bf16, fp16)
+    reach the result multiplied by the amplification ``sum_i |x_i|`` (:attr:`Weights.amplification`),
+    which the profile fit error does not show. The weights are never changed (well-conditioned fits are
+    the exact least-squares solution); above :data:`POSTHOC_WARN_AMPLIFICATION` (10) a
+    ``CkptavgWarning`` is issued, above :data:`POSTHOC_MAX_AMPLIFICATION` (100) an ``OptionError``
+    unless ``allow_ill_conditioned`` (then a warning).
+
     Example::
 
         snaps = [(s, g) for s in range(1000, 33000, 1000) for g in (16.97, 6.94)]
         w = posthoc_ema(snaps, sigma_rel=0.07)          # at the last step, 32000
         w.values, w.fit_error                           # 64 weights summing to 1, ~0.1 %
+        w.amplification                                 # sum of |weights|: 1.51
     """
     if (gamma is None) == (sigma_rel is None):
         raise OptionError("post-hoc EMA needs exactly one of --gamma or --sigma-rel")
@@ -294,10 +337,27 @@ def posthoc_ema(
             CkptavgWarning,
             stacklevel=2,
         )
+    _check_amplification(label, x, allow_ill_conditioned)
     values = [0.0] * n
     for i, xi in zip(use, x):
         values[i] = xi
     return Weights(values, f"{label}, fit error {err:.2%}", list(values), 1.0, fit_error=err)
+
+
+def _check_amplification(label: str, x: list[float], allow: bool) -> None:
+    """Warn or refuse when the weights amplify the snapshots' rounding errors (see :func:`posthoc_ema`)."""
+    amp = math.fsum(abs(v) for v in x)
+    if amp <= POSTHOC_WARN_AMPLIFICATION:
+        return
+    what = (f"{label}: the weights amplify the snapshots' rounding errors {amp:.3g} times (sum of |weights|, "
+            f"weights from {min(x):.4g} to {max(x):.4g}): the snapshot profiles are nearly identical or the "
+            "target is far outside them")
+    if amp > POSTHOC_MAX_AMPLIFICATION and not allow:
+        raise OptionError(f"{what}; refused above {POSTHOC_MAX_AMPLIFICATION:g} (bf16 snapshots could be off by "
+                          f"{amp * 2.0 ** -9:.0%} of each value): save snapshots of clearly different widths "
+                          "(e.g. sigma_rel 0.05 and 0.10), or pass --allow-ill-conditioned")
+    warnings.warn(f"{what}; bf16 snapshots could be off by up to {amp * 2.0 ** -9:.1%} of each value",
+                  CkptavgWarning, stacklevel=3)
 
 
 def _inner_matrix(t_a, g_a, t_b, g_b):  # noqa: ANN001  (float64 tensors, broadcast)

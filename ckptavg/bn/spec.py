@@ -50,12 +50,16 @@ import torch
 from ..devices import check_device, device_or_error
 from ..errors import SpecError, exc_text
 
-__all__ = ["BNSpec", "EvalSpec", "TransformSpec", "load_spec", "check_device", "DEFAULT_BATCH_SIZE", "SECTIONS",
+__all__ = ["BNSpec", "EvalSpec", "TransformSpec", "load_spec", "check_device", "DEFAULT_BATCH_SIZE", "MAX_SPEC_BYTES",
+           "SECTIONS",
            "DATASET_ONLY", "TRANSFORM_KEYS", "PATH_KEYS", "NOT_A_REFERENCE", "describe_value", "user_error",
            "spec_error", "is_iterable", "on_sys_path", "torchvision_transforms"]
 
 #: Batch size of the DataLoader built around a ``[data].dataset`` when the spec gives none.
 DEFAULT_BATCH_SIZE = 64
+#: a spec must be a regular file of at most this many bytes (checked before it is read: devices such as
+#: /dev/zero, FIFOs and larger files are a one-line SpecError)
+MAX_SPEC_BYTES = 1 << 20
 
 SECTIONS: dict[str, tuple[str, ...]] = {
     "model": ("factory", "args", "kwargs", "prefix"),

@@ -10,6 +10,7 @@ import importlib.util
 import os
 import pkgutil
 import re
+import stat
 import sys
 import tomllib
 from collections.abc import Callable, Mapping
@@ -23,6 +24,7 @@ from ..errors import SpecError
 from .spec import (
     DATASET_ONLY,
     DEFAULT_BATCH_SIZE,
+    MAX_SPEC_BYTES,
     NOT_A_REFERENCE,
     PATH_KEYS,
     SECTIONS,
@@ -71,16 +73,34 @@ class SpecParser:
         return spec_error(self.path, entry, message)
 
     def read(self) -> dict[str, Any]:
+        """The spec's TOML document: a regular file of at most :data:`MAX_SPEC_BYTES`, checked before reading
+        (a device, a FIFO or a huge file is a one-line error, never an unbounded read)."""
         try:
-            data = self.path.read_bytes()
+            # O_NONBLOCK: opening a FIFO that no one writes to returns at once (and is refused below)
+            fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+            with os.fdopen(fd, "rb") as fh:
+                st = os.fstat(fh.fileno())
+                if not stat.S_ISREG(st.st_mode):
+                    raise self.error(None, "not a regular file (a spec is a TOML file; devices, FIFOs and "
+                                           "folders are refused)")
+                if st.st_size > MAX_SPEC_BYTES:
+                    raise self.error(None, f"{st.st_size} bytes, larger than the {MAX_SPEC_BYTES >> 20} MiB a spec "
+                                           "may have")
+                data = fh.read(MAX_SPEC_BYTES + 1)
         except OSError as exc:
             raise self.error(None, f"cannot read the spec: {exc.strerror or exc}") from None
+        if len(data) > MAX_SPEC_BYTES:  # grew while being read
+            raise self.error(None, f"larger than the {MAX_SPEC_BYTES >> 20} MiB a spec may have")
         try:
             return tomllib.loads(data.decode("utf-8"))
         except UnicodeDecodeError as exc:
             raise self.error(None, f"not UTF-8 text ({exc.reason} at byte {exc.start})") from None
         except tomllib.TOMLDecodeError as exc:
-            raise self.error(None, f"invalid TOML: {exc}") from None
+            raise self.error(None, f"invalid TOML: {' '.join(str(exc).split())[:200]}") from None
+        except RecursionError:
+            raise self.error(None, "invalid TOML: arrays or inline tables nested too deeply") from None
+        except ValueError as exc:  # an integer beyond Python's digit limit for int()
+            raise self.error(None, f"invalid TOML: {' '.join(str(exc).split())[:200]}") from None
 
     def check_keys(self, table: Mapping[str, Any], allowed: tuple[str, ...], where: str) -> None:
         for key in table:

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from ..errors import CheckpointReadError
+from ..weights import MAX_GAMMA
 from .checkpoint import Checkpoint, CheckpointMeta
 
 __all__ = ["STATE_DICT_KEYS", "name_metadata", "find_state_dict", "meta_from_object", "meta_from_strings",
@@ -166,7 +167,7 @@ def _as_epoch(v: Any) -> int | float | None:
 
 
 def _meta_from_mapping(meta: CheckpointMeta, d: Mapping[str, Any], parse_str: bool = False,
-                       ckpt: Checkpoint | None = None) -> None:
+                       ckpt: Checkpoint | None = None, path: Path | None = None) -> None:
     def val(v: Any) -> float | int | None:
         if parse_str and isinstance(v, str):
             if len(v) > 64:
@@ -192,11 +193,13 @@ def _meta_from_mapping(meta: CheckpointMeta, d: Mapping[str, Any], parse_str: bo
             ep = _as_epoch(val(d[k]))
             if ep is not None:
                 meta.epoch, meta.epoch_from = ep, "recorded"
-    for k, attr in (("sigma_rel", "sigma_rel"), ("gamma", "gamma")):
-        if k in d and getattr(meta, attr) is None:
+    for k in ("sigma_rel", "gamma"):
+        if k in d and getattr(meta, k) is None:
             x = val(d[k])
+            if path is not None:
+                _check_profile(path, k, d[k], x)
             if x is not None and x > 0:
-                setattr(meta, attr, float(x))
+                setattr(meta, k, float(x))
     if "ckptavg_version" in d or "ckptavg_method" in d:
         meta.ckptavg_output = True
     for k, v in d.items():
@@ -221,9 +224,41 @@ def _meta_from_mapping(meta: CheckpointMeta, d: Mapping[str, Any], parse_str: bo
                     if isinstance(mk, str) and mx is not None:
                         meta.metrics[mk] = mx
 
+#: the power-EMA profile a snapshot records: sigma_rel in (0, SIGMA_REL_MAX), gamma in (0, MAX_GAMMA]
+SIGMA_REL_MAX = 0.2886
+
+
+def _check_profile(path: Path, key: str, raw: Any, x: float | int | None) -> None:
+    """A recorded ``sigma_rel``/``gamma`` that is a number (or a string, a one-element tensor) must be a valid
+    power-EMA profile: NaN, inf, 0, negative or out-of-range values are an error naming the file, never a
+    silent switch to a plain checkpoint. Other values (None, a dict) are not a profile and are ignored."""
+    numeric = isinstance(raw, (int, float, str)) or (isinstance(raw, torch.Tensor) and raw.numel() == 1)
+    if isinstance(raw, bool) or not numeric:
+        return
+    if key == "sigma_rel":
+        ok, rule = x is not None and 0 < x < SIGMA_REL_MAX, f"in (0, {SIGMA_REL_MAX})"
+    else:
+        ok, rule = x is not None and 0 < x <= MAX_GAMMA, f"in (0, {MAX_GAMMA:g}]"
+    if ok:
+        return
+    if isinstance(raw, torch.Tensor):
+        shown = f"a {str(raw.dtype).removeprefix('torch.')} tensor" + (f" holding {x!r}" if x is not None else "")
+    else:
+        shown = _shown(raw)
+    raise CheckpointReadError(
+        f"{path}: the power-EMA snapshot profile '{key}' is {shown}; it must be a finite number {rule}"
+    )
+
+
 def meta_from_strings(ckpt: Checkpoint, d: Mapping[str, str]) -> None:
-    """Metadata from a string mapping (safetensors ``__metadata__``): numbers are parsed."""
-    _meta_from_mapping(ckpt.meta, d, parse_str=True)
+    """Metadata from a string mapping (safetensors ``__metadata__``): numbers are parsed; a ``sigma_rel``
+    or ``gamma`` that is not a valid power-EMA profile is a :class:`CheckpointReadError` naming the file.
+
+    Example::
+
+        meta_from_strings(ckpt, {"step": "4000", "sigma_rel": "0.05"})  # ckpt.meta.step == 4000
+    """
+    _meta_from_mapping(ckpt.meta, d, parse_str=True, path=ckpt.path)
     for k in ("ckptavg_version", "ckptavg_method", "format"):
         ckpt.meta.metrics.pop(k, None)
 
@@ -232,7 +267,7 @@ def meta_from_object(ckpt: Checkpoint) -> None:
     obj = ckpt.obj
     if not isinstance(obj, Mapping) or (ckpt.weights_key is None and _is_tensor_dict(obj)):
         return
-    _meta_from_mapping(ckpt.meta, obj, ckpt=ckpt)
+    _meta_from_mapping(ckpt.meta, obj, ckpt=ckpt, path=ckpt.path)
     # fairseq keeps the epoch under extra_state (and the update count in optimizer_history)
     extra = obj.get("extra_state")
     if isinstance(extra, Mapping):
