@@ -51,6 +51,7 @@ class _Group(click.Group):
         if not standalone_mode:
             return super().main(args, prog_name, complete_var, standalone_mode, **extra)
         _ARGV[:] = list(sys.argv[1:] if args is None else args)
+        _JSON_PRINTED[0] = False
         try:
             rv = super().main(args, prog_name, complete_var, False, **extra)
         except click.UsageError as e:
@@ -98,12 +99,13 @@ class _Group(click.Group):
 
 
 _ARGV: list[str] = []  # the arguments of this run, for the --json error document
+_JSON_PRINTED: list[bool] = [False]  # a document is already on stdout (inspect's report before its exit 1)
 
 
 def _json_error(ctx: click.Context, message: str, code: int) -> None:
     """With --json, a failed command still prints one JSON document on stdout (its error)."""
     args = _ARGV[: _ARGV.index("--")] if "--" in _ARGV else _ARGV
-    if "--json" in args and ctx.invoked_subcommand:
+    if "--json" in args and ctx.invoked_subcommand and not _JSON_PRINTED[0]:
         from .events import dumps, error_document
 
         click.echo(dumps(error_document(ctx.invoked_subcommand, message, code), indent=2))
@@ -303,6 +305,7 @@ def _echo_json(command: str, payload: dict[str, Any]) -> None:
     from .events import document, dumps
 
     click.echo(dumps(document(command, payload), indent=2))
+    _JSON_PRINTED[0] = True
 
 
 def _echo_report(report: Any, as_json: bool, quiet: bool, notes: list[str], command: str = "sweep") -> None:
