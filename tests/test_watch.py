@@ -325,3 +325,26 @@ def test_cli_watch_json_lines_and_sigterm_exit_0(tmp_path):
         assert validate(ev, schema_of(ev)) == [], ev
     assert out.read_bytes() == _fresh([runs / "step-1.safetensors"], out, tmp_path)
     _no_temporaries(tmp_path)
+
+
+def test_a_checkpoint_rewritten_between_scan_and_update_is_not_published(tmp_path):
+    from ckptavg.options import MergeOptions
+    from ckptavg.watcher import Watcher
+
+    runs, out = tmp_path / "runs", tmp_path / "avg.safetensors"
+    runs.mkdir()
+    names = [runs / f"s-{i}.safetensors" for i in range(2)]
+    for i, n in enumerate(names):
+        _write(n, _st_bytes(i))
+    events: list[dict] = []
+    w = Watcher([str(runs)], str(out), MergeOptions(), on_event=events.append, settle=0)
+    complete, files, _settling = w.scan()
+    assert list(complete) == names
+    time.sleep(0.01)
+    _write(names[1], _st_bytes(4))  # complete again, but not the bytes that were judged complete
+    assert not w.update(complete, files)
+    assert not out.exists() and "changed after it was judged complete" in events[-1]["message"]
+    _no_temporaries(tmp_path)
+    complete, files, _settling = w.scan()  # the next scan judges the new file and uses it
+    assert w.update(complete, files)
+    assert out.read_bytes() == _fresh(names, out, tmp_path)

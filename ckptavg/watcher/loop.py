@@ -175,7 +175,7 @@ class Watcher:
                     self.emit(event("skipped", path=path, reason="unreadable", detail=str(e)))
                     continue
                 self.known[path] = k
-                self.emit(event("seen", path=path, format=v.format, bytes=self.src.size(path)))
+                self.emit(event("seen", path=path, format=v.format, bytes=None if is_dir else self.src.size(path)))
             complete[path] = k
             if is_dir:
                 for entry in st:
