@@ -88,6 +88,8 @@ def test_partial_files_never_enter_and_output_equals_fresh_merge(tmp_path):
         assert out.read_bytes() == _fresh(names[: k + 1], out, tmp_path)
     _res, events = _watch_once([str(runs)], out)  # nothing new: no update
     assert [e["event"] for e in events][-2:] == ["unchanged", "stopped"]
+    ckptavg.merge(str(runs), tmp_path / "folder.safetensors")  # the merge of the folder itself
+    assert out.read_bytes() == (tmp_path / "folder.safetensors").read_bytes()
     _no_temporaries(tmp_path)
 
 
@@ -107,6 +109,7 @@ def test_dcp_folder_counts_once_metadata_appears(tmp_path):
                 shutil.copy(p, f / p.name)
         _res, events = _watch_once([str(runs)], out)
         assert all(str(f) not in ins for ins in _published_inputs(events))
+        assert any(e["event"] == "skipped" and e["path"] == str(f) and e["reason"] == "incomplete" for e in events)
         if i:
             assert out.read_bytes() == _fresh(folders[:i], out, tmp_path)
         shutil.copy(staging / f"step-{i}" / ".metadata", f / ".metadata")  # dcp.save writes it last
@@ -288,7 +291,8 @@ def test_completeness_judged_per_format(tmp_path):
     assert judge(src, it).complete
 
 
-def test_cli_watch_json_lines_and_sigterm_exit_0(tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_cli_watch_json_lines_and_signal_exit_0(tmp_path, sig):
     runs = tmp_path / "runs"
     runs.mkdir()
     _write(runs / "step-1.safetensors", _st_bytes(0))
@@ -311,7 +315,7 @@ def test_cli_watch_json_lines_and_sigterm_exit_0(tmp_path):
                 break
         assert lines and lines[-1]["event"] == "published", lines
         t0 = time.monotonic()
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(sig)
         rest, err = proc.communicate(timeout=10)
         assert proc.returncode == 0, err
         assert time.monotonic() - t0 < 5
@@ -348,3 +352,17 @@ def test_a_checkpoint_rewritten_between_scan_and_update_is_not_published(tmp_pat
     complete, files, _settling = w.scan()  # the next scan judges the new file and uses it
     assert w.update(complete, files)
     assert out.read_bytes() == _fresh(names, out, tmp_path)
+
+
+def test_watch_refuses_torchrun_and_bad_options(tmp_path, monkeypatch, run_cli):
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    code, _out, err = run_cli("watch", runs, "-o", tmp_path / "a.pt", "--once", "--dry-run")
+    assert code == 2 and "--dry-run" in err
+    code, _out, err = run_cli("watch", runs, "-o", tmp_path / "a.pt", "--every-new", "0")
+    assert code == 2 and "every-new" in err
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    with pytest.raises(ckptavg.CkptavgError, match="torchrun"):
+        ckptavg.watch(str(runs), tmp_path / "a.pt", once=True)
