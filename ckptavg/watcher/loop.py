@@ -113,7 +113,7 @@ class Watcher:
         self.first_seen: dict[Path, tuple[str, float]] = {}  # path -> (stamp, when first seen so)
         self.known: dict[Path, str] = {}  # complete and readable, at this stamp
         self.failed: dict[Path, str] = {}  # unreadable at this stamp
-        self.told: dict[Path, str] = {}  # last 'skipped incomplete' reason reported
+        self.told: dict[Path, str] = {}  # 'skipped' reason reported while it is being written
         self.published = self._load_state()
         self.failed_set: dict[str, str] | None = None  # the selection whose last update failed
         self.result = WatchResult()
@@ -157,17 +157,18 @@ class Watcher:
                 self.first_seen[path] = (k, now)
             if self.failed.get(path) == k:
                 continue
-            v = judge(self.src, path, is_dir)
-            if not v.complete:
-                if self.told.get(path) != k + v.reason:
-                    self.told[path] = k + v.reason
+            if self.known.get(path) != k:  # judged complete and readable at this very stamp: nothing to redo
+                v = judge(self.src, path, is_dir)
+                if not v.complete:
                     reason = "not-a-checkpoint" if v.format == "unknown" else "incomplete"
-                    self.emit(event("skipped", path=path, reason=reason, detail=v.reason))
-                continue
-            if now - self.first_seen[path][1] < self.settle:
-                settling = True
-                continue
-            if self.known.get(path) != k:
+                    if self.told.get(path) != reason:  # once, until it completes (not at every scan)
+                        self.told[path] = reason
+                        self.emit(event("skipped", path=path, reason=reason, detail=v.reason))
+                    continue
+                self.told.pop(path, None)
+                if now - self.first_seen[path][1] < self.settle:
+                    settling = True
+                    continue
                 try:
                     open_checkpoint(path, key=self.opts.key, trust_pickle=self.opts.trust_pickle).close()
                 except CkptavgError as e:
