@@ -22,6 +22,7 @@ from ckptavg.events import SCHEMAS, schema_of, validate
 from ckptavg.watcher.complete import LocalSource, judge
 
 from .conftest import make_state_dicts
+from .test_bn_cli import bn_setup  # noqa: F401  (fixture)
 
 SDS = make_state_dicts(8, seed=3)
 
@@ -230,6 +231,8 @@ def test_running_watcher_follows_a_slow_writer(tmp_path, poll):
     assert events[0]["mode"] == ("poll" if poll else "inotify") and events[-1]["event"] == "stopped"
     for ins in _published_inputs(events):  # every update used only whole checkpoints
         assert ins == [str(x) for x in names[: len(ins)]]
+    for n in names:  # a checkpoint being written is reported once, not at every scan
+        assert sum(e["event"] == "skipped" and e["path"] == str(n) for e in events) <= 1
     for ev in events:
         assert validate(ev, SCHEMAS[f"watch.{ev['event']}"]) == []
 
@@ -366,3 +369,26 @@ def test_watch_refuses_torchrun_and_bad_options(tmp_path, monkeypatch, run_cli):
     monkeypatch.setenv("LOCAL_RANK", "0")
     with pytest.raises(ckptavg.CkptavgError, match="torchrun"):
         ckptavg.watch(str(runs), tmp_path / "a.pt", once=True)
+
+
+def test_trainer_folders_count_once_trainer_state_is_written(tmp_path):
+    runs, out = tmp_path / "output_dir", tmp_path / "avg.safetensors"
+    folders = [runs / f"checkpoint-{s}" for s in (100, 200)]
+    for i, f in enumerate(folders):
+        f.mkdir(parents=True)
+        save_file(SDS[i], f / "model.safetensors")
+    (folders[0] / "trainer_state.json").write_text('{"global_step": 100}')
+    _res, events = _watch_once([str(runs)], out)
+    assert _published_inputs(events) == [[str(folders[0])]]
+    assert out.read_bytes() == _fresh(folders[:1], out, tmp_path)
+    (folders[1] / "trainer_state.json").write_text('{"global_step": 200}')
+    _watch_once([str(runs)], out)
+    assert out.read_bytes() == _fresh(folders, out, tmp_path)
+
+
+def test_watch_with_bn_spec_equals_merge_with_bn_spec(bn_setup, tmp_path):  # noqa: F811
+    _tmp, spec, runs, _sds, _mod = bn_setup
+    out = tmp_path / "swa.pt"
+    _res, events = _watch_once([str(runs)], out, bn_spec=str(spec), last=3)
+    assert len(_published_inputs(events)[0]) == 3
+    assert out.read_bytes() == _fresh(sorted(runs.iterdir()), out, tmp_path, bn_spec=str(spec), last=3)
