@@ -57,6 +57,8 @@ class _Group(click.Group):
         except click.UsageError as e:
             where = e.ctx.command_path if e.ctx is not None else "ckptavg"
             click.echo(f"ckptavg: error: {e.format_message()} (see '{where} --help')", err=True)
+            if e.ctx is not None and e.ctx.parent is not None:
+                _json_error(e.ctx.command.name, e.format_message(), e.exit_code)
             sys.exit(e.exit_code)
         except click.ClickException as e:
             click.echo(f"ckptavg: error: {e.format_message()}", err=True)
@@ -84,7 +86,7 @@ class _Group(click.Group):
                 raise
             if not getattr(e, "ckptavg_quiet", False):  # a merge across ranks: another rank prints it
                 click.echo(f"ckptavg: error: {e}", err=True)
-                _json_error(ctx, str(e), e.exit_code)
+                _json_error(ctx.invoked_subcommand, str(e), e.exit_code)
             ctx.exit(e.exit_code)
         except KeyboardInterrupt:
             if debug:
@@ -102,13 +104,17 @@ _ARGV: list[str] = []  # the arguments of this run, for the --json error documen
 _JSON_PRINTED: list[bool] = [False]  # a document is already on stdout (inspect's report before its exit 1)
 
 
-def _json_error(ctx: click.Context, message: str, code: int) -> None:
-    """With --json, a failed command still prints one JSON document on stdout (its error)."""
+def _json_error(command: str | None, message: str, code: int) -> None:
+    """With --json, a failed command still prints one JSON document on stdout (its error); for
+    ``watch``, whose stdout is JSON lines, one ``error`` event."""
     args = _ARGV[: _ARGV.index("--")] if "--" in _ARGV else _ARGV
-    if "--json" in args and ctx.invoked_subcommand and not _JSON_PRINTED[0]:
-        from .events import dumps, error_document
+    if "--json" in args and command and not _JSON_PRINTED[0]:
+        from .events import dumps, error_document, event
 
-        click.echo(dumps(error_document(ctx.invoked_subcommand, message, code), indent=2))
+        if command == "watch":
+            click.echo(dumps(event("error", message=message, exit_code=code, path=None)))
+        else:
+            click.echo(dumps(error_document(command, message, code), indent=2))
 
 
 def _published() -> list[Any]:
@@ -426,6 +432,7 @@ def watch_cmd(inputs: tuple[str, ...], output: str, strip_prefix: tuple[str, ...
         if as_json:
             click.echo(dumps(ev))
             sys.stdout.flush()
+            _JSON_PRINTED[0] |= ev["event"] == "error"  # a fatal error after it is not printed twice
         elif not quiet:
             click.echo(f"ckptavg: watch: {describe(ev)}", err=True)
 

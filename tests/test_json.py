@@ -67,6 +67,11 @@ def test_inspect_and_error_documents_and_exit_codes(three, tmp_path, run_cli):
     assert err.startswith("ckptavg: error:") and not (tmp_path / "o.pt").exists()
     code, stdout, err = run_cli("merge", *paths, "-o", tmp_path / "o.pt", "--json", "--method", "nope")
     assert code == EXIT_CODES["usage"] == 2 and "nope" in err
+    assert _doc(stdout)["error"]["exit_code"] == 2
+    # watch prints JSON lines: its fatal errors are one error event
+    code, stdout, err = run_cli("watch", tmp_path, "-o", tmp_path / "o.pt", "--json", "--dry-run")
+    assert code == 2 and [json.loads(x)["event"] for x in stdout.splitlines()] == ["error"]
+    assert _doc(stdout)["exit_code"] == 2 and "--dry-run" in err
     code, stdout, _ = run_cli("inspect", paths[0], bad, "--json")  # the report, then exit 1
     assert code == 1 and _doc(stdout)["checkpoints"][1]["error"]
 
