@@ -392,7 +392,8 @@ def soup_cmd(inputs: tuple[str, ...], strip_prefix: tuple[str, ...], as_json: bo
 @click.option("--every-new", type=click.IntRange(min=1), default=1, show_default=True, metavar="K",
               help="Re-average only after K new or changed complete checkpoints.")
 @click.option("--interval", type=click.FloatRange(min=0, min_open=True), default=10.0, show_default=True,
-              metavar="SECONDS", help="Seconds between scans (with inotify, a change wakes the watcher sooner).")
+              metavar="SECONDS", help="At most one update per SECONDS; also the time between scans when polling "
+              "(with inotify a change wakes the watcher sooner).")
 @click.option("--settle", type=click.FloatRange(min=0), default=1.0, show_default=True, metavar="SECONDS",
               help="A checkpoint is used once its size and times stayed unchanged this long (and its format "
                    "says it is complete).")

@@ -207,7 +207,7 @@ def test_running_watcher_follows_a_slow_writer(tmp_path, poll):
     events: list[dict] = []
     stop = threading.Event()
     t = threading.Thread(target=ckptavg.watch, args=([str(runs)], out), daemon=True,
-                         kwargs={"interval": 0.2 if poll else 5.0, "settle": 0.3, "poll": poll, "stop": stop,
+                         kwargs={"interval": 0.2 if poll else 0.5, "settle": 0.3, "poll": poll, "stop": stop,
                                  "on_event": events.append})
     t.start()
     names = [runs / f"step-{i}.safetensors" for i in range(3)]
@@ -392,3 +392,36 @@ def test_watch_with_bn_spec_equals_merge_with_bn_spec(bn_setup, tmp_path):  # no
     _res, events = _watch_once([str(runs)], out, bn_spec=str(spec), last=3)
     assert len(_published_inputs(events)[0]) == 3
     assert out.read_bytes() == _fresh(sorted(runs.iterdir()), out, tmp_path, bn_spec=str(spec), last=3)
+
+
+def test_interval_limits_how_often_it_reaverages(tmp_path):
+    pytest.importorskip("inotify_simple")  # polling is spaced by the interval anyway; inotify wakes at once
+    runs, out = tmp_path / "runs", tmp_path / "avg.safetensors"
+    runs.mkdir()
+    names = [runs / f"step-{i}.safetensors" for i in range(3)]
+    _write(names[0], _st_bytes(0))
+    published: list[tuple[float, int]] = []
+    stop = threading.Event()
+
+    def on_event(ev):
+        if ev["event"] == "published":
+            published.append((time.monotonic(), len(ev["inputs"])))
+
+    t = threading.Thread(target=ckptavg.watch, args=([str(runs)], out), daemon=True,
+                         kwargs={"interval": 1.5, "settle": 0.1, "stop": stop, "on_event": on_event})
+    t.start()
+    try:
+        deadline = time.monotonic() + 8
+        while not published and time.monotonic() < deadline:
+            time.sleep(0.02)
+        _write(names[1], _st_bytes(1))
+        time.sleep(0.4)
+        _write(names[2], _st_bytes(2))
+        while (not published or published[-1][1] < 3) and time.monotonic() < deadline:
+            time.sleep(0.02)
+    finally:
+        stop.set()
+        t.join(5)
+    assert [n for _t, n in published] == [1, 3]  # the two new checkpoints: one update, not two
+    assert published[1][0] - published[0][0] >= 1.5
+    assert out.read_bytes() == _fresh(names, out, tmp_path)

@@ -32,7 +32,8 @@ def watch(inputs: str | os.PathLike[str] | Sequence[str | os.PathLike[str]], out
     driver and published atomically, so ``output`` is byte for byte what :func:`ckptavg.merge`
     writes for those checkpoints. ``once``: one update if one is due, then return (for cron);
     ``every_new``: re-average only after that many new or changed checkpoints; ``interval``:
-    seconds between scans (with inotify a change wakes it sooner); ``settle``: seconds a
+    at most one update per ``interval`` seconds, and the seconds between scans when polling
+    (with inotify a change wakes it sooner); ``settle``: seconds a
     checkpoint's size and times must stay unchanged; ``prune``: delete checkpoints that can no
     longer enter the selection (never by default); ``poll``: never use inotify; ``on_event``:
     called with each event (a dict, see :mod:`ckptavg.events`); ``stop``: set it (from another

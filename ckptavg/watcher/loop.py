@@ -25,6 +25,7 @@ Example::
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import threading
@@ -257,19 +258,26 @@ class Watcher:
         waiter = make_waiter(self.stop, self.poll or once)
         self.emit(event("start", inputs=self.inputs, outputs=[os.fspath(o) for o in self.outputs],
                         mode=waiter.mode, once=once))
+        last_update = -math.inf
         try:
             while True:
                 complete, files, settling = self.scan()
                 if once and settling:
                     self.stop.wait(self.settle)
                     complete, files, settling = self.scan()
+                wait = self.interval
                 if self._due(complete):
-                    self.update(complete, files)
+                    gap = self.interval - (time.monotonic() - last_update)
+                    if once or gap <= 0:  # at most one update per interval
+                        self.update(complete, files)
+                        last_update = time.monotonic()
+                    else:
+                        wait = gap
                 elif once:
                     self.emit(event("unchanged", checkpoints=len(complete)))
                 if once or self.stop.is_set():
                     break
-                timeout = min(self.interval, self.settle) if settling else self.interval
+                timeout = min(wait, self.settle) if settling else wait
                 waiter.wait(timeout, watched_folders(self.inputs, candidates(self.src, self.inputs)))
                 if self.stop.is_set():
                     break
