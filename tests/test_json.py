@@ -13,7 +13,7 @@ from ckptavg.events import EXIT_CODES, SCHEMAS, document, dumps, event, schema_o
 
 from .conftest import fp64_mean, make_state_dicts
 from .test_bn_cli import bn_setup  # noqa: F401  (fixture)
-from .test_sweep import _spec, run  # noqa: F401  (fixture)
+from .test_sweep import SPEC, run  # noqa: F401  (fixture)
 
 
 def _doc(stdout: str) -> dict:
@@ -89,7 +89,8 @@ def test_bn_json_document(bn_setup, run_cli, tmp_path):  # noqa: F811
 
 def test_sweep_and_soup_json_documents(run, run_cli, tmp_path):  # noqa: F811
     root, _, folders = run
-    spec = _spec(root, "plain.toml", factory="build_plain")
+    spec = root / "plain.toml"
+    spec.write_text(SPEC.format(factory="build_plain", metric="loss", higher="false"))
     code, stdout, err = run_cli("sweep", folders["build_plain"], "--spec", spec, "--last", "2", "--json", "-q")
     assert code == 0, err
     doc = _doc(stdout)
