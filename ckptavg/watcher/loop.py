@@ -232,7 +232,11 @@ class Watcher:
         everything = replace(self.opts, epochs=None, steps=None, last=None, best=None, method="uniform",
                              decay=None, decay_per_step=None, gamma=None, sigma_rel=None, at=None,
                              bn_spec=None)
-        p = build_plan(paths, everything)
+        try:
+            p = build_plan(paths, everything)
+        except CkptavgError as e:  # cannot order them all: delete nothing
+            self.emit(event("error", message=f"--prune: nothing deleted: {e}", exit_code=e.exit_code, path=None))
+            return
         try:
             ordered = [i.path for i in p.inputs]
         finally:
