@@ -33,6 +33,7 @@ _LAZY = {
     "MergePlan": "plans", "MergeOptions": "options",
     "PowerEMA": "power_ema", "PowerEMACallback": "lightning_callback",
     "sweep": "sweeps", "soup": "sweeps", "SweepReport": "sweeps", "SoupReport": "sweeps",
+    "watch": "watcher",
 }
 
 if TYPE_CHECKING:
@@ -44,6 +45,7 @@ if TYPE_CHECKING:
     from .plans import MergePlan
     from .power_ema import PowerEMA
     from .sweeps import SoupReport, SweepReport, soup, sweep
+    from .watcher import watch
 
 
 def __getattr__(name: str) -> Any:
@@ -71,6 +73,7 @@ __all__ = [
     "recalibrate_file",
     "sweep",
     "soup",
+    "watch",
     "SweepReport",
     "SoupReport",
     "MergeReport",

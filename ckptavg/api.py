@@ -139,6 +139,14 @@ class BNFileReport:
     def summary(self) -> str:
         return f"wrote {self.output}: {self.bn.summary()}"
 
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready (``ckptavg bn --json``): the files, the recalibration and the cost."""
+        bn = self.bn
+        return {"input": os.fspath(self.input), "output": os.fspath(self.output), "bytes_written": self.bytes_written,
+                "seconds": round(self.seconds, 3),
+                "bn": {"mode": bn.mode, "layers": list(bn.layers), "batches": bn.batches, "samples": bn.samples,
+                       "skipped": bn.skipped, "unused": list(bn.unused), "seconds": round(bn.seconds, 3)}}
+
 
 def recalibrate_file(
     model_file: PathLike,

@@ -6,7 +6,6 @@ traceback; the exit status is 1, or 2 for usage errors. ``--debug`` shows traceb
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import sys
@@ -51,11 +50,15 @@ class _Group(click.Group):
         ``ckptavg: error: ...`` with exit status 2, like every other error."""
         if not standalone_mode:
             return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        _ARGV[:] = list(sys.argv[1:] if args is None else args)
+        _JSON_PRINTED[0] = False
         try:
             rv = super().main(args, prog_name, complete_var, False, **extra)
         except click.UsageError as e:
             where = e.ctx.command_path if e.ctx is not None else "ckptavg"
             click.echo(f"ckptavg: error: {e.format_message()} (see '{where} --help')", err=True)
+            if e.ctx is not None and e.ctx.parent is not None:
+                _json_error(e.ctx.command.name, e.format_message(), e.exit_code)
             sys.exit(e.exit_code)
         except click.ClickException as e:
             click.echo(f"ckptavg: error: {e.format_message()}", err=True)
@@ -83,6 +86,7 @@ class _Group(click.Group):
                 raise
             if not getattr(e, "ckptavg_quiet", False):  # a merge across ranks: another rank prints it
                 click.echo(f"ckptavg: error: {e}", err=True)
+                _json_error(ctx.invoked_subcommand, str(e), e.exit_code)
             ctx.exit(e.exit_code)
         except KeyboardInterrupt:
             if debug:
@@ -94,6 +98,23 @@ class _Group(click.Group):
                 raise
             click.echo(f"ckptavg: terminated; {_written(mark)}", err=True)
             ctx.exit(143)
+
+
+_ARGV: list[str] = []  # the arguments of this run, for the --json error document
+_JSON_PRINTED: list[bool] = [False]  # a document is already on stdout (inspect's report before its exit 1)
+
+
+def _json_error(command: str | None, message: str, code: int) -> None:
+    """With --json, a failed command still prints one JSON document on stdout (its error); for
+    ``watch``, whose stdout is JSON lines, one ``error`` event."""
+    args = _ARGV[: _ARGV.index("--")] if "--" in _ARGV else _ARGV
+    if "--json" in args and command and not _JSON_PRINTED[0]:
+        from .events import dumps, error_document, event
+
+        if command == "watch":
+            click.echo(dumps(event("error", message=message, exit_code=code, path=None)))
+        else:
+            click.echo(dumps(error_document(command, message, code), indent=2))
 
 
 def _published() -> list[Any]:
@@ -176,7 +197,7 @@ def merge(inputs: tuple[str, ...], output: str, quiet: bool, as_json: bool, stri
     if report.extra.get("rank", 0) != 0:
         return  # a merge across ranks (torchrun): rank 0 reports
     if as_json:
-        click.echo(json.dumps(report.to_dict(), indent=2, default=str))
+        _echo_json("merge", report.to_dict())
     elif report.dry_run:
         click.echo(report.plan.format())
     else:
@@ -199,9 +220,10 @@ def merge(inputs: tuple[str, ...], output: str, quiet: bool, as_json: bool, stri
 @click.option("--key", metavar="PATH", help="Where the weights are inside a torch checkpoint (dotted).")
 @click.option("--trust-pickle", is_flag=True,
               help="Allow full unpickling (can run code from the file!) if weights_only refuses it.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary line.")
 def bn(model_file: str, spec: str, output: str, mode: str, device: str | None, max_batches: int | None,
-       key: str | None, trust_pickle: bool, quiet: bool) -> None:
+       key: str | None, trust_pickle: bool, quiet: bool, as_json: bool) -> None:
     """Recalibrate the BatchNorm statistics of MODEL (a model file) with a spec's data.
 
     \b
@@ -217,6 +239,8 @@ def bn(model_file: str, spec: str, output: str, mode: str, device: str | None, m
 
     report = api.recalibrate_file(model_file, spec, output, mode=mode, device=device, max_batches=max_batches,
                                   key=key, trust_pickle=trust_pickle, progress=_progress(quiet))
+    if as_json:
+        _echo_json("bn", report.to_dict())
     if not quiet:
         click.echo(report.summary(), err=True)
 
@@ -251,7 +275,7 @@ def inspect_cmd(inputs: tuple[str, ...], as_json: bool, key: str | None, strip_p
     report = do_inspect(list(inputs), key=key, strip_prefix=list(strip_prefix) or None, trust_pickle=trust_pickle,
                         order=order)
     if as_json:
-        click.echo(json.dumps(report.to_dict(), indent=2, default=str))
+        _echo_json("inspect", report.to_dict())
     else:
         click.echo(report.format())
     if report.errors:
@@ -283,12 +307,19 @@ _FIXED = ["order", "every", "key", "strip_prefix", "trust_pickle", "allow_nonfin
           "dtype", "bn_mode"]
 
 
-def _echo_report(report: Any, as_json: bool, quiet: bool, notes: list[str]) -> None:
+def _echo_json(command: str, payload: dict[str, Any]) -> None:
+    from .events import document, dumps
+
+    click.echo(dumps(document(command, payload), indent=2))
+    _JSON_PRINTED[0] = True
+
+
+def _echo_report(report: Any, as_json: bool, quiet: bool, notes: list[str], command: str = "sweep") -> None:
     if not quiet:
         for note in notes:
             click.echo(f"ckptavg: note: {note}", err=True)
     if as_json:
-        click.echo(json.dumps(report.to_dict(), indent=2, default=str))
+        _echo_json(command, report.to_dict())
     else:
         click.echo(report.format())
 
@@ -349,7 +380,71 @@ def soup_cmd(inputs: tuple[str, ...], strip_prefix: tuple[str, ...], as_json: bo
 
     report = soup(list(inputs), opts.pop("spec"), opts.pop("output"), progress=_progress(quiet),
                   strip_prefix=list(strip_prefix) or None, **opts)
-    _echo_report(report, as_json, quiet, [])
+    _echo_report(report, as_json, quiet, [], "soup")
+
+
+@cli.command("watch", context_settings=CONTEXT)
+@click.argument("inputs", nargs=-1, required=True, metavar="CHECKPOINTS...")
+@click.option("-o", "--output", required=True, type=click.Path(),
+              help="Output, as for merge (a file, DIR/, NAME.dcp, or a template such as 'ema-{sigma_rel}.pt').")
+@click_options
+@click.option("--once", is_flag=True, help="One update if one is due, then exit (0 also when nothing changed).")
+@click.option("--every-new", type=click.IntRange(min=1), default=1, show_default=True, metavar="K",
+              help="Re-average only after K new or changed complete checkpoints.")
+@click.option("--interval", type=click.FloatRange(min=0, min_open=True), default=10.0, show_default=True,
+              metavar="SECONDS", help="At most one update per SECONDS; also the time between scans when polling "
+              "(with inotify a change wakes the watcher sooner).")
+@click.option("--settle", type=click.FloatRange(min=0), default=1.0, show_default=True, metavar="SECONDS",
+              help="A checkpoint is used once its size and times stayed unchanged this long (and its format "
+                   "says it is complete).")
+@click.option("--prune", is_flag=True, help="Delete checkpoints matched by CHECKPOINTS that can no longer enter "
+              "the selection (older than the oldest selected; with --last, --best, --steps/--epochs A:). Never "
+              "by default.")
+@click.option("--poll", is_flag=True, help="Poll even where inotify is available.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON line per event on stdout (schema: docs/pipelines.md).")
+@click.option("-q", "--quiet", is_flag=True, help="No event lines on stderr.")
+def watch_cmd(inputs: tuple[str, ...], output: str, strip_prefix: tuple[str, ...], once: bool, every_new: int,
+              interval: float, settle: float, prune: bool, poll: bool, as_json: bool, quiet: bool,
+              **opts: Any) -> None:
+    """Keep OUTPUT equal to `merge CHECKPOINTS -o OUTPUT [options]` over the checkpoints complete so far.
+
+    \b
+    Examples:
+      ckptavg watch runs/ -o swa.safetensors --last 5
+      ckptavg watch ckpt/ -o ema.pt --method ema --decay-per-step 0.9999 --json
+      ckptavg watch runs/ -o swa.pt --steps 20000: --once        # from cron
+      ckptavg watch snaps/ --method power-ema --sigma-rel 0.05,0.1 -o 'ema-{sigma_rel}.safetensors'
+
+    A checkpoint is used once complete (its format's end mark: safetensors length, the zip's
+    end record, an HF index and all shards, DCP .metadata, trainer_state.json, Megatron's
+    marker) and unchanged for --settle seconds. Each update is a full merge of the selection,
+    published atomically: OUTPUT is byte for byte what `ckptavg merge` writes. SIGINT or
+    SIGTERM stops it (exit status 0), abandoning an update in progress.
+    """
+    from .events import describe, dumps, event
+    from .watcher import watch
+
+    updates = [0]
+    errors = [0]
+
+    def on_event(ev: dict[str, Any]) -> None:
+        updates[0] += ev["event"] == "published"
+        errors[0] += ev["event"] == "error"
+        if as_json:
+            click.echo(dumps(ev))
+            sys.stdout.flush()
+            _JSON_PRINTED[0] |= ev["event"] == "error"  # a fatal error after it is not printed twice
+        elif not quiet:
+            click.echo(f"ckptavg: watch: {describe(ev)}", err=True)
+
+    try:
+        watch(list(inputs), output, once=once, every_new=every_new, interval=interval, settle=settle, prune=prune,
+              poll=poll, on_event=on_event, strip_prefix=list(strip_prefix) or None, **opts)
+    except (KeyboardInterrupt, _Terminated):
+        on_event(event("stopped", reason="signal", updates=updates[0]))  # a requested stop is success
+        return
+    if once and errors[0]:
+        click.get_current_context().exit(1)  # the update failed (its error event says why)
 
 
 def main(argv: list[str] | None = None) -> None:

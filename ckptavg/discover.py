@@ -34,7 +34,7 @@ from .errors import CheckpointReadError, OptionError
 from .io import is_checkpoint_folder
 from .io.files import CHECKPOINT_SUFFIXES
 
-__all__ = ["discover", "discover_with_origin", "natural_key"]
+__all__ = ["discover", "discover_with_origin", "natural_key", "skipped_in_folders", "has_checkpoint_suffix"]
 
 _ALIAS_RE = re.compile(r"^(?:checkpoint[_-]?|model[_-]?)?(?:last|best)(?:-v\d+)?$", re.IGNORECASE)
 # training-state files that trainers (Hugging Face Trainer, accelerate) keep beside checkpoints
@@ -134,6 +134,17 @@ def discover_with_origin(inputs: Sequence[str | os.PathLike[str]]) -> tuple[list
 
 def _skippable(name: str) -> bool:
     return bool(_ALIAS_RE.match(_stem(name)) or _TRAINING_STATE_RE.match(name))
+
+
+def skipped_in_folders(name: str) -> bool:
+    """Whether a file of this name found in a folder or glob is left out (an alias such as
+    ``last.ckpt``, or a trainer's training-state file); ``ckptavg watch`` follows the same rule."""
+    return _skippable(name)
+
+
+def has_checkpoint_suffix(name: str) -> bool:
+    """Whether a file name ends like a checkpoint file (what a folder scan picks up)."""
+    return _has_suffix(name)
 
 
 def _skipped_note(source: str, skipped: list[Path]) -> str:
