@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import re
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -43,7 +44,12 @@ def test_pyproject_reads_the_one_version_and_ships_py_typed() -> None:
 @pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("build") is None, reason="needs the 'build' package (release extra)")
 def test_wheel_holds_every_module_and_py_typed(tmp_path: Path) -> None:
-    subprocess.run([sys.executable, "-m", "build", "--wheel", "--no-isolation", "--outdir", str(tmp_path), str(ROOT)],
+    # build from a copy: setuptools' build/ folder would otherwise stay in the source tree
+    src = tmp_path / "src"
+    shutil.copytree(ROOT / "ckptavg", src / "ckptavg", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, src / name)
+    subprocess.run([sys.executable, "-m", "build", "--wheel", "--no-isolation", "--outdir", str(tmp_path), str(src)],
                    check=True, capture_output=True, timeout=300)
     (wheel,) = tmp_path.glob("ckptavg-*.whl")
     assert wheel.name.startswith(f"ckptavg-{ckptavg.__version__}-")
