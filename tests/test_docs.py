@@ -124,3 +124,17 @@ def test_option_tables_list_what_help_offers() -> None:
         assert listed == offered, command
         page = (DOCS / "commands" / f"{command}.md").read_text()
         assert f"<!-- options: {command} -->" in page and f"<!-- examples: {command} -->" in page
+
+
+def test_readme_links_into_the_docs_exist() -> None:
+    slugify = pytest.importorskip("markdown.extensions.toc").slugify
+
+    readme = (ROOT / "README.md").read_text()
+    links = re.findall(r"\]\((docs/[^)#]+\.md)(?:#([^)]+))?\)", readme)
+    assert len(links) >= 10
+    for path, anchor in links:
+        page = ROOT / path
+        assert page.is_file(), path
+        if anchor:
+            slugs = {slugify(h, "-") for h in re.findall(r"^#+ (.*)$", page.read_text(), flags=re.M)}
+            assert anchor in slugs, f"{path}#{anchor}"
