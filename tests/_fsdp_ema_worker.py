@@ -78,11 +78,11 @@ def main() -> None:
         common = ["--method", "power-ema", "--sigma-rel", "0.07"]
         ckptavg("merge", str(out / "sharded"), *common, "-o", str(out / "sharded.safetensors"))
         ckptavg("merge", str(out / "whole"), *common, "-o", str(out / "whole.safetensors"))
-        ckptavg("merge", str(out / "sharded"), *common, "-o", str(out / "merged_dcp"), "--format", "dcp")
+        ckptavg("merge", str(out / "sharded"), *common, "-o", str(out / "merged.dcp"))
     dist.barrier()
     target = {k: torch.zeros_like(v) for k, v in model.state_dict().items()}
     assert all(isinstance(v, DTensor) for v in target.values())
-    dcp.load(target, checkpoint_id=str(out / "merged_dcp"))
+    dcp.load(target, checkpoint_id=str(out / "merged.dcp"))
     loaded = {k: v.full_tensor() for k, v in target.items()}
     if rank == 0:
         torch.save(loaded, out / "loaded.pt")

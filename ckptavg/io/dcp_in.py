@@ -36,7 +36,7 @@ from .checkpoint import Checkpoint, CheckpointMeta, TensorRef
 from .dcp_checks import checked_metadata, chunk_storage, load_small_blob, shown
 from .dcp_metadata import METADATA_NAME, read_metadata
 from .files import InputFile
-from .metadata import apply_name_metadata
+from .metadata import apply_name_metadata, check_profile
 
 __all__ = ["is_dcp_folder", "open_dcp", "DcpTensorRef", "METADATA_NAME"]
 
@@ -450,12 +450,12 @@ def _recorded_meta(ckpt: Checkpoint, folder: Path, sdm: dict[str, Any], locate: 
                 setattr(meta, f"{attr}_from", "recorded")
     for attr in ("sigma_rel", "gamma"):  # a power-EMA snapshot (PowerEMA.save_snapshots(format="dcp"))
         if attr in sdm:
-            v = _small_value(folder, attr, sdm[attr], locate)
-            if isinstance(v, torch.Tensor) and v.numel() == 1:
-                v = float(v.reshape(()).item())
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not (math.isfinite(v) and v > 0):
-                raise CheckpointReadError(f"{folder}: entry {attr!r} must be a positive number, got {v!r}")
-            setattr(meta, attr, float(v))
+            raw = _small_value(folder, attr, sdm[attr], locate)
+            x = float(raw.reshape(()).item()) if isinstance(raw, torch.Tensor) and raw.numel() == 1 else raw
+            if isinstance(x, bool) or not isinstance(x, (int, float)):
+                continue  # not a profile (e.g. an RL discount kept as an object): ignored as in other formats
+            check_profile(folder, attr, raw, x)
+            setattr(meta, attr, float(x))
 
 
 def _small_value(folder: Path, fqn: str, smd: Any, locate: Any) -> Any:

@@ -197,7 +197,7 @@ def _meta_from_mapping(meta: CheckpointMeta, d: Mapping[str, Any], parse_str: bo
         if k in d and getattr(meta, k) is None:
             x = val(d[k])
             if path is not None:
-                _check_profile(path, k, d[k], x)
+                check_profile(path, k, d[k], x)
             if x is not None and x > 0:
                 setattr(meta, k, float(x))
     if "ckptavg_version" in d or "ckptavg_method" in d:
@@ -228,7 +228,7 @@ def _meta_from_mapping(meta: CheckpointMeta, d: Mapping[str, Any], parse_str: bo
 SIGMA_REL_MAX = 0.2886
 
 
-def _check_profile(path: Path, key: str, raw: Any, x: float | int | None) -> None:
+def check_profile(path: Path, key: str, raw: Any, x: float | int | None) -> None:
     """A recorded ``sigma_rel``/``gamma`` that is a number (or a string, a one-element tensor) must be a valid
     power-EMA profile: NaN, inf, 0, negative or out-of-range values are an error naming the file, never a
     silent switch to a plain checkpoint. Other values (None, a dict) are not a profile and are ignored."""
