@@ -332,7 +332,7 @@ def soup_cmd(inputs: tuple[str, ...], strip_prefix: tuple[str, ...], as_json: bo
     _echo_report(report, as_json, quiet, [], "soup")
 
 
-@cli.command("watch", context_settings=CONTEXT)
+@cli.command("watch", context_settings=CONTEXT, epilog=epilog("watch"))
 @click.argument("inputs", nargs=-1, required=True, metavar="CHECKPOINTS...")
 @click.option("-o", "--output", required=True, type=click.Path(),
               help="Output, as for merge (a file, DIR/, NAME.dcp, or a template such as 'ema-{sigma_rel}.pt').")

@@ -47,6 +47,12 @@ EXAMPLES: dict[str, list[tuple[str, str]]] = {
         ("ckptavg soup runs/ --spec bn.toml --epochs 2: --best 3 --metric val_loss --lower-is-better",
          "ingredients: the 3 best of epochs 2 and later by their stored val_loss"),
     ],
+    "watch": [
+        ("ckptavg watch runs/ -o live.pt --last 3 --once",
+         "one update of the average of the 3 newest complete checkpoints, then exit (cron, a pipeline step)"),
+        ("ckptavg watch runs/ -o live_ema.safetensors --method ema --decay 0.9 --once --json",
+         "the same for an EMA, with one JSON line per event on stdout"),
+    ],
 }
 
 

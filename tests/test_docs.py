@@ -94,7 +94,7 @@ def test_runnable_examples_run_and_print_what_the_docs_show(workdir: Path, monke
 
 def test_help_examples_run(workdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(workdir)
-    for command in ("merge", "inspect", "bn", "sweep", "soup"):
+    for command in ("merge", "inspect", "bn", "sweep", "soup", "watch"):
         assert 2 <= len(EXAMPLES[command]) <= 3
         for line, _ in EXAMPLES[command]:
             code, _ = _run(line, workdir)
