@@ -153,7 +153,7 @@ def make_waiter(stop: threading.Event, poll: bool) -> PollWaiter | InotifyWaiter
     kernel has inotify; polling otherwise."""
     if not poll:
         try:
-            from inotify_simple import INotify, flags  # type: ignore[import-untyped]
+            from inotify_simple import INotify, flags
             return InotifyWaiter(stop, INotify(), flags)
         except (ImportError, OSError):
             pass
