@@ -46,6 +46,11 @@ class PowerEMA:
     buffers (``num_batches_tracked``...) are not averaged: the latest value is copied at each update.
     Entries of ``model.state_dict()`` that are not tensors (``get_extra_state``) are not kept.
 
+    Sharded models work as they train: a DTensor parameter (FSDP2 ``fully_shard``, tensor parallel)
+    keeps its EMA as this rank's shard only (no communication per update), :meth:`state_dict` returns
+    DTensors laid out like the parameters, and ``save_snapshots(..., format="dcp")``, called on every
+    rank, writes each snapshot as a DCP folder that ``ckptavg merge --method power-ema`` reads.
+
     Profiles are given by their relative widths ``sigma_rels`` or by their exponents ``gammas``
     (``sigma_rel = sqrt((g+1) / ((g+2)^2 (g+3)))``; 0.05 -> gamma 16.97, 0.10 -> 6.94).
 
