@@ -33,6 +33,7 @@ from pathlib import Path
 from .errors import CheckpointReadError, OptionError
 from .io import is_checkpoint_folder
 from .io.files import CHECKPOINT_SUFFIXES
+from .io.urls import as_path, is_url
 
 __all__ = ["discover", "discover_with_origin", "natural_key", "skipped_in_folders", "has_checkpoint_suffix"]
 
@@ -91,8 +92,10 @@ def discover_with_origin(inputs: Sequence[str | os.PathLike[str]]) -> tuple[list
         raise OptionError("no input checkpoints given")
     for item in inputs:
         s = os.fspath(item)
-        p = Path(s)
-        if p.exists():
+        p = as_path(s)
+        if is_url(s) and glob.has_magic(s):
+            out.extend(_glob(s, notes))
+        elif p.exists():
             if p.is_dir() and not is_checkpoint_folder(p):
                 found, skipped = _scan_folder(p)
                 if not found:
@@ -115,21 +118,31 @@ def discover_with_origin(inputs: Sequence[str | os.PathLike[str]]) -> tuple[list
                 out.append(p)
                 named.add(p)
         elif glob.has_magic(s):
-            matches = sorted(glob.glob(s), key=natural_key)
-            matches = [m for m in matches if Path(m).is_file() or is_checkpoint_folder(Path(m))]
-            if not matches:
-                raise CheckpointReadError(f"{s}: no files match this pattern")
-            # as in folders: aliases (last.ckpt...) and training-state files are skipped, unless
-            # the pattern matches nothing else (then the user asked for exactly those)
-            kept = [m for m in matches if not (Path(m).is_file() and _skippable(Path(m).name))]
-            if kept and len(kept) < len(matches):
-                notes.append(_skipped_note(s, [Path(m) for m in matches if m not in kept]))
-                matches = kept
-            out.extend(Path(m) for m in matches)
+            out.extend(_glob(s, notes))
         else:
             raise CheckpointReadError(f"{p}: no such file or folder")
     _check_duplicates(out)
     return out, notes, named
+
+
+def _glob(pattern: str, notes: list[str]) -> list[Path]:
+    """The checkpoints a pattern matches (local, or a URL's objects and folders), in natural order."""
+    if is_url(pattern):
+        base = as_path(pattern.split("://", 1)[0] + "://")
+        found: list[Path] = list(base.glob_url(pattern))  # type: ignore[attr-defined]
+    else:
+        found = [Path(m) for m in glob.glob(pattern)]
+    matches = sorted(found, key=lambda q: natural_key(str(q)))
+    matches = [m for m in matches if m.is_file() or is_checkpoint_folder(m)]
+    if not matches:
+        raise CheckpointReadError(f"{pattern}: no files match this pattern")
+    # as in folders: aliases (last.ckpt...) and training-state files are skipped, unless
+    # the pattern matches nothing else (then the user asked for exactly those)
+    kept = [m for m in matches if not (m.is_file() and _skippable(m.name))]
+    if kept and len(kept) < len(matches):
+        notes.append(_skipped_note(pattern, [m for m in matches if m not in kept]))
+        matches = kept
+    return matches
 
 
 def _skippable(name: str) -> bool:

@@ -13,6 +13,7 @@ from typing import Any
 
 from .errors import OptionError
 from .io.kinds import OutputKind
+from .io.urls import as_path
 from .options import BN_MODES, MergeOptions
 from .plans import MergePlan
 from .units import human_bytes, human_seconds
@@ -106,7 +107,7 @@ def output_names(output: str | os.PathLike[str], labels: list[dict[str, str]]) -
     """
     text = os.fspath(output)
     if len(labels) == 1:
-        return [Path(text)]
+        return [as_path(text)]
     swept = ", ".join(labels[0])
     if "{" not in text:
         raise OptionError(
@@ -117,7 +118,7 @@ def output_names(output: str | os.PathLike[str], labels: list[dict[str, str]]) -
     if len(set(names)) != len(names):
         raise OptionError(f"{text}: the template gives the same name to two outputs; name every option given "
                           f"several values ({swept})")
-    return [Path(n) for n in names]
+    return [as_path(n) for n in names]
 
 
 #: an output-name template field may have a format spec of at most this width (a file name's length limit)

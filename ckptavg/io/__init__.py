@@ -24,11 +24,13 @@ from ..errors import CheckpointReadError, OptionError, OutputError
 from . import dcp_out, hf_folder_out, safetensors_out, torch_out
 from .checkpoint import Checkpoint, CheckpointMeta, TensorRef
 from .dcp_in import is_dcp_folder, open_dcp
-from .files import InputFile
+from .files import InputFile, input_file
 from .hf_folder_in import is_model_folder, open_model_folder
 from .kinds import OutputKind, OutputSetup, RankPart
+from .remote_out import RemoteKind
 from .safetensors_in import looks_like_safetensors, open_safetensors
 from .torch_in import is_legacy_pickle, is_torch_zip, open_torch, open_torch_legacy
+from .urls import as_path, is_remote, is_url
 from .writer import Entry, Writer
 
 __all__ = ["open_checkpoint", "Checkpoint", "CheckpointMeta", "TensorRef", "Entry", "Writer", "open_writer",
@@ -65,11 +67,11 @@ def _open_file(p: Path, *, key: str | None, trust_pickle: bool) -> Checkpoint:
         raise CheckpointReadError(f"{p}: no such file") from None
     except OSError as e:
         raise CheckpointReadError(f"{p}: cannot access: {e.strerror}") from None
-    if not os.access(p, os.R_OK):
+    if not is_remote(p) and not os.access(p, os.R_OK):
         raise CheckpointReadError(f"{p}: permission denied")
     if size == 0:
         raise CheckpointReadError(f"{p}: empty file, not a checkpoint")
-    f = InputFile(p, size)
+    f = input_file(p, size)
     try:
         head = f.pread(0, min(size, 8))
         for _name, match, opener in FILE_READERS:
@@ -100,7 +102,7 @@ def open_checkpoint(
         with open_checkpoint("runs/epoch=3-step=300.ckpt") as ckpt:
             print(ckpt.format, ckpt.meta.epoch, ckpt.meta.step, list(ckpt.tensors)[:3])
     """
-    p = Path(path)
+    p = as_path(path)
     if p.is_dir():
         for _name, match, opener in FOLDER_READERS:
             if match(p):
@@ -145,16 +147,20 @@ def kind_of(path: str | os.PathLike[str]) -> OutputKind:
     """The output kind a path asks for: a DCP folder (a name ending in ``.dcp`` or ``.dcp/``), a
     Hugging Face folder (a path ending in ``/``, an existing folder, or a name without a file
     extension), ``.safetensors``, or a torch file (``.pt``, ``.pth``, ``.bin``, ``.ckpt``,
-    ``.pth.tar``, ``.tar``).
+    ``.pth.tar``, ``.tar``). For a URL, the same kind written locally and uploaded
+    (:class:`~ckptavg.io.remote_out.RemoteKind`).
 
     Example::
 
         kind_of("soup/").name  # 'hf-folder'
     """
     text = os.fspath(path)
+    remote = is_remote(path) or (is_url(text) and not text.lower().startswith("file://"))
+    if text.lower().startswith("file://"):
+        text = text[len("file://"):]
     for kind in OUTPUT_KINDS:
         if kind.matches(text):
-            return kind
+            return RemoteKind(kind) if remote else kind
     raise OptionError(
         f"{text}: the output must end in .safetensors or .pt/.pth/.bin/.ckpt (the extension picks the format), "
         "or name a folder (ending in /) for Hugging Face sharded safetensors"

@@ -137,7 +137,7 @@ def chunk_storage(f: InputFile, blob: int, length: int, where: str) -> tuple[tor
         raise CheckpointReadError(f"{where}: a chunk saved with byte order {recs.byteorder[:16]!r}; ckptavg reads "
                                   "little-endian chunks")
     try:
-        with open(f.path, "rb") as fh, exact_offsets():
+        with f.open_stream() as fh, exact_offsets():
             t = torch.load(_view(fh, blob, length), map_location="meta", weights_only=True)
     except Exception as e:
         raise CheckpointReadError(f"{where}: damaged chunk ({type(e).__name__}: {short(e)})") from None
@@ -163,7 +163,7 @@ def load_small_blob(f: InputFile, off: int, length: int, where: str, cap: int) -
         raise CheckpointReadError(f"{where}: not a torch.save blob")
     recs = ZipRecords(f, where, "item", off, length)
 
-    with open(f.path, "rb") as fh:
+    with f.open_stream() as fh:
         with exact_offsets():
             meta = torch.load(_view(fh, off, length), map_location="meta", weights_only=True)
         total = 0

@@ -35,8 +35,9 @@ from ..errors import CheckpointReadError
 from .checkpoint import Checkpoint, CheckpointMeta, TensorRef
 from .dcp_checks import checked_metadata, chunk_storage, load_small_blob, shown
 from .dcp_metadata import METADATA_NAME, read_metadata
-from .files import InputFile
+from .files import InputFile, input_file
 from .metadata import apply_name_metadata, check_profile
+from .urls import as_path
 
 __all__ = ["is_dcp_folder", "open_dcp", "DcpTensorRef", "METADATA_NAME"]
 
@@ -301,7 +302,7 @@ def open_dcp(path: Path, *, key: str | None = None, trust_pickle: bool = False) 
     """
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    folder = Path(path)
+    folder = as_path(path)
     if not is_dcp_folder(folder):
         raise CheckpointReadError(f"{folder}: not a DCP checkpoint folder (no {METADATA_NAME})")
     sdm, index = checked_metadata(folder / METADATA_NAME, read_metadata(folder, trust_pickle))
@@ -319,7 +320,7 @@ def open_dcp(path: Path, *, key: str | None = None, trust_pickle: bool = False) 
             except OSError as e:
                 raise CheckpointReadError(f"{folder}: tensor {shown(fqn)}: cannot access {shown(rel)}: "
                                           f"{e.strerror}") from None
-            files[rel] = InputFile(p, size)
+            files[rel] = input_file(p, size)
         return files[rel]
 
     def locate(fqn: str, offsets: tuple[int, ...] | None) -> tuple[InputFile, int, int]:

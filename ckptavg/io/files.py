@@ -27,8 +27,8 @@ import torch
 
 from ..errors import CheckpointReadError, OptionError, OutputError
 
-__all__ = ["CHECKPOINT_SUFFIXES", "InputFile", "AtomicFile", "tensor_memoryview", "fsync_path", "umask", "make_parent",
-           "remove_created", "signals_blocked", "TMP_SUFFIX", "PUBLISHED"]
+__all__ = ["CHECKPOINT_SUFFIXES", "InputFile", "input_file", "AtomicFile", "tensor_memoryview", "fsync_path",
+           "umask", "make_parent", "remove_created", "signals_blocked", "TMP_SUFFIX", "PUBLISHED"]
 
 #: suffix of every temporary output (file or folder) ckptavg creates
 TMP_SUFFIX = ".ckptavg-tmp"
@@ -128,16 +128,40 @@ class InputFile:
         self.pread_into(memoryview(buf), offset)
         return bytes(buf)
 
+    def open_stream(self, buffering: int = -1) -> Any:
+        """The file as a seekable binary file object (for parsers that read a stream: ``zipfile``,
+        ``torch.load``); close it after use."""
+        return open(self.path, "rb", buffering=buffering)  # noqa: SIM115 (the caller closes it)
+
     def close(self) -> None:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
 
 
-def file_stamp(path: Path) -> tuple[int, ...] | None:
+def input_file(path: Path, size: int) -> InputFile:
+    """The :class:`InputFile` of a local path, or the range-reading one of a URL
+    (:class:`~ckptavg.io.remote_in.RemoteInputFile`)."""
+    from .urls import is_remote
+
+    if is_remote(path):
+        from .remote_in import RemoteInputFile
+
+        return RemoteInputFile(path, size)
+    return InputFile(path, size)
+
+
+def file_stamp(path: Path) -> tuple[Any, ...] | None:
     """What identifies a file's content without reading it: device, inode, size, and the
     modification and change times in nanoseconds (an in-place rewrite changes the times even when
-    the size stays; a replacement changes the inode). None when it cannot be stat'ed."""
+    the size stays; a replacement changes the inode); for a URL, the size, ETag (or generation)
+    and modification time the store reports. None when it cannot be stat'ed."""
+    from .urls import is_remote
+
+    if is_remote(path):
+        from .remote_in import remote_stamp
+
+        return remote_stamp(path)
     try:
         st = os.stat(path)
     except OSError:

@@ -63,7 +63,7 @@ _MAX_HEADER = 100 * 1024 * 1024
 
 
 def _header_metadata(path: Path) -> dict[str, Any] | None:
-    with open(path, "rb") as fh:
+    with path.open("rb") as fh:  # (a method call: the path may be a URL's)
         (n,) = struct.unpack("<Q", fh.read(8))
         if n > _MAX_HEADER:
             return None

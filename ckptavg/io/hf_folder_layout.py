@@ -14,6 +14,7 @@ from typing import NamedTuple
 
 from ..errors import CkptavgError, OutputError
 from .folders import INDEX_NAME, SINGLE_NAME, check_replaceable, recover_leftovers
+from .urls import is_remote
 from .writer import Entry
 
 __all__ = ["INDEX_NAME", "SINGLE_NAME", "Extras", "ShardLayout", "check_destination", "folder_extras",
@@ -117,8 +118,9 @@ def folder_extras(folder: Path) -> Extras:
         items = sorted(folder.iterdir(), key=lambda q: q.name)
     except OSError as e:
         raise CkptavgError(f"{folder}: cannot list folder: {e.strerror}") from None
-    root = Path(os.path.realpath(folder))
-    blobs = _hub_blobs(folder)
+    remote = is_remote(folder)
+    root = folder if remote else Path(os.path.realpath(folder))
+    blobs = None if remote else _hub_blobs(folder)
     for q in items:
         low = q.name.lower()
         if low.startswith("."):
@@ -127,7 +129,8 @@ def folder_extras(folder: Path) -> Extras:
             continue
         if low in _NOT_COPIED_NAMES or low.startswith("rng_state"):
             continue
-        src, note = _safe_source(root, blobs, q)
+        # behind a URL there are no symlinks or special files: every object is a plain file
+        src, note = ((q if q.is_file() else None), None) if remote else _safe_source(root, blobs, q)
         if note is not None:
             skipped.append(note)
         if src is not None:

@@ -75,6 +75,7 @@ from .hf_folder_layout import (
 )
 from .kinds import OutputKind, OutputSetup, RankPart
 from .safetensors_out import safetensors_header
+from .urls import as_path, is_remote
 from .writer import Entry, FolderPart, StreamWriter, local_entries
 
 __all__ = ["KIND", "HFFolderKind", "ShardedSafetensorsWriter", "check_storable", "copy_file"]
@@ -99,8 +100,8 @@ class ShardedSafetensorsWriter(FolderPart, StreamWriter):
         self.mode = check_destination(self.dest) if part is None else part.mode
         entries = list(entries)
         check_storable(self.dest, entries)
-        extras = folder_extras(Path(copy_source)) if copy_source is not None else Extras([], [])
-        self.copy_source = Path(copy_source) if copy_source is not None and self.rank == 0 else None
+        extras = folder_extras(as_path(copy_source)) if copy_source is not None else Extras([], [])
+        self.copy_source = as_path(copy_source) if copy_source is not None and self.rank == 0 else None
         self.config_dtype = config_dtype
         owner = part.owner if part is not None else [0] * len(entries)
         self.layout = shard_layout(entries, owner, part.world if part is not None else 1, shard_size)
@@ -355,6 +356,19 @@ def copy_file(src: Path, target: Path, rewrite: Callable[[bytes], bytes | None] 
 
         copy_file(Path("ft1/tokenizer.json"), Path(".soup.tmp/tokenizer.json"))
     """
+    if is_remote(src):  # a file of an input folder behind a URL: no permissions to keep
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        try:
+            with src.open("rb") as fh:
+                if rewrite is not None and src.stat().st_size <= _CONFIG_LIMIT:
+                    raw = fh.read()
+                    _write_all(fd, rewrite(raw) or raw)
+                    return
+                while chunk := fh.read(1 << 20):
+                    _write_all(fd, chunk)
+        finally:
+            os.close(fd)
+        return
     sfd = os.open(src, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0))
     try:
         st = os.fstat(sfd)

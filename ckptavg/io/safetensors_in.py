@@ -23,6 +23,7 @@ from .checkpoint import Checkpoint, CheckpointMeta, TensorRef
 from .dtypes import SAFETENSORS_DTYPES
 from .files import InputFile
 from .metadata import apply_name_metadata, meta_from_strings
+from .urls import is_remote
 
 __all__ = ["open_safetensors", "looks_like_safetensors"]
 
@@ -51,19 +52,10 @@ def open_safetensors(f: InputFile, key: str | None) -> Checkpoint:
         raise CheckpointReadError(
             f"{p}: corrupt safetensors header: header length {n} is beyond the file size {f.size} (truncated?)"
         )
-    try:
-        with safe_open(str(p), framework="pt") as sf:
-            metadata = sf.metadata()
-        header = json.loads(f.pread(8, n))  # validated by safe_open above
-    except SafetensorError as e:
-        raise CheckpointReadError(f"{p}: corrupt safetensors header: {_explain(f, n, str(e))}") from None
-    except (OSError, RuntimeError) as e:
-        # safe_open maps the whole file; where the address space is limited (a container, a
-        # 40 GB file) the mapping fails although nothing would be read. Then the header is
-        # checked here, by the same rules, without mapping anything.
-        if "mmap" not in str(e) and not isinstance(e, MemoryError):
-            raise CheckpointReadError(f"{p}: cannot read: {e}") from None
+    if is_remote(p):  # safetensors' own check maps a local file: the same rules, on the header's bytes
         header, metadata = _check_without_mapping(f, n)
+    else:
+        header, metadata = _check_with_safetensors(f, n)
     header.pop("__metadata__", None)
     data_start = 8 + n
     refs: list[tuple[int, TensorRef]] = []
@@ -83,6 +75,25 @@ def open_safetensors(f: InputFile, key: str | None) -> Checkpoint:
         meta_from_strings(ckpt, metadata)
     apply_name_metadata(ckpt)
     return ckpt
+
+
+def _check_with_safetensors(f: InputFile, n: int) -> tuple[dict[str, Any], dict[str, str] | None]:
+    """The header and metadata of a local file, checked by safetensors itself."""
+    p = f.path
+    try:
+        with safe_open(str(p), framework="pt") as sf:
+            metadata = sf.metadata()
+        header = json.loads(f.pread(8, n))  # validated by safe_open above
+    except SafetensorError as e:
+        raise CheckpointReadError(f"{p}: corrupt safetensors header: {_explain(f, n, str(e))}") from None
+    except (OSError, RuntimeError) as e:
+        # safe_open maps the whole file; where the address space is limited (a container, a
+        # 40 GB file) the mapping fails although nothing would be read. Then the header is
+        # checked here, by the same rules, without mapping anything.
+        if "mmap" not in str(e) and not isinstance(e, MemoryError):
+            raise CheckpointReadError(f"{p}: cannot read: {e}") from None
+        header, metadata = _check_without_mapping(f, n)
+    return header, metadata
 
 
 def _check_without_mapping(f: InputFile, n: int) -> tuple[dict[str, Any], dict[str, str] | None]:

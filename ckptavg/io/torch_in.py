@@ -21,6 +21,7 @@ Legacy (pre-1.6, non-zip) files cannot be read piecewise: they are loaded whole 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import importlib.util
 import pathlib
@@ -28,7 +29,7 @@ import pickle
 import re
 import sys
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
@@ -39,6 +40,7 @@ from .files import InputFile
 from .metadata import apply_name_metadata, find_state_dict, meta_from_object
 from .torch_storages import effective_storages
 from .torch_zip import ZipRecords, exact_offsets, short
+from .urls import is_remote
 
 __all__ = ["open_torch", "open_torch_legacy", "SAFE_GLOBALS", "LAZY_SAFE_GLOBALS", "is_torch_zip", "is_legacy_pickle"]
 
@@ -93,6 +95,8 @@ def _weights_only_load(path: Any, map_location: str) -> Any:
     while True:
         try:
             with torch.serialization.safe_globals([*SAFE_GLOBALS, *extra]):
+                if hasattr(path, "seek"):
+                    path.seek(0)  # a stream (a URL's file): every attempt reads from the start
                 return torch.load(path, map_location=map_location, weights_only=True)
         except pickle.UnpicklingError as e:
             name = _unsafe_global(str(e))
@@ -122,15 +126,25 @@ def _refuse_unsafe(path: Any, e: Exception, trust_pickle: bool) -> None:
         ) from None
 
 
+@contextlib.contextmanager
+def _load_source(f: InputFile) -> Iterator[Any]:
+    """What ``torch.load`` reads: a local file's path, or a URL's file as a range-reading stream."""
+    if is_remote(f.path):
+        with f.open_stream() as stream:
+            yield stream
+    else:
+        yield f.path
+
+
 def _load_meta(f: InputFile, trust_pickle: bool) -> tuple[Any, list[int]]:
     """The checkpoint's object tree with every storage on the meta device (no data read), each
     storage's offset read from its record's local header (:func:`exact_offsets`), and the
     offsets torch asked for, in order."""
     try:
-        with exact_offsets() as calls:
+        with exact_offsets() as calls, _load_source(f) as src:
             if trust_pickle:
-                return torch.load(f.path, map_location="meta", weights_only=False), calls
-            return _weights_only_load(f.path, "meta"), calls
+                return torch.load(src, map_location="meta", weights_only=False), calls
+            return _weights_only_load(src, "meta"), calls
     except pickle.UnpicklingError as e:
         _refuse_unsafe(f.path, e, trust_pickle)
         raise CheckpointReadError(f"{f.path}: not a valid torch checkpoint (bad pickle: {short(e)})") from None
@@ -298,10 +312,9 @@ def _walk_tensors(obj: Any, fn: Any, path: str = "", depth: int = 0) -> None:
 def open_torch_legacy(f: InputFile, key: str | None, trust_pickle: bool) -> Checkpoint:
     p = f.path
     try:
-        if trust_pickle:
-            obj = torch.load(p, map_location="cpu", weights_only=False)
-        else:
-            obj = _weights_only_load(p, "cpu")
+        with _load_source(f) as src:
+            obj = (torch.load(src, map_location="cpu", weights_only=False) if trust_pickle
+                   else _weights_only_load(src, "cpu"))
     except pickle.UnpicklingError as e:
         _refuse_unsafe(p, e, trust_pickle)
         raise CheckpointReadError(f"{p}: not a checkpoint ckptavg can read ({short(e)})") from None

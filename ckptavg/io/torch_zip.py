@@ -104,7 +104,7 @@ class ZipRecords:
         self.length = f.size - start if length is None else length
         self.byteorder: bytes | None = None
         try:
-            with open(f.path, "rb", buffering=0) as fh:
+            with f.open_stream(buffering=0) as fh:
                 self._read_directory(fh)
         except CheckpointReadError:
             raise
