@@ -6,6 +6,7 @@ traceback; the exit status is 1, or 2 for usage errors. ``--debug`` shows traceb
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import sys
@@ -137,6 +138,21 @@ def _progress(quiet: bool) -> bool:
     return not quiet and sys.stderr.isatty()
 
 
+def _storage(command: Any) -> Any:
+    """The ``--storage-options`` of every command that reads or writes paths (which may be URLs)."""
+    @functools.wraps(command)
+    def run(*args: Any, storage_options: str | None = None, **kwargs: Any) -> Any:
+        from .io.urls import configure
+
+        configure(storage_options)
+        return command(*args, **kwargs)
+
+    return click.option("--storage-options", metavar="JSON",
+                        help="For URL inputs/outputs (s3://, gs://, ...): options for the fsspec backend as a JSON "
+                             "object, e.g. '{\"anon\": true}'; credentials otherwise come from the backend's usual "
+                             "configuration (AWS_* variables, profiles). Never printed.")(run)
+
+
 @click.group(cls=_Group, context_settings=CONTEXT, epilog=epilog())
 @click.version_option(__version__, "-V", "--version", prog_name="ckptavg")
 @click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")
@@ -153,6 +169,7 @@ def cli(debug: bool) -> None:
 @click_options
 @click.option("--json", "as_json", is_flag=True, help="Print the plan/report as JSON on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary line.")
+@_storage
 def merge(inputs: tuple[str, ...], output: str, quiet: bool, as_json: bool, strip_prefix: tuple[str, ...],
           **opts: Any) -> None:
     """Average CHECKPOINTS (files, globs or folders) into one model file.
@@ -195,6 +212,7 @@ def merge(inputs: tuple[str, ...], output: str, quiet: bool, as_json: bool, stri
               help="Allow full unpickling (can run code from the file!) if weights_only refuses it.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary line.")
+@_storage
 def bn(model_file: str, spec: str, output: str, mode: str, device: str | None, max_batches: int | None,
        key: str | None, trust_pickle: bool, quiet: bool, as_json: bool) -> None:
     """Recalibrate the BatchNorm statistics of MODEL (a model file) with a spec's data.
@@ -222,6 +240,7 @@ def bn(model_file: str, spec: str, output: str, mode: str, device: str | None, m
               show_default=True, help="Row order; auto: the training order merge uses.")
 @click.option("--trust-pickle", is_flag=True,
               help="Allow full unpickling (can run code from the file!) for checkpoints weights_only refuses.")
+@_storage
 def inspect_cmd(inputs: tuple[str, ...], as_json: bool, key: str | None, strip_prefix: tuple[str, ...], order: str,
                 trust_pickle: bool) -> None:
     """Describe CHECKPOINTS (files, globs or folders) and how they differ, reading headers only.
@@ -297,6 +316,7 @@ def _echo_report(report: Any, as_json: bool, quiet: bool, notes: list[str], comm
 @click.option("--decay", metavar="D[,D...]", help="EMA decays per checkpoint to try (with ema).")
 @click.option("--sigma-rel", metavar="S[,S...]", help="Power-EMA widths to try (with power-ema).")
 @click_options(only=_FIXED)
+@_storage
 def sweep_cmd(inputs: tuple[str, ...], strip_prefix: tuple[str, ...], as_json: bool, quiet: bool, **opts: Any) -> None:
     """Evaluate candidate averages of CHECKPOINTS with the spec's [eval] metric; write the best.
 
@@ -317,6 +337,7 @@ def sweep_cmd(inputs: tuple[str, ...], strip_prefix: tuple[str, ...], as_json: b
 @click.argument("inputs", nargs=-1, required=True, metavar="CHECKPOINTS...")
 @_eval_options
 @click_options(only=["epochs", "steps", "last", "best", "metric", "lower_is_better", *_FIXED])
+@_storage
 def soup_cmd(inputs: tuple[str, ...], strip_prefix: tuple[str, ...], as_json: bool, quiet: bool, **opts: Any) -> None:
     """Greedy soup of CHECKPOINTS (after the selection options) with the spec's [eval] metric.
 
@@ -352,6 +373,7 @@ def soup_cmd(inputs: tuple[str, ...], strip_prefix: tuple[str, ...], as_json: bo
 @click.option("--poll", is_flag=True, help="Poll even where inotify is available.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON line per event on stdout (schema: docs/pipelines.md).")
 @click.option("-q", "--quiet", is_flag=True, help="No event lines on stderr.")
+@_storage
 def watch_cmd(inputs: tuple[str, ...], output: str, strip_prefix: tuple[str, ...], once: bool, every_new: int,
               interval: float, settle: float, prune: bool, poll: bool, as_json: bool, quiet: bool,
               **opts: Any) -> None:

@@ -92,6 +92,8 @@ def discover_with_origin(inputs: Sequence[str | os.PathLike[str]]) -> tuple[list
         raise OptionError("no input checkpoints given")
     for item in inputs:
         s = os.fspath(item)
+        if s.lower().startswith("file://"):
+            s = s[len("file://"):]  # a local path
         p = as_path(s)
         if is_url(s) and glob.has_magic(s):
             out.extend(_glob(s, notes))

@@ -18,23 +18,20 @@ a merge fails it instead of mixing two versions.
 from __future__ import annotations
 
 import io
-import random
 import threading
-import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, cast
 
 from ..errors import CheckpointReadError
 from .files import InputFile
+from .remote_path import retried
 from .urls import CONFIG
 
 __all__ = ["RemoteInputFile", "remote_stamp", "reset_pool", "fetch_range"]
 
 _POOL_LOCK = threading.Lock()
 _POOL: list[ThreadPoolExecutor] = []
-#: exceptions that retrying cannot cure
-_PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
 
 
 def _pool() -> ThreadPoolExecutor:
@@ -66,32 +63,17 @@ def remote_stamp(path: Any) -> tuple[Any, ...] | None:
     return (st.st_size, st.etag, st.st_mtime_ns)
 
 
-def _reason(e: BaseException) -> str:
-    text = str(e).strip().splitlines()[0] if str(e).strip() else ""
-    return f"{type(e).__name__}{': ' + text[:200] if text else ''}"
-
-
 def fetch_range(path: Any, start: int, end: int) -> bytes:
     """Bytes ``[start, end)`` of the object at ``path`` (a RemotePath), retried with backoff."""
     fs, key = path.fs, path.key
-    attempts = CONFIG.retries + 1
-    for attempt in range(attempts):
-        try:
-            data = fs.cat_file(key, start=start, end=end)
-        except _PERMANENT as e:
-            raise CheckpointReadError(f"{path}: cannot read bytes {start}-{end}: {_reason(e)}") from None
-        except Exception as e:  # the backends raise many types for network failures
-            if attempt + 1 >= attempts:
-                raise CheckpointReadError(
-                    f"{path}: reading bytes {start}-{end} failed {attempts} times: {_reason(e)}") from None
-            time.sleep(min(8.0, 0.2 * 2**attempt) * (0.5 + random.random()))
-            continue
-        if len(data) != end - start:
-            raise CheckpointReadError(
-                f"{path}: object ended early (replaced or truncated?): asked for bytes {start}-{end}, "
-                f"got {len(data)}")
-        return bytes(data) if not isinstance(data, bytes) else data
-    raise AssertionError("unreachable")
+    try:
+        data = retried(lambda: fs.cat_file(key, start=start, end=end), f"{path}: reading bytes {start}-{end}")
+    except FileNotFoundError:
+        raise CheckpointReadError(f"{path}: reading bytes {start}-{end}: the object is gone") from None
+    if len(data) != end - start:
+        raise CheckpointReadError(
+            f"{path}: object ended early (replaced or truncated?): asked for bytes {start}-{end}, got {len(data)}")
+    return data if isinstance(data, bytes) else bytes(data)
 
 
 class RemoteInputFile(InputFile):

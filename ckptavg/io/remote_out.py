@@ -113,8 +113,8 @@ def _names(folder: Any) -> list[str]:
         found = fs.find(key, withdirs=False)
     except FileNotFoundError:
         return []
-    except (OSError, ValueError) as e:
-        raise OutputError(f"{folder}: cannot list the output folder: {type(e).__name__}: {e}") from None
+    except Exception as e:  # the backends raise many types for network failures
+        raise OutputError(f"{folder}: cannot list the output folder: {type(e).__name__}: {_first_line(e)}") from None
     return sorted(str(k)[len(key) + 1:] for k in found if str(k).startswith(key + "/"))
 
 

@@ -11,15 +11,21 @@ loudly instead of looking at a local path of the same name.
 from __future__ import annotations
 
 import hashlib
+import random
 import stat as stat_mod
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import IO, Any
+from typing import IO, Any, TypeVar
 
 from ..errors import CheckpointReadError
-from .urls import filesystem
+from .urls import CONFIG, filesystem
 
-__all__ = ["RemotePath", "RemoteStat"]
+T = TypeVar("T")
+#: failures that retrying cannot cure
+_PERMANENT = (PermissionError, IsADirectoryError, NotADirectoryError)
+
+__all__ = ["RemotePath", "RemoteStat", "retried", "reason"]
 
 
 @dataclass(frozen=True)
@@ -152,11 +158,9 @@ class RemotePath:
         try:
             if refresh:
                 fs.invalidate_cache(self.key)
-            info = fs.info(self.key)
+            info = retried(lambda: fs.info(self.key), f"{self}: cannot access")
         except FileNotFoundError:
             return None
-        except (OSError, ValueError) as e:
-            raise CheckpointReadError(f"{self}: cannot access: {_reason(e)}") from None
         self._info = info
         return info
 
@@ -188,11 +192,9 @@ class RemotePath:
 
     def iterdir(self) -> Iterator[RemotePath]:
         try:
-            entries = self.fs.ls(self.key, detail=True)
+            entries = retried(lambda: self.fs.ls(self.key, detail=True), f"{self}: cannot list")
         except FileNotFoundError:
             raise FileNotFoundError(2, "No such folder", str(self)) from None
-        except (OSError, ValueError) as e:
-            raise CheckpointReadError(f"{self}: cannot list: {_reason(e)}") from None
         for entry in entries:
             key = str(entry["name"]).rstrip("/")
             if key == self.key.rstrip("/"):
@@ -201,17 +203,14 @@ class RemotePath:
 
     def glob_url(self, pattern: str) -> list[RemotePath]:
         """The objects and folders matching a URL pattern (``s3://b/run/*.pt``)."""
-        try:
-            found = self.fs.glob(pattern, detail=True)
-        except (OSError, ValueError) as e:
-            raise CheckpointReadError(f"{pattern}: cannot list: {_reason(e)}") from None
+        found = retried(lambda: self.fs.glob(pattern, detail=True), f"{pattern}: cannot list")
         return [self._child(str(k), v if isinstance(v, dict) else None) for k, v in found.items()]
 
     def open(self, mode: str = "rb", **kwargs: Any) -> IO[Any]:
         if mode not in ("r", "rb"):
             raise OSError(f"{self}: only reading is supported through a URL path")
         try:
-            fh = self.fs.open(self.key, "rb")
+            fh = retried(lambda: self.fs.open(self.key, "rb"), f"{self}: cannot open")
         except FileNotFoundError:
             raise FileNotFoundError(2, "No such file", str(self)) from None
         if mode == "r":
@@ -222,7 +221,7 @@ class RemotePath:
 
     def read_bytes(self) -> bytes:
         try:
-            return bytes(self.fs.cat_file(self.key))
+            return bytes(retried(lambda: self.fs.cat_file(self.key), f"{self}: cannot read"))
         except FileNotFoundError:
             raise FileNotFoundError(2, "No such file", str(self)) from None
 
@@ -252,6 +251,27 @@ def _stat(url: str, info: dict[str, Any]) -> RemoteStat:
                       etag=tag)
 
 
-def _reason(e: BaseException) -> str:
+def reason(e: BaseException) -> str:
+    """An exception as a short line (the backends' messages can be long, multi-line XML)."""
     text = str(e).strip().splitlines()[0] if str(e).strip() else ""
-    return f"{type(e).__name__}: {text}"[:300]
+    return f"{type(e).__name__}{': ' + text[:200] if text else ''}"
+
+
+def retried(call: Callable[[], T], what: str) -> T:
+    """``call()``, retried with exponential backoff (and jitter) on transient failures (timeouts,
+    dropped connections, 5xx, throttling) up to the configured number of times. A missing object
+    (``FileNotFoundError``) is raised as it is; a refused permission or a persistent failure is a
+    :class:`~ckptavg.errors.CheckpointReadError` starting with ``what``."""
+    attempts = CONFIG.retries + 1
+    for attempt in range(attempts):
+        try:
+            return call()
+        except FileNotFoundError:
+            raise
+        except _PERMANENT as e:
+            raise CheckpointReadError(f"{what}: {reason(e)}") from None
+        except Exception as e:  # the backends raise many types for network failures
+            if attempt + 1 >= attempts:
+                raise CheckpointReadError(f"{what}: failed {attempts} times: {reason(e)}") from None
+            time.sleep(min(8.0, 0.2 * 2**attempt) * (0.5 + random.random()))
+    raise AssertionError("unreachable")

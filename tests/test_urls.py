@@ -1,0 +1,260 @@
+"""Checkpoints behind URLs (issue 22): merges from and to a real S3-compatible server (moto's, on
+127.0.0.1) equal the same merges of local copies; a flaky server still gives the right output; a
+server that dies mid-merge gives a one-line error and no output; outputs appear only when complete;
+``memory://`` and ``file://`` URLs work as paths."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load, save_file
+
+import ckptavg
+from ckptavg.errors import CheckpointReadError
+from ckptavg.io.urls import configure
+
+from ._s3_server import FaultyProxy, MotoServer
+
+pytest.importorskip("s3fs")
+pytest.importorskip("moto")
+
+BUCKET = "ckpts"
+
+
+def _sds(n: int = 3, size: int = 64 * 1024, seed: int = 0) -> list[dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    base = {"layer.weight": torch.randn(size, generator=g), "layer.bias": torch.randn(33, generator=g),
+            "head.weight": torch.randn(16, 24, generator=g)}
+    return [{k: v + 0.1 * i * torch.randn(v.shape, generator=g) for k, v in base.items()} for i in range(n)]
+
+
+def _write_inputs(root: Path, sds: list[dict[str, torch.Tensor]]) -> None:
+    import torch.distributed.checkpoint as dcp
+
+    for i, sd in enumerate(sds):
+        step = 100 * (i + 1)
+        (root / "pt").mkdir(parents=True, exist_ok=True)
+        torch.save({"state_dict": {**sd, "steps": torch.tensor(step)}, "global_step": step},
+                   root / "pt" / f"step-{step}.pt")
+        (root / "st").mkdir(exist_ok=True)
+        save_file(sd, str(root / "st" / f"step-{step}.safetensors"))
+        hf = root / "hf" / f"checkpoint-{step}"
+        hf.mkdir(parents=True)
+        names = list(sd)
+        save_file({names[0]: sd[names[0]]}, str(hf / "model-00001-of-00002.safetensors"))
+        save_file({n: sd[n] for n in names[1:]}, str(hf / "model-00002-of-00002.safetensors"))
+        wmap = {names[0]: "model-00001-of-00002.safetensors", **{n: "model-00002-of-00002.safetensors"
+                                                                  for n in names[1:]}}
+        (hf / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": wmap}))
+        (hf / "config.json").write_text(json.dumps({"model_type": "toy", "step": step}))
+        dcp.save({"model": dict(sd), "step": step}, checkpoint_id=str(root / "dcp" / f"step-{step}"))
+
+
+@pytest.fixture(scope="module")
+def server():
+    s = MotoServer()
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def data(server, tmp_path_factory):
+    """Local inputs in four formats, and the same files uploaded to the server."""
+    root = tmp_path_factory.mktemp("local")
+    sds = _sds()
+    _write_inputs(root, sds)
+    fs = server.fs()
+    fs.mkdir(BUCKET)
+    fs.put(str(root) + "/", f"{BUCKET}/in/", recursive=True)
+    return root, sds
+
+
+def _options(server, endpoint: str | None = None) -> str:
+    return json.dumps({"endpoint_url": endpoint or server.endpoint, "key": "testing", "secret": "testing",
+                       "skip_instance_cache": True, "use_listings_cache": False})
+
+
+def _tensors(path) -> dict[str, torch.Tensor]:
+    """Every tensor of a model (file or folder), read back by ckptavg's own readers (no averaging:
+    one checkpoint with weight 1 is copied bit for bit)."""
+    return ckptavg.average([path], order="given")
+
+
+def _download(fs, key: str, dest: Path) -> Path:
+    if fs.isdir(key):
+        fs.get(key + "/", str(dest) + "/", recursive=True)
+    else:
+        fs.get_file(key, str(dest))
+    return dest
+
+
+@pytest.mark.parametrize("fmt, out", [("pt", "avg.pt"), ("st", "avg.safetensors"), ("hf", "soup/"),
+                                      ("dcp", "avg.dcp")])
+def test_merge_from_s3_to_s3_equals_the_local_merge(server, data, run_cli, tmp_path, fmt, out):
+    root, sds = data
+    url = f"s3://{BUCKET}/in/{fmt}/"
+    dest = f"s3://{BUCKET}/out-{fmt}/{out}"
+    code, _o, err = run_cli("merge", url, "-o", dest, "--last", "2", "--storage-options", _options(server), "-q")
+    assert code == 0, err
+    local_out = tmp_path / ("local-" + out.rstrip("/"))
+    ckptavg.merge([root / fmt], local_out, last=2)
+    got = _download(server.fs(), dest.removeprefix("s3://").rstrip("/"), tmp_path / ("got-" + out.rstrip("/")))
+    a, b = _tensors(got), _tensors(local_out)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
+    ref = (sds[1]["layer.weight"].double() + sds[2]["layer.weight"].double()) / 2
+    torch.testing.assert_close(a["layer.weight"].double(), ref, rtol=4e-6, atol=2e-6)
+    if fmt == "hf":  # the copied model files came from the last input folder on the server
+        assert json.loads((got / "config.json").read_text())["step"] == 300
+    if out.endswith(".safetensors"):  # provenance names the URLs, and no credential
+        with open(got, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            meta = json.loads(fh.read(n))["__metadata__"]
+        files = [f["file"] for f in json.loads(meta["ckptavg_inputs"])]
+        assert files == [f"s3://{BUCKET}/in/st/step-200.safetensors", f"s3://{BUCKET}/in/st/step-300.safetensors"]
+        assert "testing" not in json.dumps(meta)
+    leftovers = [k for k in server.fs().find(f"{BUCKET}/out-{fmt}", withdirs=True) if "ckptavg-tmp" in k]
+    assert leftovers == []
+
+
+def test_inspect_and_globs_over_s3(server, data, run_cli):
+    code, out, err = run_cli("inspect", f"s3://{BUCKET}/in/st/step-*.safetensors", "--json",
+                             "--storage-options", _options(server))
+    assert code == 0, err
+    rows = json.loads(out)["checkpoints"]
+    assert [r["step"] for r in rows] == [100, 200, 300]
+    code, out, err = run_cli("inspect", f"s3://{BUCKET}/in/hf/checkpoint-*", "--storage-options", _options(server))
+    assert code == 0, err
+    assert out.count("hf-folder") == 3
+
+
+def test_flaky_and_slow_server_still_gives_the_right_output(server, data, run_cli, tmp_path, monkeypatch):
+    root, _sds_ = data
+    proxy = FaultyProxy(server.endpoint, fail_every=3, delay=0.005)
+    monkeypatch.setenv("CKPTAVG_RANGE_BYTES", "65536")  # many ranges per tensor, several in flight
+    try:
+        dest = f"s3://{BUCKET}/flaky/avg.safetensors"
+        code, _o, err = run_cli("merge", f"s3://{BUCKET}/in/st/", "-o", dest, "-q",
+                                "--storage-options", _options(server, proxy.endpoint))
+        assert code == 0, err
+        assert proxy.failed > 3  # the faults did happen, and were retried
+    finally:
+        proxy.stop()
+        configure()
+    got = load(server.fs().cat_file(dest.removeprefix("s3://")))
+    ckptavg.merge([root / "st"], tmp_path / "ref.safetensors")
+    ref = _tensors(tmp_path / "ref.safetensors")
+    for k in ref:
+        assert torch.equal(got[k], ref[k]), k
+
+
+def test_server_dying_mid_merge_is_one_line_and_publishes_nothing(server, data, tmp_path):
+    dest = f"s3://{BUCKET}/died/avg.safetensors"
+    cmd = [sys.executable, "-m", "ckptavg", "merge", f"s3://{BUCKET}/in/st/", "-o", dest, "-q"]
+    counter = FaultyProxy(server.endpoint)  # how many requests planning takes (the dry run reads no data)
+    env = {**server.env(counter.endpoint), "CKPTAVG_RANGE_BYTES": "16384", "CKPTAVG_RETRIES": "1",
+           "AWS_MAX_ATTEMPTS": "2", "CKPTAVG_WORKERS": "1"}
+    try:
+        assert subprocess.run([*cmd, "--dry-run"], capture_output=True, env=env, timeout=300).returncode == 0
+    finally:
+        counter.stop()
+    proxy = FaultyProxy(server.endpoint, die_after=counter.count + 8)  # dies while the data is being read
+    env["AWS_ENDPOINT_URL"] = proxy.endpoint
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    finally:
+        proxy.stop()
+    assert r.returncode == 1, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"ckptavg: error: s3://{BUCKET}/in/st/step-"), r.stderr
+    assert "reading bytes" in lines[0] and "failed 2 times" in lines[0]
+    fs = server.fs()
+    assert not fs.exists(dest.removeprefix("s3://"))
+    assert [k for k in fs.find(f"{BUCKET}/died", withdirs=True)] == []
+
+
+def test_outputs_at_a_url_replace_only_earlier_ckptavg_outputs(server, data, run_cli):
+    fs = server.fs()
+    opts = _options(server)
+    fs.pipe(f"{BUCKET}/theirs/notes.txt", b"keep me")
+    code, _o, err = run_cli("merge", f"s3://{BUCKET}/in/st/", "-o", f"s3://{BUCKET}/theirs/", "--storage-options",
+                            opts)
+    assert code == 1 and "holds other files" in err and "notes.txt" in err
+    assert fs.cat_file(f"{BUCKET}/theirs/notes.txt") == b"keep me"
+    dest = f"s3://{BUCKET}/mine/"
+    assert run_cli("merge", f"s3://{BUCKET}/in/st/", "-o", dest, "--shard-size", "100KB", "--storage-options",
+                   opts, "-q")[0] == 0
+    first = sorted(k.rsplit("/", 1)[1] for k in fs.find(f"{BUCKET}/mine"))
+    assert "model.safetensors.index.json" in first and len(first) == 3
+    code, _o, err = run_cli("merge", f"s3://{BUCKET}/in/st/", "-o", dest, "--last", "1", "--storage-options", opts,
+                            "-q")
+    assert code == 0, err
+    assert sorted(k.rsplit("/", 1)[1] for k in fs.find(f"{BUCKET}/mine")) == ["model.safetensors"]
+    fs.pipe(f"{BUCKET}/mine/eval.json", b"{}")
+    code, _o, err = run_cli("merge", f"s3://{BUCKET}/in/st/", "-o", dest, "--storage-options", opts)
+    assert code == 1 and "eval.json" in err
+
+
+def test_memory_urls_read_by_range_and_changed_objects_fail(tmp_path, monkeypatch):
+    fsspec = pytest.importorskip("fsspec")
+    mem = fsspec.filesystem("memory")
+    sds = _sds(size=50_000, seed=3)
+    for i, sd in enumerate(sds):
+        buf = io.BytesIO()
+        torch.save({"model": sd, "epoch": i}, buf)
+        mem.pipe(f"/mem/run/epoch={i}.pt", buf.getvalue())
+    configure(range_bytes=4096, max_requests=4)  # each tensor in many ranges, scattered into the buffers
+    try:
+        out = tmp_path / "avg.safetensors"
+        report = ckptavg.merge(["memory://mem/run/"], out)
+        assert [str(p) for p in report.files] == [f"memory:///mem/run/epoch={i}.pt" for i in range(3)]
+        got = _tensors(out)
+        for k in sds[0]:
+            ref = sum(sd[k].double() for sd in sds) / 3
+            torch.testing.assert_close(got[k].double(), ref, rtol=4e-6, atol=2e-6)
+        ckptavg.merge(["memory://mem/run/"], "memory://mem/out/avg.safetensors")
+        # the same bytes as the local output (its provenance names the same input URLs)
+        assert mem.cat_file("/mem/out/avg.safetensors") == out.read_bytes()
+
+        from ckptavg import engine
+
+        real = engine.worker.read_runs
+        done: list[int] = []
+
+        def read_then_replace(*args):
+            real(*args)
+            if not done:
+                done.append(1)
+                buf = io.BytesIO()
+                torch.save({"model": sds[0], "epoch": 1}, buf)
+                mem.pipe("/mem/run/epoch=1.pt", buf.getvalue())
+
+        monkeypatch.setattr(engine.worker, "read_runs", read_then_replace)
+        with pytest.raises(CheckpointReadError, match="epoch=1.pt: changed while the merge read it"):
+            ckptavg.merge(["memory://mem/run/"], "memory://mem/out2.safetensors")
+        assert not mem.exists("/mem/out2.safetensors")
+    finally:
+        configure()
+
+
+def test_file_urls_are_local_paths(tmp_path):
+    sds = _sds(2, size=1000)
+    for i, sd in enumerate(sds):
+        save_file(sd, str(tmp_path / f"s{i}.safetensors"))
+    report = ckptavg.merge([f"file://{tmp_path}/s*.safetensors"], f"file://{tmp_path}/out.safetensors")
+    assert report.output == tmp_path / "out.safetensors"
+    assert (tmp_path / "out.safetensors").is_file()
+
+
+def test_unknown_protocol_and_bad_storage_options_are_one_line(run_cli):
+    code, _o, err = run_cli("merge", "nosuchproto://b/x.pt", "-o", "y.pt")
+    assert code == 2 and err.startswith("ckptavg: error: nosuchproto:// URLs") and "\n" not in err.strip()
+    code, _o, err = run_cli("merge", "memory://b/x.pt", "-o", "y.pt", "--storage-options", "[1")
+    assert code == 2 and "--storage-options must be a JSON object" in err
