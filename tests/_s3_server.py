@@ -73,6 +73,7 @@ class FaultyProxy:
         self.fail_every, self.delay, self.die_after = fail_every, delay, die_after
         self.count = 0
         self.failed = 0
+        self.dead = False
         self.lock = threading.Lock()
         proxy = self
 
@@ -87,7 +88,8 @@ class FaultyProxy:
                     proxy.count += 1
                     n = proxy.count
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                if proxy.die_after and n > proxy.die_after:
+                if proxy.die_after and n > proxy.die_after:  # the server dies: no more connections
+                    proxy.kill()
                     self.close_connection = True
                     self.connection.shutdown(socket.SHUT_RDWR)
                     return
@@ -125,6 +127,13 @@ class FaultyProxy:
         self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
+
+    def kill(self) -> None:
+        """Stop listening at once: later connections are refused, as by a server that died."""
+        with self.lock:
+            if not self.dead:
+                self.dead = True
+                self.server.socket.close()
 
     def stop(self) -> None:
         self.server.shutdown()

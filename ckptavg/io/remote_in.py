@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import io
 import threading
+import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, cast
@@ -52,11 +53,9 @@ def reset_pool() -> None:
 
 def remote_stamp(path: Any) -> tuple[Any, ...] | None:
     """A URL's identity as the store reports it now (size, ETag/generation/version, modification
-    time); None when it cannot be asked."""
-    try:
-        info = path.info(refresh=True)
-    except CheckpointReadError:
-        return None
+    time); None when the object is gone. A store that cannot be reached raises
+    :class:`~ckptavg.errors.CheckpointReadError` (an unknown identity is not a changed one)."""
+    info = path.info(refresh=True)
     if info is None:
         return None
     st = path.stat()
@@ -76,16 +75,61 @@ def fetch_range(path: Any, start: int, end: int) -> bytes:
     return data if isinstance(data, bytes) else bytes(data)
 
 
-class RemoteInputFile(InputFile):
-    """An :class:`~ckptavg.io.files.InputFile` behind a URL: the same reads, as range requests."""
+class _Budget:
+    """Bytes fetched ahead of their reads, over every file of the process: at most
+    ``max_requests x range_bytes``, whatever the number and size of the checkpoints."""
 
-    __slots__ = ()
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.used = 0
+
+    def take(self, n: int) -> bool:
+        with self.lock:
+            if self.used + n > CONFIG.max_requests * CONFIG.range_bytes:
+                return False
+            self.used += n
+            return True
+
+    def give(self, n: int) -> None:
+        with self.lock:
+            self.used -= n
+
+
+_BUDGET = _Budget()
+_LIVE: weakref.WeakSet[RemoteInputFile] = weakref.WeakSet()
+#: the smallest range worth a request of its own (an engine block: smaller reads are joined)
+MIN_RANGE = 512 << 10
+
+
+def _piece() -> int:
+    """The size of one range request: the configured ``range_bytes``, less when many files share
+    the read-ahead budget (each file gets two ranges' worth), never under :data:`MIN_RANGE`."""
+    share = CONFIG.max_requests * CONFIG.range_bytes // (2 * max(1, len(_LIVE)))
+    return max(MIN_RANGE, min(CONFIG.range_bytes, share))
+
+
+class RemoteInputFile(InputFile):
+    """An :class:`~ckptavg.io.files.InputFile` behind a URL: the same reads, as range requests.
+
+    The engine announces the byte spans of the units it will read next
+    (:meth:`advise_willneed`, ``posix_fadvise`` for a local file): their ranges are requested at
+    once, in the background, within the process's read-ahead budget, so that every input has
+    requests in flight while the current unit is averaged. A read takes what was fetched ahead and
+    requests the rest itself (in parallel ranges); a range is dropped once a read has gone past it.
+    """
+
+    __slots__ = ("_ahead", "_used", "_paid", "_lock", "__weakref__")
 
     def __init__(self, path: Path, size: int) -> None:
         self.path = path
         self.size = size
         self._fd = None
         self.stamp = remote_stamp(path)
+        self._ahead: dict[tuple[int, int], Future[bytes]] = {}
+        self._used: dict[tuple[int, int], int] = {}  # bytes of each range the reads have taken
+        self._paid: set[tuple[int, int]] = set()  # ranges counted in the read-ahead budget
+        self._lock = threading.Lock()
+        _LIVE.add(self)
 
     def changed(self) -> bool:
         return remote_stamp(self.path) != self.stamp
@@ -94,53 +138,102 @@ class RemoteInputFile(InputFile):
         raise CheckpointReadError(f"{self.path}: a URL has no file descriptor")
 
     def advise_willneed(self, offset: int, n: int) -> None:
-        """Nothing to advise: ranges are fetched when asked for."""
+        """Start fetching bytes ``[offset, offset + n)`` in the background (within the budget)."""
+        end = min(offset + n, self.size)
+        step = _piece()
+        with self._lock:
+            covered = max((hi for lo, hi in self._ahead if lo <= offset < hi), default=offset)
+            for lo in range(max(offset, covered), end, step):
+                hi = min(lo + step, end)
+                if not _BUDGET.take(hi - lo):
+                    break
+                self._ahead[(lo, hi)] = _pool().submit(fetch_range, self.path, lo, hi)
+                self._paid.add((lo, hi))
 
     def _read(self, bufs: list[memoryview], offset: int) -> None:
         bufs = [b for b in bufs if len(b)]
         want = sum(len(b) for b in bufs)
         if want == 0:
             return
-        if offset + want > self.size:
+        end = offset + want
+        if end > self.size:
             raise CheckpointReadError(
-                f"{self.path}: file ended early (truncated?): needed bytes up to {offset + want}, "
-                f"file has {self.size}")
-        step = CONFIG.range_bytes
-        if want <= step:
-            self._scatter(bufs, 0, fetch_range(self.path, offset, offset + want))
-            return
-        pool = _pool()
-        futures: list[Future[None]] = []
+                f"{self.path}: file ended early (truncated?): needed bytes up to {end}, file has {self.size}")
+        with self._lock:
+            ahead = sorted((k, f) for k, f in self._ahead.items() if k[0] < end and k[1] > offset)
+        gaps, pos = [], offset
+        for (lo, hi), _f in ahead:
+            if lo > pos:
+                gaps.append((pos, lo))
+            pos = max(pos, hi)
+        if pos < end:
+            gaps.append((pos, end))
+        step = _piece()
+        pieces = [(a, min(a + step, b)) for a, b in gaps for a in range(a, b, step)]
+        futures: list[Future[bytes]] = []
         try:
-            for lo in range(0, want, step):
-                hi = min(lo + step, want)
-                futures.append(pool.submit(self._fetch_into, bufs, lo, offset + lo, offset + hi))
-            for f in futures:
-                f.result()
+            if len(pieces) == 1 and not ahead:
+                # a read nothing was fetched ahead for: one range request, extended to a whole range
+                # since the next reads of this file follow on. The rest is kept outside the budget:
+                # one such range per file, and the range shrinks as files grow many (_piece)
+                a, b = pieces[0]
+                more = min(a + step, self.size) - b
+                data = fetch_range(self.path, a, b + max(more, 0))
+                self._copy(bufs, offset, a, b, data[: b - a])
+                if more > 0:
+                    done: Future[bytes] = Future()
+                    done.set_result(data[b - a:])
+                    with self._lock:
+                        self._ahead[(b, b + more)] = done
+            else:
+                futures = [_pool().submit(fetch_range, self.path, a, b) for a, b in pieces]
+                for (a, b), f in zip(pieces, futures):
+                    self._copy(bufs, offset, a, b, f.result())
+                for (lo, hi), f in ahead:
+                    self._copy(bufs, offset, lo, hi, f.result())
         finally:
             for f in futures:
                 f.cancel()
-            for f in futures:
-                if not f.cancelled():
-                    f.exception()  # wait: no range may still write into a buffer after we return
+            self._release(ahead, offset, end)
 
-    def _fetch_into(self, bufs: list[memoryview], lo: int, start: int, end: int) -> None:
-        self._scatter(bufs, lo, fetch_range(self.path, start, end))
+    def _release(self, ahead: list[tuple[tuple[int, int], Any]], offset: int, end: int) -> None:
+        """Count what this read took of the ranges fetched ahead; forget a range once all of it was
+        taken, or once reads have gone well past it (bytes no read wants: gaps between tensors)."""
+        with self._lock:
+            for k, _f in ahead:
+                if k in self._ahead:
+                    self._used[k] = self._used.get(k, 0) + min(k[1], end) - max(k[0], offset)
+            stale = offset - 4 * CONFIG.range_bytes  # other workers may still read a unit or two behind
+            self._forget([k for k in self._ahead if self._used.get(k, 0) >= k[1] - k[0] or k[1] <= stale])
+
+    def _forget(self, keys: list[tuple[int, int]]) -> None:
+        for k in keys:
+            self._ahead.pop(k)  # (not cancelled: another read may be waiting for it)
+            self._used.pop(k, None)
+            if k in self._paid:
+                self._paid.discard(k)
+                _BUDGET.give(k[1] - k[0])
 
     @staticmethod
-    def _scatter(bufs: list[memoryview], lo: int, data: bytes) -> None:
-        """Copy ``data`` (bytes ``lo..`` of the concatenated buffers) into the buffers it covers."""
+    def _copy(bufs: list[memoryview], offset: int, lo: int, hi: int, data: bytes) -> None:
+        """Copy the part of file bytes ``[lo, hi)`` (``data``) that falls in the read at ``offset``
+        into the buffers (which hold the consecutive bytes from ``offset`` on)."""
         src = memoryview(data)
-        pos = 0
+        start = max(lo, offset)
+        src = src[start - lo:]
+        pos = offset
         for b in bufs:
             n = len(b)
-            if pos + n <= lo:
+            if pos + n <= start:
                 pos += n
                 continue
-            a = max(lo - pos, 0)
+            if pos >= hi:
+                break
+            a = start - pos if start > pos else 0
             take = min(n - a, len(src))
             b[a : a + take] = src[:take]
             src = src[take:]
+            start += take
             pos += n
             if not len(src):
                 break
@@ -150,7 +243,10 @@ class RemoteInputFile(InputFile):
         return io.BufferedReader(cast(Any, _RangeRaw(self)), buffer_size=1 << 20)
 
     def close(self) -> None:
-        """Nothing held open."""
+        """Forget what was fetched ahead."""
+        with self._lock:
+            self._forget(list(self._ahead))
+        _LIVE.discard(self)
 
 
 class _RangeRaw(io.RawIOBase):

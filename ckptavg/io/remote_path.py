@@ -23,7 +23,7 @@ from .urls import CONFIG, filesystem
 
 T = TypeVar("T")
 #: failures that retrying cannot cure
-_PERMANENT = (PermissionError, IsADirectoryError, NotADirectoryError)
+_PERMANENT = (PermissionError, IsADirectoryError, NotADirectoryError, TypeError, AttributeError, NotImplementedError)
 
 __all__ = ["RemotePath", "RemoteStat", "retried", "reason"]
 

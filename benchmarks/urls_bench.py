@@ -1,0 +1,116 @@
+"""Checkpoints in object storage: ckptavg reading over the URL vs downloading first vs a plain read.
+
+Starts a local S3-compatible server (moto's, on 127.0.0.1), uploads N float32 safetensors inputs of
+M MiB each, and prints the commands to time (with any timer that runs whole commands several times,
+e.g. ``/usr/bin/time -v`` in a loop, or hyperfine):
+
+  (a) ckptavg over the URL:      ckptavg merge s3://bench/in/ -o OUT.safetensors -q
+  (b) download, then merge:      python benchmarks/urls_bench.py download-merge   (s3fs's own ``get``)
+  (c) a plain sequential read:   python benchmarks/urls_bench.py read-seq          (fsspec, 8 MiB reads)
+
+Usage::
+
+    python benchmarks/urls_bench.py serve --n 8 --mib 64 &      # prints the environment to export
+    export AWS_ENDPOINT_URL=... AWS_ACCESS_KEY_ID=testing AWS_SECRET_ACCESS_KEY=testing
+    ckptavg merge s3://bench/in/ -o /tmp/a.safetensors -q
+    python benchmarks/urls_bench.py download-merge
+    python benchmarks/urls_bench.py read-seq
+
+``read-seq`` and ``download-merge`` print their own timings (seconds spent reading / downloading) on
+stdout; ckptavg's ``--json`` report has its own ``seconds``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+BUCKET = "bench"
+
+
+def _fs():
+    import s3fs
+
+    return s3fs.S3FileSystem(skip_instance_cache=True)
+
+
+def serve(n: int, mib: int) -> None:
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+    import torch
+    from safetensors.torch import save_file
+
+    from tests._s3_server import CREDENTIALS, MotoServer
+
+    server = MotoServer()
+    os.environ.update(CREDENTIALS)
+    os.environ["AWS_ENDPOINT_URL"] = server.endpoint
+    fs = _fs()
+    fs.mkdir(BUCKET)
+    with tempfile.TemporaryDirectory() as tmp:
+        per = mib * 2**20 // 4 // 8
+        for i in range(n):
+            g = torch.Generator().manual_seed(i)
+            sd = {f"layer{k}.weight": torch.randn(per, generator=g) for k in range(8)}
+            path = os.path.join(tmp, f"step-{(i + 1) * 1000}.safetensors")
+            save_file(sd, path)
+            fs.put_file(path, f"{BUCKET}/in/step-{(i + 1) * 1000}.safetensors")
+            os.unlink(path)
+    print(f"export AWS_ENDPOINT_URL={server.endpoint} " + " ".join(f"{k}={v}" for k, v in CREDENTIALS.items()),
+          flush=True)
+    try:
+        while server.proc.poll() is None:
+            time.sleep(1)
+    finally:
+        server.stop()
+
+
+def download_merge(out: str) -> None:
+    fs = _fs()
+    tmp = tempfile.mkdtemp(prefix="bench-dl-")
+    try:
+        t0 = time.perf_counter()
+        fs.get(f"{BUCKET}/in/", tmp + "/", recursive=True)
+        t1 = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "ckptavg", "merge", tmp, "-o", out, "-q"], check=True)
+        print(f"download {t1 - t0:.3f} s, merge {time.perf_counter() - t1:.3f} s")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def read_seq() -> None:
+    fs = _fs()
+    t0 = time.perf_counter()
+    total = 0
+    for key in sorted(fs.find(f"{BUCKET}/in/")):
+        with fs.open(key, "rb", block_size=8 << 20) as fh:
+            while chunk := fh.read(8 << 20):
+                total += len(chunk)
+    dt = time.perf_counter() - t0
+    print(f"read {total / 2**20:.0f} MiB in {dt:.3f} s ({total / 2**20 / dt:.0f} MiB/s)")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("serve")
+    s.add_argument("--n", type=int, default=8)
+    s.add_argument("--mib", type=int, default=64)
+    d = sub.add_parser("download-merge")
+    d.add_argument("-o", default="/tmp/bench-download-merge.safetensors")
+    sub.add_parser("read-seq")
+    a = ap.parse_args()
+    if a.cmd == "serve":
+        serve(a.n, a.mib)
+    elif a.cmd == "download-merge":
+        download_merge(a.o)
+    else:
+        read_seq()
+
+
+if __name__ == "__main__":
+    main()
