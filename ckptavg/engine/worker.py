@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from ..errors import CheckpointReadError
 from ..io.files import tensor_memoryview
 from ..plans import MergePlan
 from .kernels import SUB, accumulate, emit, finish, read_runs
@@ -125,7 +126,10 @@ class Worker:
         if unit.copy:
             assert job.cbuf is not None
             parts = [(s.plan.tensors[j].refs[-1], b0, n, dst) for j, b0, n, dst in unit.copy]
-            read_runs(file_runs(parts), tensor_memoryview(job.cbuf), self.gap)
+            try:
+                read_runs(file_runs(parts), tensor_memoryview(job.cbuf), self.gap)
+            except CheckpointReadError as e:
+                raise _naming(e, s.plan.tensors[unit.copy[0][0]].name) from None
             job.nread += unit.copy_bytes
         if unit.avg:
             self._accumulate_unit(job)
@@ -144,8 +148,11 @@ class Worker:
             for i in s.active:
                 dt = in_dt[i]
                 isz = dt.itemsize
-                x = self._read_block(i, isz, [(s.plan.tensors[j].refs[i], e0 * isz, n * isz, (off - b0) * isz)
-                                              for j, e0, n, off in segs], m)
+                try:
+                    x = self._read_block(i, isz, [(s.plan.tensors[j].refs[i], e0 * isz, n * isz, (off - b0) * isz)
+                                                  for j, e0, n, off in segs], m)
+                except CheckpointReadError as e:
+                    raise _naming(e, s.plan.tensors[segs[0][0]].name) from None
                 todo = [(job.accs[k][b0 : b0 + m], o.coeffs[i], o.first == i)
                         for k, o in enumerate(s.outs) if o.coeffs[i] != 0]
                 accumulate(x.view(dt), acc_dt, todo, self.scratch_of)
@@ -212,3 +219,10 @@ class WriterLoop:
         finally:
             for pool, buf in job.release:
                 pool.put(buf)
+
+
+def _naming(e: CheckpointReadError, tensor: str) -> CheckpointReadError:
+    """A read error that names the tensor being read (when the reader could not: it sees bytes)."""
+    if "tensor" in str(e):
+        return e
+    return CheckpointReadError(f"{e} (reading tensor {tensor!r})")
