@@ -299,3 +299,59 @@ def test_range_reads_with_read_ahead_give_the_file_bytes():
             f.pread(len(data) - 10, 20)
     finally:
         configure()
+
+
+def test_watch_polls_a_bucket_and_uses_only_complete_checkpoints(server, data, run_cli, tmp_path, monkeypatch):
+    root, _sds_ = data
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # the watcher's state for a URL output
+    fs = server.fs()
+    for step in (100, 200):
+        fs.put_file(str(root / "st" / f"step-{step}.safetensors"), f"{BUCKET}/live/step-{step}.safetensors")
+    whole = (root / "st" / "step-300.safetensors").read_bytes()
+    fs.pipe(f"{BUCKET}/live/step-300.safetensors", whole[: len(whole) // 2])  # still being uploaded
+    out = f"s3://{BUCKET}/live-out/swa.safetensors"
+    args = ["watch", f"s3://{BUCKET}/live/", "-o", out, "--once", "--settle", "0", "--json",
+            "--storage-options", _options(server)]
+    code, stdout, err = run_cli(*args)
+    assert code == 0, err + stdout
+    events = [json.loads(line) for line in stdout.splitlines()]
+    skipped = [e for e in events if e["event"] == "skipped"]
+    assert [(e["path"].rsplit("/", 1)[1], e["reason"]) for e in skipped] == [("step-300.safetensors", "incomplete")]
+    published = next(e for e in events if e["event"] == "published")
+    assert [i["path"].rsplit("/", 1)[1] for i in published["inputs"]] == ["step-100.safetensors",
+                                                                          "step-200.safetensors"]
+    ckptavg.merge([root / "st" / "step-100.safetensors", root / "st" / "step-200.safetensors"],
+                  tmp_path / "ref.safetensors")
+    got = load(fs.cat_file(out.removeprefix("s3://")))
+    ref = _tensors(tmp_path / "ref.safetensors")
+    assert all(torch.equal(got[k], ref[k]) for k in ref)
+    # nothing new: --once exits 0 without publishing; the upload completes: the next run takes it
+    code, stdout, _e = run_cli(*args)
+    assert code == 0 and not any(json.loads(x)["event"] == "published" for x in stdout.splitlines())
+    fs.pipe(f"{BUCKET}/live/step-300.safetensors", whole)
+    code, stdout, err = run_cli(*args)
+    assert code == 0, err
+    published = next(json.loads(x) for x in stdout.splitlines() if json.loads(x)["event"] == "published")
+    assert len(published["inputs"]) == 3
+    code, _o, err = run_cli("watch", f"s3://{BUCKET}/live/", "-o", out, "--once", "--prune",
+                            "--storage-options", _options(server))
+    assert code == 2 and "--prune deletes local checkpoints only" in err
+
+
+def test_torchrun_ranks_read_urls_by_range(server, data, tmp_path, monkeypatch):
+    """Under torchrun each rank reads its share of the tensors from the server; the output equals the
+    one-process merge of the local copies."""
+    from .test_distributed import torchrun
+
+    root, _sds_ = data
+    monkeypatch.setenv("CKPTAVG_STORAGE_OPTIONS", _options(server))
+    code, text = torchrun(2, "-m", "ckptavg", "merge", f"s3://{BUCKET}/in/st/", "-o", tmp_path / "out/", "-q",
+                          cwd=tmp_path)
+    assert code == 0, text
+    ckptavg.merge([root / "st"], tmp_path / "ref.safetensors")
+    got, ref = _tensors(tmp_path / "out"), _tensors(tmp_path / "ref.safetensors")
+    assert got.keys() == ref.keys() and all(torch.equal(got[k], ref[k]) for k in ref)
+    code, text = torchrun(2, "-m", "ckptavg", "merge", f"s3://{BUCKET}/in/st/", "-o", f"s3://{BUCKET}/tr/", "-q",
+                          cwd=tmp_path)
+    assert code != 0 and "a merge across ranks (torchrun) cannot write to a URL yet" in text
+    assert not server.fs().exists(f"{BUCKET}/tr")

@@ -31,6 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from ..io.urls import is_remote
+
 __all__ = ["Source", "LocalSource", "Verdict", "judge", "stamp", "looks_like_checkpoint_folder"]
 
 _MAX_HEADER = 100 * 2**20
@@ -62,9 +64,13 @@ class Source(Protocol):
 
 
 class LocalSource:
-    """The local file system (stamps from :func:`ckptavg.io.files.file_stamp`)."""
+    """The local file system (stamps from :func:`ckptavg.io.files.file_stamp`), and URLs (object
+    storage through fsspec: fresh listings, the store's ETag or generation as the stamp, range reads;
+    always polled)."""
 
     def listdir(self, folder: Path) -> list[tuple[str, bool]] | None:
+        if is_remote(folder):
+            return _remote_listdir(folder)
         try:
             with os.scandir(folder) as it:
                 return [(e.name, e.is_dir()) for e in it]
@@ -76,21 +82,63 @@ class LocalSource:
     def stat(self, path: Path) -> Stamp | None:
         from ..io.files import file_stamp
 
-        return file_stamp(path)
+        return _remote_stamp(path) if is_remote(path) else file_stamp(path)
 
     def size(self, path: Path) -> int | None:
+        if is_remote(path):
+            st = _remote_stamp(path)
+            return None if st is None else int(st[0])  # type: ignore[call-overload]
         try:
             return os.stat(path).st_size
         except OSError:
             return None
 
     def read(self, path: Path, offset: int, n: int) -> bytes:
+        if is_remote(path):
+            return _remote_read(path, offset, n)
         with open(path, "rb") as f:
             if offset < 0:
                 f.seek(max(0, f.seek(0, os.SEEK_END) + offset))
             else:
                 f.seek(offset)
             return f.read(n)
+
+
+def _remote_listdir(folder: Path) -> list[tuple[str, bool]] | None:
+    from ..errors import CheckpointReadError
+
+    try:
+        folder.fs.invalidate_cache(folder.key)  # type: ignore[attr-defined]
+        return [(q.name, q.is_dir()) for q in folder.iterdir()]
+    except (FileNotFoundError, NotADirectoryError, CheckpointReadError):
+        return None  # absent for now (or the store unreachable for a while): like a missing folder
+
+
+def _remote_stamp(path: Path) -> tuple[object, ...] | None:
+    from ..errors import CheckpointReadError
+    from ..io.remote_in import remote_stamp
+
+    try:
+        st = remote_stamp(path)
+    except CheckpointReadError:
+        return None
+    return None if st is None or path.is_dir() else st
+
+
+def _remote_read(path: Path, offset: int, n: int) -> bytes:
+    from ..errors import CheckpointReadError
+    from ..io.remote_in import fetch_range
+
+    st = _remote_stamp(path)
+    if st is None:
+        raise FileNotFoundError(2, "gone", str(path))
+    size = int(st[0])  # type: ignore[call-overload]
+    start = max(0, size + offset) if offset < 0 else min(offset, size)
+    end = min(size, start + n)
+    try:
+        return fetch_range(path, start, end) if end > start else b""
+    except CheckpointReadError as e:
+        raise OSError(str(e)) from None
 
 
 @dataclass(frozen=True)

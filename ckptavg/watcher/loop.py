@@ -38,12 +38,13 @@ from typing import Any, cast
 from ..errors import CheckpointReadError, CkptavgError, OptionError
 from ..events import event
 from ..io.files import write_atomically
+from ..io.urls import is_remote, is_url
 from ..options import MergeOptions, expand_variants
 from ..outputs import MergeReport, output_names
 from ..pipeline import OneProcess, close_inputs, merge_into
 from ..plans import MergePlan
 from .complete import LocalSource, Source, judge, stamp
-from .scan import candidates, make_waiter, watched_folders
+from .scan import abs_key, candidates, make_waiter, watched_folders
 
 __all__ = ["Watcher", "WatchResult", "StopRequested"]
 
@@ -78,7 +79,7 @@ class _Checked(OneProcess):
         if err is None and plan is not None:
             for i in plan.inputs:
                 for f in i.checkpoint.files:
-                    if _key(f.stamp) != self.files.get(os.path.abspath(f.path)):
+                    if _key(f.stamp) != self.files.get(abs_key(f.path)):
                         err = CheckpointReadError(f"{f.path}: changed after it was judged complete; "
                                                   "left for the next update")
                         break
@@ -106,11 +107,13 @@ class Watcher:
         self.inputs, self.output, self.opts, self.emit = list(inputs), output, opts, on_event
         self.interval, self.settle, self.every_new, self.prune = interval, settle, every_new, prune
         self.src: Source = source or LocalSource()
-        self.poll = poll or source is not None
+        urls = any(is_url(i) for i in self.inputs)
+        if prune and urls:
+            raise OptionError("watch: --prune deletes local checkpoints only; it does not delete objects at URLs")
+        self.poll = poll or source is not None or urls  # object stores have no change notification
         self.stop = stop or threading.Event()
         self.outputs = output_names(output, [label for label, _o in expand_variants(opts)])
-        first = self.outputs[0]
-        self.state_file = first.parent / f".{first.name}.ckptavg-watch.json"
+        self.state_file = _state_file(self.outputs[0])
         self.first_seen: dict[Path, tuple[str, float]] = {}  # path -> (stamp, when first seen so)
         self.known: dict[Path, str] = {}  # complete and readable, at this stamp
         self.failed: dict[Path, str] = {}  # unreadable at this stamp
@@ -182,9 +185,9 @@ class Watcher:
             if is_dir:
                 for entry in st:
                     rel, fst = cast("tuple[str, Any]", entry)
-                    files[os.path.abspath(path / str(rel))] = _key(fst)
+                    files[abs_key(path / str(rel))] = _key(fst)
             else:
-                files[os.path.abspath(path)] = k
+                files[abs_key(path)] = k
         return complete, files, settling
 
     def _due(self, complete: Mapping[Path, str]) -> bool:
@@ -291,3 +294,16 @@ class Watcher:
             waiter.close()
         self.emit(event("stopped", reason="once" if once else "stop", updates=self.result.updates))
         return self.result
+
+
+def _state_file(first: Path) -> Path:
+    """Where the watcher remembers what it published: beside a local output; for an output at a URL,
+    in the user's cache folder (named after the URL), since the store is not written until an update
+    is published."""
+    if not is_remote(first):
+        return first.parent / f".{first.name}.ckptavg-watch.json"
+    import hashlib
+
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ckptavg" / "watch"
+    base.mkdir(parents=True, exist_ok=True)
+    return base / f"{first.name}.{hashlib.sha256(str(first).encode()).hexdigest()[:16]}.json"

@@ -23,9 +23,10 @@ from typing import Any
 
 from ..discover import has_checkpoint_suffix, natural_key, skipped_in_folders
 from ..io.files import TMP_SUFFIX
+from ..io.urls import as_path, is_remote, is_url
 from .complete import Source, looks_like_checkpoint_folder
 
-__all__ = ["candidates", "watched_folders", "make_waiter", "PollWaiter", "InotifyWaiter"]
+__all__ = ["abs_key", "candidates", "watched_folders", "make_waiter", "PollWaiter", "InotifyWaiter"]
 
 _FOLDER_NAME_RE = re.compile(r"^(?:checkpoint-\d+|iter_\d{7}|global_step\d+|.*\.dcp|.*\.ckpt)$")
 
@@ -48,7 +49,21 @@ def _children(src: Source, folder: Path) -> list[tuple[Path, bool]]:
     return out
 
 
+def abs_key(p: Path) -> str:
+    """A path as a key: its URL, or a local path made absolute."""
+    return str(p) if is_remote(p) else os.path.abspath(p)
+
+
+_abs = abs_key
+
+
 def _matches(src: Source, pattern: str) -> list[tuple[Path, bool]]:
+    if is_url(pattern):
+        parent, _, name = pattern.rpartition("/")
+        found = [(as_path(parent) / n, d) for n, d in src.listdir(as_path(parent)) or []
+                 if fnmatch.fnmatch(n, name) and not _hidden(n)]
+        kept = [e for e in found if e[1] or not skipped_in_folders(e[0].name)]
+        return sorted(kept or found, key=lambda e: natural_key(str(e[0])))
     parent, name = os.path.split(pattern)
     if glob.has_magic(parent):  # magic in a folder name: the local file system only
         return sorted(((Path(m), os.path.isdir(m)) for m in glob.glob(pattern)), key=lambda e: natural_key(str(e[0])))
@@ -65,10 +80,10 @@ def candidates(src: Source, inputs: Sequence[str], exclude: Sequence[Path] = ())
     (or is becoming) one checkpoint gives itself; a pattern gives its matches; a named file
     gives itself. Absent paths give nothing (a folder may be recreated). ``exclude``: the
     watcher's own outputs."""
-    skip = {os.path.abspath(p) for p in exclude}
+    skip = {_abs(p) for p in exclude}
     out: list[tuple[Path, bool]] = []
     for item in inputs:
-        p = Path(item)
+        p = as_path(item)
         if glob.has_magic(item) and src.listdir(p) is None and src.size(p) is None:
             found = _matches(src, item)
         elif src.listdir(p) is not None:
@@ -76,7 +91,7 @@ def candidates(src: Source, inputs: Sequence[str], exclude: Sequence[Path] = ())
             found = [(p, True)] if is_ckpt else _children(src, p)
         else:
             found = [(p, False)] if src.size(p) is not None else []
-        out.extend(e for e in found if os.path.abspath(e[0]) not in skip)
+        out.extend(e for e in found if _abs(e[0]) not in skip)
     seen: set[Path] = set()
     return [e for e in out if not (e[0] in seen or seen.add(e[0]))]  # type: ignore[func-returns-value]
 
@@ -86,6 +101,8 @@ def watched_folders(inputs: Sequence[str], cands: Sequence[tuple[Path, bool]]) -
     (to see it recreated), and each candidate checkpoint folder."""
     out: list[Path] = []
     for item in inputs:
+        if is_url(item):
+            continue  # URLs are polled
         p = Path(item)
         base = Path(os.path.dirname(item) or ".") if glob.has_magic(item) else p
         out += [base, base.parent]
