@@ -23,6 +23,7 @@ from .engine import run
 from .errors import OptionError
 from .io import kind_of, output_kind
 from .io.memory_out import MemoryWriter
+from .io.urls import as_path
 from .options import MergeOptions, api_signature, collect, expand_variants, option_fields
 from .outputs import MergeReport
 from .pipeline import OneProcess, bn_provenance, close_inputs, merge_into, write_state
@@ -86,7 +87,7 @@ def plan(inputs: Inputs, output: PathLike | None = None, **options: Any) -> Merg
             print(item.path, item.epoch, item.weight)
     """
     variants = expand_variants(collect(options, option_fields(), "plan"))
-    out, kind = (Path(output), output_kind(output)) if output is not None else (None, None)
+    out, kind = (as_path(output), output_kind(output)) if output is not None else (None, None)
     return build_plan(inputs, variants[0][1], out, kind, variants)
 
 
@@ -175,13 +176,13 @@ def recalibrate_file(
     from .io import open_checkpoint
 
     t0 = time.perf_counter()
-    out = Path(output)
+    out = as_path(output)
     kind = kind_of(output)
     if not kind.single_file:
         raise OptionError(f"{output}: the output must end in .safetensors or .pt/.pth/.bin/.ckpt")
-    src = Path(model_file)
+    src = as_path(model_file)
     try:
-        if out.exists() and src.exists() and os.path.samefile(out, src):
+        if str(out) == str(src) or (out.exists() and src.exists() and os.path.samefile(out, src)):
             raise OptionError(f"{out}: the output is also the input; choose another output path")
     except OSError:
         pass

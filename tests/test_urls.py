@@ -20,6 +20,7 @@ from ckptavg.errors import CheckpointReadError
 from ckptavg.io.urls import configure
 
 from ._s3_server import FaultyProxy, MotoServer
+from .test_bn_cli import bn_setup  # noqa: F401, F811  (a fixture)
 
 pytest.importorskip("s3fs")
 pytest.importorskip("moto")
@@ -355,3 +356,24 @@ def test_torchrun_ranks_read_urls_by_range(server, data, tmp_path, monkeypatch):
                           cwd=tmp_path)
     assert code != 0 and "a merge across ranks (torchrun) cannot write to a URL yet" in text
     assert not server.fs().exists(f"{BUCKET}/tr")
+
+
+def test_bn_and_merge_with_bn_spec_over_urls(server, bn_setup, run_cli, tmp_path):  # noqa: F811
+    """``bn`` reads its model from a URL and writes its output to one; ``merge --bn-spec`` too: the
+    results equal the same commands on local files."""
+    tmp, spec, runs, _sds_, _mod = bn_setup
+    fs = server.fs()
+    fs.put(str(runs) + "/", f"{BUCKET}/bnruns/", recursive=True)
+    opts = _options(server)
+    model = f"s3://{BUCKET}/bnruns/epoch=3-step=30.ckpt"
+    assert run_cli("bn", model, "--spec", spec, "-o", f"s3://{BUCKET}/bnout/bn.safetensors", "-q",
+                   "--storage-options", opts)[0] == 0
+    assert run_cli("bn", runs / "epoch=3-step=30.ckpt", "--spec", spec, "-o", tmp / "bn.safetensors", "-q")[0] == 0
+    got, ref = load(fs.cat_file(f"{BUCKET}/bnout/bn.safetensors")), _tensors(tmp / "bn.safetensors")
+    assert got.keys() == ref.keys() and all(torch.equal(got[k], ref[k]) for k in ref)
+    assert run_cli("merge", f"s3://{BUCKET}/bnruns/", "--bn-spec", spec, "-o", f"s3://{BUCKET}/bnout/swa.pt", "-q",
+                   "--storage-options", opts)[0] == 0
+    assert run_cli("merge", runs, "--bn-spec", spec, "-o", tmp / "swa.pt", "-q")[0] == 0
+    got_pt = torch.load(io.BytesIO(fs.cat_file(f"{BUCKET}/bnout/swa.pt")), weights_only=True)
+    ref_pt = torch.load(tmp / "swa.pt", weights_only=True)
+    assert got_pt.keys() == ref_pt.keys() and all(torch.equal(got_pt[k], ref_pt[k]) for k in ref_pt)

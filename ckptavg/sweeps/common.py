@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..errors import OptionError
+from ..io.urls import as_path
 
 if TYPE_CHECKING:
     from ..io.kinds import OutputKind
@@ -85,7 +86,7 @@ def describe_inputs(epochs: Sequence[Any], steps: Sequence[Any], paths: Sequence
             if n == 1:
                 return f"{name} {fmt_num(values[0])}"
             return f"{name}s {fmt_num(values[0])}-{fmt_num(values[-1])} ({n})"
-    return Path(paths[0]).name if n == 1 else f"{n} checkpoints"
+    return as_path(paths[0]).name if n == 1 else f"{n} checkpoints"
 
 
 @dataclass
@@ -128,9 +129,9 @@ def check_output(output: PathLike | None, paths: Sequence[str]) -> tuple[Path | 
     from ..io import kind_of
     from ..io.files import check_not_input
 
-    out = Path(output)
+    out = as_path(output)
     kind = kind_of(output)
-    check_not_input(out, [Path(p) for p in paths])
+    check_not_input(out, [as_path(p) for p in paths])
     kind.check_destination(out)
     return out, kind
 
@@ -151,10 +152,15 @@ def write_output(out: Path, kind: OutputKind, state_dict: dict[str, torch.Tensor
     _writer, written = write_state(state_dict, out, {**provenance, name: text})
     if not kind.stores_metadata:  # atomically too: a crash never leaves half a sidecar beside the model
         from ..io.files import AtomicFile
+        from ..io.urls import is_remote
 
+        blob = (json.dumps({**provenance, name: table}, indent=2, default=str) + "\n").encode()
+        if is_remote(out):  # one small object: a single upload, atomic in object stores
+            out.fs.pipe_file(out.key + ".ckptavg.json", blob)  # type: ignore[attr-defined]
+            return written
         sidecar = AtomicFile(out.with_name(out.name + ".ckptavg.json"))
         try:
-            sidecar.write((json.dumps({**provenance, name: table}, indent=2, default=str) + "\n").encode())
+            sidecar.write(blob)
         except BaseException:
             sidecar.abort()
             raise
