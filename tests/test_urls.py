@@ -377,3 +377,29 @@ def test_bn_and_merge_with_bn_spec_over_urls(server, bn_setup, run_cli, tmp_path
     got_pt = torch.load(io.BytesIO(fs.cat_file(f"{BUCKET}/bnout/swa.pt")), weights_only=True)
     ref_pt = torch.load(tmp / "swa.pt", weights_only=True)
     assert got_pt.keys() == ref_pt.keys() and all(torch.equal(got_pt[k], ref_pt[k]) for k in ref_pt)
+
+
+@pytest.mark.parametrize("fail_at", ["upload", "publish"])
+def test_a_failed_folder_upload_leaves_nothing_at_the_destination(tmp_path, monkeypatch, fail_at):
+    fsspec = pytest.importorskip("fsspec")
+    mem = fsspec.filesystem("memory")
+    for i, sd in enumerate(_sds(2, size=5000, seed=5)):
+        save_file(sd, str(tmp_path / f"s{i}.safetensors"))
+    cls = type(mem)
+    calls = {"n": 0}
+    name = "put_file" if fail_at == "upload" else "copy"
+    real = getattr(cls, name)
+
+    def flaky(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise ConnectionError("the store went away")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(cls, name, flaky)
+    from ckptavg.errors import OutputError
+
+    with pytest.raises(OutputError, match="memory:///up/soup: (upload|publishing the uploaded folder) failed"):
+        ckptavg.merge([tmp_path], "memory://up/soup/", shard_size="10KB")  # 2 shards and an index
+    left = mem.find("/up", withdirs=True) if mem.exists("/up") else []
+    assert [k for k in left if "soup" in k] == []  # neither the destination nor the temporary prefix

@@ -151,14 +151,15 @@ class RemoteWriter:
             self.inner.commit()
             if PUBLISHED and PUBLISHED[-1] == self.local:
                 PUBLISHED.pop()  # only the upload publishes
-            with signals_blocked():
-                if self.kind.single_file:
+            if self.kind.single_file:
+                with signals_blocked():  # an interrupt waits: the store completes or aborts the upload
                     self._upload_file()
-                else:
-                    self._upload_folder()
+            else:
+                self._upload_folder()  # an interrupt while uploading under the temporary prefix stops it
             PUBLISHED.append(self.dest)
         except BaseException:
-            self.abort()
+            with signals_blocked():
+                self.abort()
             raise
         finally:
             shutil.rmtree(self.staging, ignore_errors=True)
@@ -195,6 +196,14 @@ class RemoteWriter:
                 fs.put_file(str(self.local / rel), f"{self._tmp_key}/{rel}")
         except Exception as e:
             raise OutputError(f"{self.dest}: upload failed: {type(e).__name__}: {_first_line(e)}") from None
+        with signals_blocked():  # publishing is not interrupted half-way
+            self._publish(fs, dest, files)
+        self._remove_tmp()
+
+    def _publish(self, fs: Any, dest: str, files: list[str]) -> None:
+        """Copy the uploaded folder from the temporary prefix into the destination, in the
+        documented order (see the module docstring)."""
+        assert self._tmp_key is not None
         mode = self.kind.check_destination(self.dest)  # again: the folder may have changed meanwhile
         old = _names(self.dest) if mode == "replace" else []
         try:
@@ -213,7 +222,6 @@ class RemoteWriter:
                     if mode == "replace" else "")
             raise OutputError(f"{self.dest}: publishing the uploaded folder failed: {type(e).__name__}: "
                               f"{_first_line(e)}{what}") from None
-        self._remove_tmp()
 
     def _remove_tmp(self) -> str | None:
         if self._tmp_key is None:
