@@ -63,6 +63,8 @@ import torch.distributed as dist
 from .errors import CkptavgError, DistributedError, OptionError, OutputError
 from .io.files import TMP_SUFFIX, make_parent, remove_created
 from .io.kinds import OutputSetup, RankPart
+from .io.remote_out import temporary_prefix
+from .io.urls import as_path, is_remote
 from .io.writer import Entry, Writer
 from .options import MergeOptions
 from .plans import MergePlan, PlannedTensor
@@ -301,7 +303,9 @@ class Ranks:
         that appeared between two ranks' discovery (training still writing), or nodes whose
         folders differ, would otherwise average some tensors over other checkpoints than others."""
         tmp = None
-        if err is None and self.rank == 0 and targets:
+        if err is None and self.rank == 0 and targets and is_remote(targets[0].dest):
+            tmp = temporary_prefix(targets[0].dest)  # a prefix in the store: each rank uploads its part there
+        elif err is None and self.rank == 0 and targets:
             out = targets[0].dest
             try:
                 self.created = make_parent(out)
@@ -314,7 +318,7 @@ class Ranks:
         self.tmp = tmp
         mine = plan.fingerprint() if plan is not None and err is None else None
         got = self.agree(err, (os.fspath(tmp) if tmp else None, mine))
-        self.tmp = Path(got[0][0]) if got[0][0] else None
+        self.tmp = as_path(got[0][0]) if got[0][0] else None
         self.agree(_plans_differ([fp for _tmp, fp in got]))
 
     def share(self, plan: MergePlan) -> tuple[list[int], int | None]:
@@ -332,7 +336,7 @@ class Ranks:
         """This rank's part of the output, in the temporary folder (made here when this node does
         not see rank 0's: no shared file system, see the module docs)."""
         assert self.tmp is not None
-        if self.rank != 0:
+        if self.rank != 0 and not is_remote(self.tmp):
             try:
                 os.makedirs(self.tmp.parent, exist_ok=True)
                 os.mkdir(self.tmp)

@@ -340,8 +340,8 @@ def test_watch_polls_a_bucket_and_uses_only_complete_checkpoints(server, data, r
 
 
 def test_torchrun_ranks_read_urls_by_range(server, data, tmp_path, monkeypatch):
-    """Under torchrun each rank reads its share of the tensors from the server; the output equals the
-    one-process merge of the local copies."""
+    """Under torchrun each rank reads its share of the tensors from the server, and writes its part of
+    an output at a URL; the outputs equal the one-process merge of the local copies."""
     from .test_distributed import torchrun
 
     root, _sds_ = data
@@ -352,10 +352,18 @@ def test_torchrun_ranks_read_urls_by_range(server, data, tmp_path, monkeypatch):
     ckptavg.merge([root / "st"], tmp_path / "ref.safetensors")
     got, ref = _tensors(tmp_path / "out"), _tensors(tmp_path / "ref.safetensors")
     assert got.keys() == ref.keys() and all(torch.equal(got[k], ref[k]) for k in ref)
-    code, text = torchrun(2, "-m", "ckptavg", "merge", f"s3://{BUCKET}/in/st/", "-o", f"s3://{BUCKET}/tr/", "-q",
-                          cwd=tmp_path)
-    assert code != 0 and "a merge across ranks (torchrun) cannot write to a URL yet" in text
-    assert not server.fs().exists(f"{BUCKET}/tr")
+    # each rank uploads its shards under a temporary prefix; rank 0 publishes them with the index last
+    for out, extra in (("tr/", ["--shard-size", "100KB"]), ("tr.dcp", [])):
+        code, text = torchrun(2, "-m", "ckptavg", "merge", f"s3://{BUCKET}/in/st/", "-o", f"s3://{BUCKET}/{out}",
+                              "-q", *extra, cwd=tmp_path)
+        assert code == 0, text
+        got_dir = _download(server.fs(), f"{BUCKET}/{out.rstrip('/')}", tmp_path / out.rstrip("/"))
+        got = _tensors(got_dir)
+        assert got.keys() == ref.keys() and all(torch.equal(got[k], ref[k]) for k in ref)
+    names = sorted(k.rsplit("/", 1)[1] for k in server.fs().find(f"{BUCKET}/tr"))
+    assert names == ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors",
+                     "model.safetensors.index.json"]
+    assert [k for k in server.fs().find(BUCKET, withdirs=True) if "ckptavg-tmp" in k] == []
 
 
 def test_bn_and_merge_with_bn_spec_over_urls(server, bn_setup, run_cli, tmp_path):  # noqa: F811

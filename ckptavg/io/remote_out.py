@@ -34,13 +34,13 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..errors import OptionError, OutputError
-from .files import PUBLISHED, signals_blocked
+from ..errors import OutputError
+from .files import PUBLISHED, TMP_SUFFIX, signals_blocked
 from .folders import earlier_output
 from .kinds import OutputKind, OutputSetup, RankPart
 from .writer import Entry, Writer
 
-__all__ = ["RemoteKind", "RemoteWriter", "MARKERS"]
+__all__ = ["RemoteKind", "RemoteWriter", "MARKERS", "publish_prefix", "temporary_prefix"]
 
 #: files that make a folder a checkpoint: published last, and deleted first when an output is replaced
 MARKERS = ("model.safetensors.index.json", "model.safetensors", ".metadata", "latest_checkpointed_iteration.txt")
@@ -55,7 +55,7 @@ class RemoteKind(OutputKind):
         self.options = inner.options
         self.stores_metadata = inner.stores_metadata
         self.single_file = inner.single_file
-        self.parts = False
+        self.parts = inner.parts
 
     def matches(self, path: str) -> bool:
         return self.inner.matches(path)
@@ -102,8 +102,18 @@ class RemoteKind(OutputKind):
 
     def open_part(self, dest: Path, entries: Sequence[Entry], metadata: Mapping[str, str], setup: OutputSetup,
                   part: RankPart) -> Any:
-        raise OptionError(f"{dest}: a merge across ranks (torchrun) cannot write to a URL yet; write to a folder "
-                          "the ranks share and upload it, or run the merge in one process")
+        """One rank's part (see :mod:`ckptavg.io.remote_parts`): written into a local staging folder
+        of this rank, uploaded under the shared temporary prefix ``part.tmp``."""
+        if not self.inner.parts:
+            return self.inner.open_part(dest, entries, metadata, setup, part)  # its own refusal
+        from .remote_parts import open_remote_part
+
+        return open_remote_part(self, dest, entries, metadata, setup, part)
+
+
+def temporary_prefix(dest: Path) -> Path:
+    """A new temporary prefix beside a folder output at a URL (``.NAME.XXXXXXXX.ckptavg-tmp``)."""
+    return dest.parent / f".{dest.name}.{secrets.token_hex(4)}{TMP_SUFFIX}"
 
 
 def _names(folder: Any) -> list[str]:
@@ -188,8 +198,7 @@ class RemoteWriter:
 
     def _upload_folder(self) -> None:
         fs, dest = self._fs(), self.dest.key.rstrip("/")  # type: ignore[attr-defined]
-        parent = dest.rsplit("/", 1)[0] if "/" in dest else dest
-        self._tmp_key = f"{parent}/.{self.dest.name}.{secrets.token_hex(4)}.ckptavg-tmp"
+        self._tmp_key = temporary_prefix(self.dest).key  # type: ignore[attr-defined]
         files = sorted(str(p.relative_to(self.local)) for p in self.local.rglob("*") if p.is_file())
         try:
             for rel in files:
@@ -201,27 +210,9 @@ class RemoteWriter:
         self._remove_tmp()
 
     def _publish(self, fs: Any, dest: str, files: list[str]) -> None:
-        """Copy the uploaded folder from the temporary prefix into the destination, in the
-        documented order (see the module docstring)."""
         assert self._tmp_key is not None
-        mode = self.kind.check_destination(self.dest)  # again: the folder may have changed meanwhile
-        old = _names(self.dest) if mode == "replace" else []
-        try:
-            for rel in (n for n in old if n in MARKERS):
-                _remove(fs, f"{dest}/{rel}")
-            order = sorted(files, key=lambda n: (n in MARKERS, not n.endswith((".safetensors", ".distcp")), n))
-            for rel in order:
-                fs.copy(f"{self._tmp_key}/{rel}", f"{dest}/{rel}")
-                if mode != "replace":
-                    self._copied.append(f"{dest}/{rel}")
-            self._copied = []
-            for rel in (n for n in old if n not in files and n not in MARKERS):
-                _remove(fs, f"{dest}/{rel}")
-        except Exception as e:
-            what = ("; the earlier output there has lost its index and is no longer a checkpoint"
-                    if mode == "replace" else "")
-            raise OutputError(f"{self.dest}: publishing the uploaded folder failed: {type(e).__name__}: "
-                              f"{_first_line(e)}{what}") from None
+        publish_prefix(self.kind, self.dest, self._tmp_key, files, self._copied)
+        self._copied.clear()
 
     def _remove_tmp(self) -> str | None:
         if self._tmp_key is None:
@@ -247,6 +238,29 @@ class RemoteWriter:
         if tmp:
             left.append(tmp)
         return ", ".join(left) or None
+
+
+def publish_prefix(kind: OutputKind, dest: Any, tmp_key: str, files: list[str], copied: list[str]) -> None:
+    """Copy a folder uploaded under ``tmp_key`` into ``dest``, in the documented order (see the
+    module docstring); ``copied`` collects what was copied into a new destination, for a cleanup."""
+    fs, key = dest.fs, dest.key.rstrip("/")
+    mode = kind.check_destination(dest)  # again: the folder may have changed meanwhile
+    old = _names(dest) if mode == "replace" else []
+    try:
+        for rel in (n for n in old if n in MARKERS):
+            _remove(fs, f"{key}/{rel}")
+        order = sorted(files, key=lambda n: (n in MARKERS, not n.endswith((".safetensors", ".distcp")), n))
+        for rel in order:
+            fs.copy(f"{tmp_key}/{rel}", f"{key}/{rel}")
+            if mode != "replace":
+                copied.append(f"{key}/{rel}")
+        for rel in (n for n in old if n not in files and n not in MARKERS):
+            _remove(fs, f"{key}/{rel}")
+    except Exception as e:
+        what = ("; the earlier output there has lost its index and is no longer a checkpoint"
+                if mode == "replace" else "")
+        raise OutputError(f"{dest}: publishing the uploaded folder failed: {type(e).__name__}: "
+                          f"{_first_line(e)}{what}") from None
 
 
 def _remove(fs: Any, key: str) -> None:
