@@ -65,7 +65,9 @@ def _event(kind: str, required: Mapping[str, Any], optional: Mapping[str, Any] |
 
 #: the schema of each document (by command) and each watch event (``watch.<event>``)
 SCHEMAS: dict[str, dict[str, Any]] = {
-    "merge": _envelope("merge", _MERGE, {"outputs": _STRS, "notes": _STRS}),
+    "merge": _envelope("merge", _MERGE, {"outputs": _STRS, "notes": _STRS, "variants": {
+        "type": "array", "items": _obj({"method": _STR, "weights": {"type": "array", "items": _NUM},
+                                        "amplification": _NUM}, {"output": _STR, "fit_error": _OPT_NUM})}}),
     "bn": _envelope("bn", {"input": _STR, "output": _STR, "bytes_written": _INT, "seconds": _NUM, "bn": _BN}),
     "inspect": _envelope("inspect", {
         "order": _STR, "consistent": _BOOL, "notes": _STRS, "differences": {"type": "object"},

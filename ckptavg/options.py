@@ -17,7 +17,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any
 
-__all__ = ["MergeOptions", "option_fields", "api_signature", "click_options", "collect", "expand_variants"]
+__all__ = ["MergeOptions", "option_fields", "api_signature", "click_options", "collect", "expand_variants",
+           "single_values"]
 
 METHODS = ("uniform", "ema", "power-ema")
 ORDERS = ("auto", "given", "step", "epoch", "name")
@@ -92,6 +93,9 @@ class MergeOptions:
     allow_ill_conditioned: bool = _opt(False, "Post-hoc EMA from snapshots: proceed even when the weights amplify "
                                        "the snapshots' rounding errors more than 100 times (sum of |weights|).",
                                        example="--allow-ill-conditioned")
+    lora_factors: bool = _opt(False, "Average LoRA factors (lora_A/lora_B, lora_down/lora_up) element by element, "
+                              "as an EMA of one run's adapter does; refused otherwise, since it is not the average "
+                              "of the adapters' updates.", example="--lora-factors")
     device: str = _opt("cpu", "cpu, cuda or cuda:N.", example="--device cuda")
     # -- output
     bn_spec: str | None = _opt(None, "Recalibrate BatchNorm statistics with this spec (TOML) before writing.",
@@ -200,6 +204,17 @@ def _typed(f: Any, text: Any) -> Any:
         from .errors import OptionError
 
         raise OptionError(f"--{f.name.replace('_', '-')}: {text!r} is not a valid {kind.__name__}") from None
+
+
+def single_values(opts: MergeOptions) -> dict[str, str]:
+    """The sweepable options given one value, as text (an output-name template may name them too).
+
+    Example::
+
+        single_values(MergeOptions(method="power-ema", sigma_rel="0.05"))  # {'sigma_rel': '0.05', ...}
+    """
+    swept = [(f, _values(f.name, getattr(opts, f.name))) for f in fields(MergeOptions) if f.metadata["sweep"]]
+    return {f.name: str(vals[0]) for f, vals in swept if len(vals) == 1 and vals[0] is not None}
 
 
 def expand_variants(opts: MergeOptions) -> list[tuple[dict[str, str], MergeOptions]]:

@@ -76,6 +76,8 @@ class MergeReport:
         d.update(bytes_written=self.bytes_written, bytes_read=self.bytes_read, seconds=round(self.seconds, 3),
                  dry_run=self.dry_run)
         d.update(self.extra)  # folder output / keep-structure details
+        for v, out in zip(d.get("variants", []), d.get("outputs", [])):
+            v["output"] = out  # which output each variant is
         return d
 
 
@@ -98,8 +100,11 @@ def check_output_options(out: Path, kind: OutputKind, opts: MergeOptions) -> int
     return parse_size(opts.shard_size) if "shard_size" in kind.options else None
 
 
-def output_names(output: str | os.PathLike[str], labels: list[dict[str, str]]) -> list[Path]:
-    """One output path per variant, from an output-name template (``ema-{sigma_rel}.safetensors``).
+def output_names(output: str | os.PathLike[str], labels: list[dict[str, str]],
+                 given: dict[str, str] | None = None) -> list[Path]:
+    """One output path per variant, from an output-name template (``ema-{sigma_rel}.safetensors``);
+    ``given``: the options given one value, which a template may name too (``-o 'ema-{sigma_rel}.pt'``
+    with one ``--sigma-rel`` names the file after it, never literally with braces).
 
     Example::
 
@@ -107,14 +112,17 @@ def output_names(output: str | os.PathLike[str], labels: list[dict[str, str]]) -
     """
     text = os.fspath(output)
     if len(labels) == 1:
-        return [as_path(text)]
+        if "{" not in text and "}" not in text:
+            return [as_path(text)]
+        label = {**(given or {}), **labels[0]}
+        return [as_path(_render(text, label, ", ".join(label) or "no option"))]
     swept = ", ".join(labels[0])
     if "{" not in text:
         raise OptionError(
             f"{text}: {len(labels)} outputs ({swept} given several values) need an output name template, "
             f"e.g. -o 'avg-{{{next(iter(labels[0]))}}}.safetensors'"
         )
-    names = [_render(text, label, swept) for label in labels]
+    names = [_render(text, {**(given or {}), **label}, swept) for label in labels]
     if len(set(names)) != len(names):
         raise OptionError(f"{text}: the template gives the same name to two outputs; name every option given "
                           f"several values ({swept})")

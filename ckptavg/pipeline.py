@@ -34,7 +34,7 @@ from .io.files import check_not_input
 from .io.kinds import OutputKind, OutputSetup
 from .io.memory_out import MemoryWriter
 from .io.writer import Entry
-from .options import MergeOptions, expand_variants
+from .options import MergeOptions, expand_variants, single_values
 from .outputs import MergeReport, check_output_options, output_names
 from .planner import build_plan, parse_dtype
 from .plans import MergePlan
@@ -159,7 +159,7 @@ def _plan(inputs: Any, output: Any, opts: MergeOptions, group: Group
     destinations. Returns the plan, the targets, the ``--keep-structure`` output (or None), the
     options of the first variant, the shard size and the number of the model's own tensors."""
     variants = expand_variants(opts)
-    outs = output_names(output, [label for label, _v in variants])
+    outs = output_names(output, [label for label, _v in variants], single_values(opts))
     first = variants[0][1]
     targets = [Target(o, kind_of(o)) for o in outs]
     group.check(first, targets)

@@ -17,6 +17,7 @@ import torch
 
 from .discover import discover_with_origin
 from .errors import MismatchError, OptionError, SelectionError
+from .guards import check_averageable
 from .io import Checkpoint, TensorRef, kind_of, open_checkpoint, strip_prefixes
 from .io.dtypes import dtype_kind, dtype_name
 from .io.files import check_not_input
@@ -134,6 +135,8 @@ def build_plan(
             stripped = _match_wrapper_prefixes(chosen)
             if stripped:
                 notes.append(stripped)
+        check_averageable([c for c, w in zip(chosen, weights.values) if w != 0] if matrix is None else chosen,
+                          options.lora_factors)
         tensors = plan_tensors(chosen, out_dtype, accumulate, options.buffers)
     except BaseException:
         for c in opened:
@@ -141,7 +144,9 @@ def build_plan(
         raise
 
     top = max(weights.values, key=abs)
-    if len(chosen) > 1 and abs(top) > 0.9:
+    # a share of the weight means something only when no weight is negative (least-squares weights
+    # of a post-hoc EMA are signed: "-3003.8 % of the weight" says nothing; its amplification does)
+    if len(chosen) > 1 and min(weights.values) >= 0 and top > 0.9:
         k = weights.values.index(top)
         notes.append(f"{chosen[k].path} gets {top:.1%} of the weight; the average is close to that one checkpoint")
     if output is not None:

@@ -180,6 +180,9 @@ class MergePlan:
             "read_bytes": self.read_bytes,
             "notes": self.notes,
             **({"amplifications": [w.amplification for w in self.variants]} if self.variants else {}),
+            # several outputs from one pass: each one's own method and weights (the fields above are the first's)
+            **({"variants": [{"method": w.description, "weights": list(w.values), "amplification": w.amplification,
+                              "fit_error": w.fit_error} for w in self.variants]} if self.variants else {}),
         }
 
     def format(self) -> str:

@@ -126,6 +126,8 @@ def find_state_dict(obj: Any, key: str | None, path: Path) -> tuple[Mapping[str,
 
 
 _STEP_KEYS = ("step", "global_step", "num_updates", "iteration")
+#: numbers trainers store about the checkpoint's format, not about the model (timm's ``version``)
+_FORMAT_FIELDS = ("version", "format_version", "checkpoint_version")
 _EPOCH_KEYS = ("epoch",)
 
 
@@ -295,7 +297,7 @@ def meta_from_object(ckpt: Checkpoint) -> None:
         if isinstance(nu, int):
             ckpt.meta.step, ckpt.meta.step_from = nu, "recorded"
     ckpt.meta.metrics.pop("epoch", None)
-    for k in _STEP_KEYS:
+    for k in _STEP_KEYS + _FORMAT_FIELDS:
         ckpt.meta.metrics.pop(k, None)
 
 

@@ -39,7 +39,7 @@ from ..errors import CheckpointReadError, CkptavgError, OptionError
 from ..events import event
 from ..io.files import write_atomically
 from ..io.urls import is_remote, is_url
-from ..options import MergeOptions, expand_variants
+from ..options import MergeOptions, expand_variants, single_values
 from ..outputs import MergeReport, output_names
 from ..pipeline import OneProcess, close_inputs, merge_into
 from ..plans import MergePlan
@@ -112,7 +112,7 @@ class Watcher:
             raise OptionError("watch: --prune deletes local checkpoints only; it does not delete objects at URLs")
         self.poll = poll or source is not None or urls  # object stores have no change notification
         self.stop = stop or threading.Event()
-        self.outputs = output_names(output, [label for label, _o in expand_variants(opts)])
+        self.outputs = output_names(output, [label for label, _o in expand_variants(opts)], single_values(opts))
         self.state_file = _state_file(self.outputs[0])
         self.first_seen: dict[Path, tuple[str, float]] = {}  # path -> (stamp, when first seen so)
         self.known: dict[Path, str] = {}  # complete and readable, at this stamp

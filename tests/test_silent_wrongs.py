@@ -1,0 +1,98 @@
+"""Results that looked plausible but were not what was asked for (issue 25, item 6): each is now a
+correct result or a one-line refusal, and each test fails on the code before the fix."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import ckptavg
+from ckptavg.errors import OptionError
+
+
+def _write(tmp_path, sds, name="c"):
+    paths = []
+    for i, sd in enumerate(sds):
+        paths.append(tmp_path / f"{name}-step-{(i + 1) * 100}.safetensors")
+        save_file(sd, str(paths[-1]))
+    return paths
+
+
+def test_lora_factors_are_refused_unless_asked_for(tmp_path, run_cli):
+    """mean(B_i A_i) is not mean(B) mean(A): averaging an adapter's factors silently gave the latter."""
+    g = torch.Generator().manual_seed(0)
+    sds = [{"base.q.lora_A.weight": torch.randn(4, 16, generator=g),
+            "base.q.lora_B.weight": torch.randn(16, 4, generator=g)} for _ in range(2)]
+    a, b = [s["base.q.lora_A.weight"] for s in sds], [s["base.q.lora_B.weight"] for s in sds]
+    assert not torch.allclose((b[0] @ a[0] + b[1] @ a[1]) / 2, ((b[0] + b[1]) / 2) @ ((a[0] + a[1]) / 2))
+    paths = _write(tmp_path, sds)
+    code, _o, err = run_cli("merge", *paths, "-o", tmp_path / "avg.safetensors")
+    assert code == 2 and "is a LoRA factor" in err and "--lora-factors" in err and err.count("\n") == 1
+    assert not (tmp_path / "avg.safetensors").exists()
+    out = ckptavg.average(paths, lora_factors=True)  # an EMA of one run's adapter, on purpose
+    assert torch.equal(out["base.q.lora_A.weight"], (a[0] + a[1]) / 2)
+
+
+def test_scaled_fp8_weights_are_refused(tmp_path):
+    """A float8 weight times its block scale is the weight: averaging both separately is not its average."""
+    w = torch.randn(256, 256).to(torch.float8_e4m3fn)
+    sds = [{"layer.weight": w, "layer.weight_scale_inv": torch.rand(2, 2) + 0.5, "norm.weight": torch.ones(4)}
+           for _ in range(2)]
+    with pytest.raises(OptionError, match=r"'layer.weight' is a scaled float8 weight \(with 'layer.weight_scale_inv'"):
+        ckptavg.merge(_write(tmp_path, sds), tmp_path / "avg.safetensors")
+    plain = [{"layer.weight": w.to(torch.float32) * (i + 1)} for i in range(2)]  # unscaled: averaged as numbers
+    assert torch.equal(ckptavg.average(_write(tmp_path, plain, "p"))["layer.weight"], w.to(torch.float32) * 1.5)
+
+
+@pytest.mark.parametrize("names, fmt", [(("layer.qweight", "layer.qzeros", "layer.scales"), "GPTQ/AWQ qweight"),
+                                        (("layer.weight", "layer.weight_scale"), "integer weight with scales")])
+def test_integer_quantized_weights_are_refused_not_copied(tmp_path, names, fmt):
+    sds = [{n: (torch.randint(-100, 100, (8, 8), dtype=torch.int8) if "scale" not in n else torch.rand(8))
+            for n in names} for _ in range(2)]
+    with pytest.raises(OptionError, match=f"is an integer-quantized weight \\({fmt}"):
+        ckptavg.merge(_write(tmp_path, sds), tmp_path / "avg.safetensors")
+
+
+def test_counters_are_still_copied_from_the_last(tmp_path):
+    sds = [{"w": torch.full((3,), float(i)), "bn.num_batches_tracked": torch.tensor(10 * (i + 1))} for i in range(2)]
+    out = ckptavg.average(_write(tmp_path, sds))
+    assert out["bn.num_batches_tracked"].item() == 20
+
+
+def test_a_template_with_one_value_names_the_file_after_it(tmp_path):
+    paths = _write(tmp_path, [{"w": torch.full((3,), float(i))} for i in range(3)])
+    report = ckptavg.merge(paths, tmp_path / "e-{decay}.safetensors", method="ema", decay=0.5)
+    assert report.output == tmp_path / "e-0.5.safetensors" and report.output.is_file()
+    assert not list(tmp_path.glob("*{*"))
+    with pytest.raises(OptionError, match="'sigma_rel' is not among"):
+        ckptavg.merge(paths, tmp_path / "x-{sigma_rel}.safetensors")
+
+
+def test_dry_run_json_of_several_outputs_reports_each(tmp_path, run_cli):
+    paths = _write(tmp_path, [{"w": torch.full((3,), float(i))} for i in range(4)])
+    code, out, err = run_cli("merge", *paths, "--method", "ema", "--decay", "0.5,0.9", "-o", tmp_path / "e-{decay}.pt",
+                             "--dry-run", "--json")
+    assert code == 0, err
+    d = json.loads(out)
+    got = [(v["output"].rsplit("/", 1)[1], v["weights"]) for v in d["variants"]]
+    assert got[0] == ("e-0.5.pt", [0.125, 0.125, 0.25, 0.5])
+    assert got[1][0] == "e-0.9.pt" and got[1][1] == pytest.approx([0.729, 0.081, 0.09, 0.1])
+
+
+def test_signed_weights_do_not_get_a_share_note(tmp_path):
+    paths = _write(tmp_path, [{"w": torch.full((3,), float(i))} for i in range(3)])
+    p = ckptavg.plan(paths, weights=[-0.5, 0.5, 1.0])
+    assert not any("of the weight" in n for n in p.notes)
+    p = ckptavg.plan(paths, weights=[0.02, 0.03, 0.95])
+    assert any("gets 95.0% of the weight" in n for n in p.notes)
+
+
+def test_timm_version_is_not_a_metric(tmp_path):
+    sd = {"w": torch.ones(2)}
+    torch.save({"epoch": 3, "arch": "resnet18", "state_dict": sd, "version": 2, "metric": 0.75}, tmp_path / "c.pth.tar")
+    report = ckptavg.inspect([tmp_path / "c.pth.tar"])
+    metrics = report.to_dict()["checkpoints"][0]["metrics"]
+    assert "version" not in metrics and metrics.get("metric") == 0.75
