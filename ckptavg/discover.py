@@ -16,10 +16,11 @@ A path argument is one of:
   So are trainers' training-state files (``training_args.bin``, ``optimizer.pt``,
   ``scheduler.pt``, ``scaler.pt``, ``rng_state*.pth``).
 
-A folder that is a model folder is always one checkpoint, even if it also holds model
-sub-folders (a Hugging Face Trainer ``output_dir`` after ``save_model`` holds the final
-model and its ``checkpoint-N/`` folders): the plan then notes the sub-folders, and
-``run/*/`` (or ``run/checkpoint-*``) averages those instead.
+A model folder that also holds model sub-folders (a Hugging Face Trainer ``output_dir`` after
+``save_model``: the final model beside its ``checkpoint-N/`` folders) is the folder of those
+checkpoints: the final model, a copy of one of them, is left out with a note (name its weight
+file to use it). Taking the whole folder for the final model alone made ``merge out/ --last 3``
+write that one model as the "average".
 """
 
 from __future__ import annotations
@@ -109,16 +110,18 @@ def discover_with_origin(inputs: Sequence[str | os.PathLike[str]]) -> tuple[list
                     notes.append(_skipped_note(str(p), [p / n for n in skipped]))
                 out.extend(found)
             else:
-                if p.is_dir():
-                    subs = _model_subfolders(p)
-                    if subs:
-                        notes.append(
-                            f"{p}: is a model folder, used as one checkpoint; it also holds model folders "
-                            f"({', '.join(subs[:3])}{', ...' if len(subs) > 3 else ''}): to average those, pass "
-                            f"{p / subs[0]} ... or a pattern such as {p / '*'}/"
-                        )
-                out.append(p)
-                named.add(p)
+                subs = _model_subfolders(p) if p.is_dir() else []
+                if subs:
+                    # a Trainer's output_dir after save_model: the final model (a copy of one of its
+                    # checkpoints) beside checkpoint-N/ folders: the run's checkpoints are what it holds
+                    notes.append(
+                        f"{p}: holds checkpoint folders ({', '.join(subs[:3])}{', ...' if len(subs) > 3 else ''}) "
+                        "and a final model beside them: averaging the checkpoint folders; the final model is left "
+                        "out (the Trainer saves a copy of a checkpoint there); to use it, name its weight file")
+                    out.extend(p / s for s in subs)
+                else:
+                    out.append(p)
+                    named.add(p)
         elif glob.has_magic(s):
             out.extend(_glob(s, notes))
         else:

@@ -182,12 +182,14 @@ def test_folder_of_checkpoint_folders_vs_one_model_folder(finetunes, tmp_path, r
     model = GPT2LMHeadModel.from_pretrained(out)
     assert_close32(model.transformer.wpe.weight.detach(),
                    fp64_mean([sds[1]["transformer.wpe.weight"], sds[2]["transformer.wpe.weight"]]))
-    # a model folder that also holds checkpoint folders is one checkpoint, with a note
+    # an output_dir holding the final model and its checkpoint folders is the folder of those
+    # checkpoints (it was taken as the final model alone: `--last 3` then "averaged" one model)
     for f in (root / "ft1").iterdir():
         (run / f.name).write_bytes(f.read_bytes())
-    p = ckptavg.plan(run)
-    assert len(p.inputs) == 1
-    assert any("also holds model folders (checkpoint-100, checkpoint-200, checkpoint-300)" in n for n in p.notes)
+    p = ckptavg.plan(run, last=3)
+    assert [i.path.name for i in p.inputs] == ["checkpoint-100", "checkpoint-200", "checkpoint-300"]
+    assert any("holds checkpoint folders (checkpoint-100, checkpoint-200, checkpoint-300) and a final model" in n
+               for n in p.notes)
     assert len(ckptavg.plan(f"{run}/*/").inputs) == 3
 
 

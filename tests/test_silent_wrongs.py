@@ -96,3 +96,27 @@ def test_timm_version_is_not_a_metric(tmp_path):
     report = ckptavg.inspect([tmp_path / "c.pth.tar"])
     metrics = report.to_dict()["checkpoints"][0]["metrics"]
     assert "version" not in metrics and metrics.get("metric") == 0.75
+
+
+def test_steps_come_from_parent_folders_when_the_file_name_has_none(tmp_path):
+    """``checkpoint-N/unet/diffusion_pytorch_model.safetensors`` given in shell order (checkpoint-12
+    before checkpoint-3): ``--last 2`` must take the two latest steps, not the last two names."""
+    paths = []
+    for step in (12, 3, 7):
+        d = tmp_path / f"checkpoint-{step}" / "unet"
+        d.mkdir(parents=True)
+        save_file({"w": torch.full((2,), float(step))}, str(d / "diffusion_pytorch_model.safetensors"))
+        paths.append(d / "diffusion_pytorch_model.safetensors")
+    p = ckptavg.plan(paths, last=2)
+    assert [(i.path.parent.parent.name, i.step) for i in p.inputs] == [("checkpoint-7", 7), ("checkpoint-12", 12)]
+
+
+def test_accelerate_save_counters_are_not_epochs(tmp_path):
+    for n in range(3):
+        d = tmp_path / f"checkpoint_{n}"
+        d.mkdir()
+        save_file({"w": torch.full((2,), float(n))}, str(d / "model.safetensors"))
+    p = ckptavg.plan(tmp_path)
+    assert [(i.path.name, i.epoch, i.step) for i in p.inputs] == [(f"checkpoint_{n}", None, None) for n in range(3)]
+    with pytest.raises(Exception, match="epoch"):
+        ckptavg.plan(tmp_path, epochs="1:")

@@ -30,6 +30,9 @@ _EPOCH_RE = re.compile(r"(?:^|[^a-z])(?:epoch|ep)[=_\-]?(\d+)", re.IGNORECASE)
 _STEP_RE = re.compile(r"(?:^|[^a-z])(?:global_step|step|iteration|iter|it)[=_\-]?(\d+)", re.IGNORECASE)
 _FAIRSEQ_RE = re.compile(r"^checkpoint[_-]?(\d+)(?:[_-](\d+))?$", re.IGNORECASE)
 _NUM_RE = re.compile(r"\d+")
+_TRAINER_DIR_RE = re.compile(r"^checkpoint-(\d+)$")
+_ACCELERATE_DIR_RE = re.compile(r"^checkpoint_\d+$")
+_FILE_EXT_RE = re.compile(r"\.(safetensors|pt|pth|ckpt|bin|tar|pkl)$", re.IGNORECASE)
 
 
 def model_stem(path: Path) -> str:
@@ -41,8 +44,38 @@ def model_stem(path: Path) -> str:
 
 
 def name_metadata(path: Path) -> tuple[int | None, int | None, tuple[int, ...]]:
-    """Epoch, step and all numbers found in a checkpoint's file name."""
-    stem = model_stem(path)
+    """Epoch, step and all numbers found in a checkpoint's file name; for a folder (a name without a
+    checkpoint file's extension), its folder name's. A file whose name has no number
+    (``adapter_model.safetensors``, ``unet/diffusion_pytorch_model.safetensors``) takes them from
+    the nearest of its two parent folders that has one (``checkpoint-500/``)."""
+    if not _FILE_EXT_RE.search(path.name):
+        return _folder_name_metadata(path.name)
+    found = _file_name_metadata(model_stem(path))
+    if found != (None, None, ()):
+        return found
+    for anc in (path.parent, path.parent.parent):
+        if anc.name and anc != path:
+            found = _folder_name_metadata(anc.name)
+            if found != (None, None, ()):
+                return found
+    return None, None, ()
+
+
+def _folder_name_metadata(name: str) -> tuple[int | None, int | None, tuple[int, ...]]:
+    """A folder's name: ``checkpoint-N`` (the Hugging Face Trainer's) is step N; ``checkpoint_N``
+    (accelerate's automatic naming) is a save counter, neither epoch nor step (its number still
+    orders); else as a file's name, without fairseq's ``checkpointE`` rule."""
+    m = _TRAINER_DIR_RE.match(name)
+    if m:
+        return None, int(m.group(1)), (int(m.group(1)),)
+    nums = tuple(int(x) for x in _NUM_RE.findall(name))
+    if _ACCELERATE_DIR_RE.match(name):
+        return None, None, nums
+    me, ms = _EPOCH_RE.search(name), _STEP_RE.search(name)
+    return (int(me.group(1)) if me else None), (int(ms.group(1)) if ms else None), nums
+
+
+def _file_name_metadata(stem: str) -> tuple[int | None, int | None, tuple[int, ...]]:
     epoch = step = None
     m = _FAIRSEQ_RE.match(stem)
     if m:
