@@ -58,6 +58,8 @@ class MergeReport:
     def summary(self) -> str:
         """One line for the end of a run."""
         n = len(self.plan.inputs)
+        if not self.plan.variants:  # the inputs given no weight (snapshots after --at's step) are not used
+            n = sum(w != 0 for w in self.weights) or n
         what = f"{n} checkpoint{'s' if n != 1 else ''} ({self.plan.method})"
         if self.dry_run:
             return f"dry run: would average {what} into {self.output}; no tensor data read"

@@ -149,7 +149,10 @@ class MergePlan:
             "ckptavg_method": self.weights.description,
             "ckptavg_inputs": json.dumps(files, separators=(",", ":")),
         }
-        last = self.inputs[-1]
+        # the model the output stands for is at the step of the last input it uses (a post-hoc EMA
+        # reconstructed --at T gives the snapshots after T no weight: its step is T's, not theirs)
+        used = [i for i, w in zip(self.inputs, self.weights.values) if w != 0] or self.inputs
+        last = used[-1]
         if last.step is not None:
             meta["step"] = str(last.step)
         if last.epoch is not None:

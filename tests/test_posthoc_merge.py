@@ -76,6 +76,15 @@ def test_at_picks_an_earlier_step(tmp_path):
     assert _rel_err(got, at_300, last) < 0.05
     p = ckptavg.plan(tmp_path / "snaps", method="power-ema", sigma_rel=0.07, at=300)
     assert all(i.weight == 0 for i in p.inputs if i.step > 300)
+    # the output records step 300 (it recorded the last snapshot's), and counts only the snapshots it used
+    from safetensors import safe_open
+
+    report = ckptavg.merge(tmp_path / "snaps", tmp_path / "at300.safetensors", method="power-ema", sigma_rel=0.07,
+                           at=300)
+    with safe_open(str(tmp_path / "at300.safetensors"), "pt") as f:
+        assert f.metadata()["step"] == "300"
+    used = sum(i.weight != 0 for i in p.inputs)
+    assert used < len(p.inputs) and f"{used} checkpoints (" in report.summary()
 
 
 def test_snapshot_errors(tmp_path, run_cli):
