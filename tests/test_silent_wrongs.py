@@ -120,3 +120,26 @@ def test_accelerate_save_counters_are_not_epochs(tmp_path):
     assert [(i.path.name, i.epoch, i.step) for i in p.inputs] == [(f"checkpoint_{n}", None, None) for n in range(3)]
     with pytest.raises(Exception, match="epoch"):
         ckptavg.plan(tmp_path, epochs="1:")
+
+
+def test_dcp_model_with_a_submodule_named_model_keeps_its_other_tensors(tmp_path):
+    """torchtitan flattens the model at the top level beside ``optimizer`` and ``train_state``; a
+    Hugging Face style model has ``model.*`` and ``lm_head.weight``: taking the ``model.`` subtree
+    dropped ``lm_head.weight`` without a word."""
+    import torch.distributed.checkpoint as dcp
+
+    sds = []
+    for i in range(2):
+        g = torch.Generator().manual_seed(i)
+        sd = {"model.embed.weight": torch.randn(8, 4, generator=g), "model.norm.weight": torch.randn(4, generator=g),
+              "lm_head.weight": torch.randn(8, 4, generator=g)}
+        sds.append(sd)
+        dcp.save({**sd, "optimizer": {"state": {"lm_head.weight": {"exp_avg": torch.zeros(8, 4)}}},
+                  "train_state": {"step": 100 * (i + 1)}}, checkpoint_id=str(tmp_path / f"step-{100 * (i + 1)}"))
+    out = ckptavg.average([tmp_path / "step-100", tmp_path / "step-200"])
+    assert sorted(out) == ["lm_head.weight", "model.embed.weight", "model.norm.weight"]
+    for k in out:
+        assert torch.allclose(out[k].double(), (sds[0][k].double() + sds[1][k].double()) / 2, atol=1e-6)
+    # a DCP state dict {"model": ..., "ema": ...} (a second weight set with the model's names) still averages "model"
+    dcp.save({"model": {"w": torch.ones(3)}, "ema": {"w": torch.zeros(3)}}, checkpoint_id=str(tmp_path / "two"))
+    assert sorted(ckptavg.average([tmp_path / "two"])) == ["w"]

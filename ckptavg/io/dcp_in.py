@@ -376,8 +376,24 @@ def _choose_subtree(folder: Path, keys: list[str], key: str | None) -> tuple[str
             )
         return prefix, key.rstrip(".")
     if any(k.startswith("model.") for k in keys):
-        return "model.", "model"
+        # a "model" entry holding the model (a Lightning or DCP state dict {"model": ..., "optimizer": ...}),
+        # unless the model itself is flattened at the top level and has a submodule named "model"
+        # (Hugging Face style "model.layers.*" beside "lm_head.weight", as torchtitan saves it): then
+        # every tensor outside the training state is the model's, names kept
+        outside = [k for k in keys if not k.startswith("model.") and k.split(".", 1)[0] not in _NOT_WEIGHTS]
+        if not outside or _mirrors(outside, {k[len("model."):] for k in keys if k.startswith("model.")}):
+            return "model.", "model"
     return None, None
+
+
+def _mirrors(outside: list[str], model_names: set[str]) -> bool:
+    """Whether the tensors outside ``model.`` are other weight sets of the same model (``ema.*`` with
+    the model's own names), rather than the model's own top-level tensors (``lm_head.weight``)."""
+    roots: dict[str, set[str]] = {}
+    for k in outside:
+        root, _, rest = k.partition(".")
+        roots.setdefault(root, set()).add(rest)
+    return all(rest and rest <= model_names for rest in roots.values())
 
 
 def _make_ref(folder: Path, fqn: str, name: str, tmd: Any, locate: Any) -> DcpTensorRef:
