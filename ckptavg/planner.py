@@ -21,6 +21,7 @@ from .guards import check_averageable
 from .io import Checkpoint, TensorRef, kind_of, open_checkpoint, strip_prefixes
 from .io.dtypes import dtype_kind, dtype_name
 from .io.files import check_not_input
+from .io.metadata import LIVE_WEIGHTS_KEY
 from .methods import snapshot_sigma, spread, weights_for
 from .options import MergeOptions
 from .order import Selection, order_checkpoints, parse_range, same_time, select_with_notes
@@ -128,6 +129,10 @@ def build_plan(
             weights = weights_for(options, chosen, time_notes)
             matrix = None
         notes.extend(dict.fromkeys(time_notes))
+        if any(c.weights_key == LIVE_WEIGHTS_KEY for c in chosen):
+            notes.append("averaging the live weights (current_model_state) of checkpoints written with Lightning's "
+                         "WeightAveraging/EMAWeightAveraging; the callback's own running average is under state_dict: "
+                         "--key state_dict averages those instead")
         for c in opened:
             if c not in chosen:
                 c.close()

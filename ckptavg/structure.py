@@ -67,7 +67,7 @@ __all__ = ["StructuredOutput", "prepare", "WEIGHT_SET_KEYS", "TRAINING_STATE_KEY
 WEIGHT_SET_KEYS = (
     "state_dict", "model", "module", "model_state_dict", "net",
     "state_dict_ema", "model_ema", "ema", "ema_state_dict", "ema_model", "model_ema_state_dict",
-    "extra_state.ema",
+    "extra_state.ema", "current_model_state",
 )
 #: Top-level keys holding optimizer, scheduler or loss-scaler state (dropped unless kept).
 TRAINING_STATE_KEYS = (

@@ -143,3 +143,45 @@ def test_dcp_model_with_a_submodule_named_model_keeps_its_other_tensors(tmp_path
     # a DCP state dict {"model": ..., "ema": ...} (a second weight set with the model's names) still averages "model"
     dcp.save({"model": {"w": torch.ones(3)}, "ema": {"w": torch.zeros(3)}}, checkpoint_id=str(tmp_path / "two"))
     assert sorted(ckptavg.average([tmp_path / "two"])) == ["w"]
+
+
+def test_lightning_weight_averaging_checkpoints_average_the_live_weights(tmp_path, run_cli):
+    """Lightning 2.6's EMAWeightAveraging keeps its running average under state_dict and the trained
+    weights under current_model_state: ckptavg averaged the averages, and inspect hid the live weights."""
+    L = pytest.importorskip("lightning")
+    from lightning.pytorch.callbacks import EMAWeightAveraging
+
+    class M(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(4, 2)
+
+        def training_step(self, batch, i):
+            return self.lin(batch[0]).pow(2).mean()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    torch.manual_seed(0)
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(32, 4)), batch_size=8)
+    ckpt_cb = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / "ck", save_top_k=-1, every_n_epochs=1)
+    trainer = L.Trainer(max_epochs=3, callbacks=[EMAWeightAveraging(decay=0.9), ckpt_cb], logger=False,
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    trainer.fit(M(), data)
+    files = sorted((tmp_path / "ck").glob("*.ckpt"))
+    assert len(files) == 3
+    objs = [torch.load(f, weights_only=False) for f in files]
+    live = [o["current_model_state"]["lin.weight"].double() for o in objs]
+    avg = [o["state_dict"]["lin.weight"].double() for o in objs]
+    assert not torch.allclose(sum(live) / 3, sum(avg) / 3)
+    p = ckptavg.plan(tmp_path / "ck")
+    assert [i.weights_key for i in p.inputs] == ["current_model_state"] * 3
+    assert any("live weights (current_model_state)" in n and "--key state_dict" in n for n in p.notes)
+    torch.testing.assert_close(ckptavg.average(tmp_path / "ck")["lin.weight"].double(), sum(live) / 3,
+                               rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(ckptavg.average(tmp_path / "ck", key="state_dict")["lin.weight"].double(),
+                               sum(avg) / 3, rtol=1e-6, atol=1e-7)
+    code, out, err = run_cli("inspect", files[0], "--json")
+    assert code == 0, err
+    row = json.loads(out)["checkpoints"][0]
+    assert row["weights_key"] == "current_model_state" and "state_dict" in row["other_weight_sets"]

@@ -20,9 +20,11 @@ from ..errors import CheckpointReadError
 from ..weights import MAX_GAMMA
 from .checkpoint import Checkpoint, CheckpointMeta
 
-__all__ = ["STATE_DICT_KEYS", "name_metadata", "find_state_dict", "meta_from_object", "meta_from_strings",
-           "apply_name_metadata", "trainer_state", "model_stem"]
+__all__ = ["STATE_DICT_KEYS", "LIVE_WEIGHTS_KEY", "name_metadata", "find_state_dict", "meta_from_object",
+           "meta_from_strings", "apply_name_metadata", "trainer_state", "model_stem"]
 
+#: where Lightning's WeightAveraging callbacks keep the live (trained) weights; "state_dict" holds the average
+LIVE_WEIGHTS_KEY = "current_model_state"
 #: keys searched, in order, for the state dict inside a torch checkpoint
 STATE_DICT_KEYS = ("state_dict", "model", "module", "model_state_dict", "net")
 
@@ -138,6 +140,11 @@ def find_state_dict(obj: Any, key: str | None, path: Path) -> tuple[Mapping[str,
         return cur, key
     if _is_tensor_dict(obj):
         return obj, None
+    if isinstance(obj, Mapping) and _is_tensor_dict(obj.get(LIVE_WEIGHTS_KEY)):
+        # Lightning's WeightAveraging callbacks (EMAWeightAveraging...) keep their running average under
+        # "state_dict" and the weights being trained under "current_model_state": the live weights are
+        # the checkpoint's model (averaging the averages is --key state_dict)
+        return obj[LIVE_WEIGHTS_KEY], LIVE_WEIGHTS_KEY
     if isinstance(obj, Mapping):
         for k in STATE_DICT_KEYS:
             if k in obj and _is_tensor_dict(obj[k]):
