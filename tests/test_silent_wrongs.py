@@ -185,3 +185,20 @@ def test_lightning_weight_averaging_checkpoints_average_the_live_weights(tmp_pat
     assert code == 0, err
     row = json.loads(out)["checkpoints"][0]
     assert row["weights_key"] == "current_model_state" and "state_dict" in row["other_weight_sets"]
+
+
+def test_ema_pytorch_flat_state_key_selects_a_prefix(tmp_path, run_cli):
+    """ema-pytorch's EMA module saves online_model.*, ema_model.*, initted and step side by side."""
+    sds = []
+    for i in range(2):
+        g = torch.Generator().manual_seed(i)
+        online, ema = torch.randn(3, 3, generator=g), torch.randn(3, 3, generator=g)
+        sds.append((online, ema))
+        torch.save({"online_model.lin.weight": online, "ema_model.lin.weight": ema, "initted": torch.tensor(True),
+                    "step": torch.tensor(100 * (i + 1))}, tmp_path / f"ema-{i}.pt")
+    paths = [tmp_path / "ema-0.pt", tmp_path / "ema-1.pt"]
+    out = ckptavg.average(paths, key="ema_model")
+    assert list(out) == ["lin.weight"]
+    torch.testing.assert_close(out["lin.weight"].double(), (sds[0][1].double() + sds[1][1].double()) / 2)
+    p = ckptavg.plan(paths, key="online_model")
+    assert [i.weights_key for i in p.inputs] == ["online_model"] * 2 and [t.name for t in p.tensors] == ["lin.weight"]

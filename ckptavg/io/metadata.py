@@ -95,6 +95,11 @@ def _file_name_metadata(stem: str) -> tuple[int | None, int | None, tuple[int, .
 
 
 
+def _is_flat_prefix(obj: Mapping[Any, Any], key: str) -> bool:
+    pre = key.rstrip(".") + "."
+    return any(isinstance(k, str) and k.startswith(pre) and isinstance(v, torch.Tensor) for k, v in obj.items())
+
+
 def _is_tensor_dict(d: Any) -> bool:
     return (
         isinstance(d, Mapping)
@@ -119,6 +124,11 @@ def _candidate_keys(obj: Any, prefix: str = "", depth: int = 0) -> list[str]:
 
 
 def find_state_dict(obj: Any, key: str | None, path: Path) -> tuple[Mapping[str, torch.Tensor], str | None]:
+    if key and isinstance(obj, Mapping) and key not in obj and _is_flat_prefix(obj, key):
+        # a flat state dict holding several models side by side (ema-pytorch's EMA module:
+        # "online_model.*", "ema_model.*", "initted", "step"): --key picks one by its prefix
+        pre = key.rstrip(".") + "."
+        return {k[len(pre):]: v for k, v in obj.items() if isinstance(k, str) and k.startswith(pre)}, key
     if key:
         cur = obj
         walked: list[str] = []
