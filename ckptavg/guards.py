@@ -49,7 +49,8 @@ def check_averageable(chosen: Sequence[Checkpoint], lora_factors: bool = False) 
     last = chosen[-1]
     names = set(last.tensors)
     for name, ref in last.tensors.items():
-        if not lora_factors and _LORA_RE.search(name) and ref.dtype.is_floating_point:
+        exact = all(c.format == "peft" for c in chosen)  # adapter folders: averaged exactly (ckptavg.adapters)
+        if not lora_factors and not exact and _LORA_RE.search(name) and ref.dtype.is_floating_point:
             raise OptionError(
                 f"{last.path}: tensor {name!r} is a LoRA factor: averaging lora_A and lora_B (or lora_down and "
                 "lora_up) separately is not the average of the adapters' updates (mean of B_i A_i differs from "

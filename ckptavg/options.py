@@ -93,6 +93,9 @@ class MergeOptions:
     allow_ill_conditioned: bool = _opt(False, "Post-hoc EMA from snapshots: proceed even when the weights amplify "
                                        "the snapshots' rounding errors more than 100 times (sum of |weights|).",
                                        example="--allow-ill-conditioned")
+    lora_rank: int | None = _opt(None, "PEFT adapter folders: factor the exact average (an adapter of rank sum of the "
+                                 "inputs' ranks) back to this rank by a truncated SVD; the report gives the relative "
+                                 "error.", example="--lora-rank 16", cli_type=int, metavar="R")
     lora_factors: bool = _opt(False, "Average LoRA factors (lora_A/lora_B, lora_down/lora_up) element by element, "
                               "as an EMA of one run's adapter does; refused otherwise, since it is not the average "
                               "of the adapters' updates.", example="--lora-factors")

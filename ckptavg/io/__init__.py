@@ -50,9 +50,18 @@ FILE_READERS: list[tuple[str, Callable[[InputFile, bytes], bool], Callable[..., 
 #: (name, is this folder one checkpoint of the format, open it); tried in order
 FOLDER_READERS: list[tuple[str, Callable[[Path], bool], Callable[..., Checkpoint]]] = [
     ("dcp", is_dcp_folder, lambda p, key, trust_pickle: open_dcp(p, key=key, trust_pickle=trust_pickle)),
+    ("peft", lambda p: _adapters().is_adapter_folder(p),
+     lambda p, key, trust_pickle: _adapters().open_adapter_folder(p, key=key, trust_pickle=trust_pickle,
+                                                                 open_file=_open_file)),
     ("hf-folder", is_model_folder,
      lambda p, key, trust_pickle: open_model_folder(p, key=key, trust_pickle=trust_pickle, open_file=_open_file)),
 ]
+
+
+def _adapters() -> Any:
+    from .. import adapters  # (PEFT adapter folders: the exact LoRA average lives beside the pipeline)
+
+    return adapters
 
 
 def is_checkpoint_folder(path: Path) -> bool:

@@ -159,6 +159,7 @@ class Checkpoint:
     obj: Any = None  # torch checkpoints: the full object tree, tensors on the meta device
     files: list[InputFile] = field(default_factory=list)
     st_metadata: dict[str, str] | None = None
+    adapter: dict[str, Any] | None = None  # a PEFT adapter folder's adapter_config.json
     _tensor_source: dict[int, TensorRef] = field(default_factory=dict, repr=False)
     _make_ref: Any = field(default=None, repr=False)
 

@@ -81,6 +81,8 @@ def _hf_metadata(folder: Path) -> dict[str, Any] | None:
         meta = data.get("metadata") if isinstance(data, dict) else None
     else:
         single = folder / SINGLE_NAME
+        if not single.is_file() and (folder / "adapter_model.safetensors").is_file():
+            single = folder / "adapter_model.safetensors"  # an adapter folder ckptavg wrote
         if not single.is_file():
             names = sorted(q.name for q in folder.iterdir())
             if not names or not all(_SHARD_RE.match(n) for n in names):

@@ -1,0 +1,91 @@
+"""PEFT LoRA adapters averaged exactly in the space of their updates (issue 25, item 1), checked
+with PEFT itself: the merged adapter loads with ``PeftModel.from_pretrained`` and its outputs equal
+the base model plus the weighted mean of the inputs' updates."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+
+import ckptavg
+
+peft = pytest.importorskip("peft")
+
+
+def _base() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+
+
+def _adapters(tmp_path, n=3, r=4, alpha=8, rslora=False):
+    base = _base()
+    folders, deltas = [], []
+    for i in range(n):
+        torch.manual_seed(100 + i)
+        cfg = peft.LoraConfig(r=r, lora_alpha=alpha, target_modules=["0", "2"], init_lora_weights=False,
+                              use_rslora=rslora)
+        model = peft.get_peft_model(copy.deepcopy(base), cfg)
+        folder = tmp_path / f"checkpoint-{(i + 1) * 10}"
+        model.save_pretrained(folder)
+        merged = model.merge_and_unload()
+        deltas.append({k: merged.state_dict()[k].double() - base.state_dict()[k].double()
+                       for k in ("0.weight", "2.weight")})
+        folders.append(folder)
+    return base, folders, deltas
+
+
+def _reference(base, deltas, weights):
+    ref = copy.deepcopy(base).double()
+    with torch.no_grad():
+        for k in ("0.weight", "2.weight"):
+            ref.get_parameter(k).add_(sum(w * d[k] for w, d in zip(weights, deltas)))
+    return ref
+
+
+def test_exact_average_loads_with_peft_and_equals_the_mean_update(tmp_path, run_cli):
+    base, folders, deltas = _adapters(tmp_path, rslora=True)
+    code, _o, err = run_cli("merge", tmp_path, "-o", tmp_path / "avg/")
+    assert code == 0, err
+    cfg = json.loads((tmp_path / "avg" / "adapter_config.json").read_text())
+    assert cfg["r"] == 12 and cfg["lora_alpha"] == 12 and cfg["use_rslora"] is False
+    model = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "avg")
+    x = torch.randn(32, 8, generator=torch.Generator().manual_seed(5))
+    ref = _reference(base, deltas, [1 / 3] * 3)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x).double(), ref(x.double()), rtol=1e-5, atol=1e-5)
+    # the average of the factors (what --lora-factors gives, and what was given silently before) is another update
+    naive = ckptavg.average(folders, lora_factors=True)
+    naive_delta = 4.0 * (naive["base_model.model.2.lora_B.weight"].double()
+                         @ naive["base_model.model.2.lora_A.weight"].double())  # rslora: 8 / sqrt(4)
+    exact = sum(d["2.weight"] for d in deltas) / 3
+    assert (naive_delta - exact).abs().max() > 1e-2 * exact.abs().max()
+    # a weighted (EMA) average, and the rank-factored one
+    w = ckptavg.plan(folders, method="ema", decay=0.5).weights.values
+    code, _o, err = run_cli("merge", *folders, "--method", "ema", "--decay", "0.5", "--lora-rank", "4",
+                            "-o", tmp_path / "ema4/", "--json")
+    assert code == 0, err
+    report = json.loads(_o)
+    full = sum(wi * d["2.weight"] for wi, d in zip(w, deltas))
+    s = torch.linalg.svdvals(full)
+    expect = float(torch.sqrt((s[4:] ** 2).sum() / (s ** 2).sum()))
+    assert report["lora_rank"] == 4 and report["lora_rank_error"] >= expect - 1e-9
+    model4 = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ema4")
+    merged4 = model4.merge_and_unload().state_dict()["2.weight"].double() - base.state_dict()["2.weight"].double()
+    u, sv, vh = torch.linalg.svd(full)
+    best4 = (u[:, :4] * sv[:4]) @ vh[:4]
+    torch.testing.assert_close(merged4, best4, rtol=1e-5, atol=1e-6)
+
+
+def test_adapter_folders_are_ordered_by_their_folder_step_and_layouts_must_match(tmp_path, run_cli):
+    base, folders, _d = _adapters(tmp_path, n=2)
+    p = ckptavg.plan(tmp_path)
+    assert [(i.format, i.step) for i in p.inputs] == [("peft", 10), ("peft", 20)]
+    other = tmp_path / "other"
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["0"], init_lora_weights=False)
+    peft.get_peft_model(copy.deepcopy(base), cfg).save_pretrained(other)
+    code, _o, err = run_cli("merge", folders[0], other, "-o", tmp_path / "bad/")
+    assert code != 0 and "lora_A.weight" in err and "lacks" in err and err.count("\n") == 1
+    assert not (tmp_path / "bad").exists()
