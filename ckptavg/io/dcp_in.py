@@ -23,6 +23,7 @@ Example::
 
 from __future__ import annotations
 
+import json
 import math
 import threading
 from dataclasses import dataclass, field
@@ -453,6 +454,7 @@ def _recorded_meta(ckpt: Checkpoint, folder: Path, sdm: dict[str, Any], locate: 
     """Step and epoch from the checkpoint's own small entries, when they hold integers; a power-EMA
     snapshot's ``sigma_rel``/``gamma``, which must be positive numbers when present."""
     meta = ckpt.meta
+    _megatron_iteration(ckpt, folder)
     for keys, attr in ((_STEP_KEYS, "step"), (_EPOCH_KEYS, "epoch")):
         for k in keys:
             if getattr(meta, attr) is not None or k not in sdm:
@@ -473,6 +475,31 @@ def _recorded_meta(ckpt: Checkpoint, folder: Path, sdm: dict[str, Any], locate: 
                 continue  # not a profile (e.g. an RL discount kept as an object): ignored as in other formats
             check_profile(folder, attr, raw, x)
             setattr(meta, attr, float(x))
+
+
+def _megatron_iteration(ckpt: Checkpoint, folder: Path) -> None:
+    """A Megatron/NeMo ``torch_dist`` checkpoint (``metadata.json`` naming that backend beside
+    ``common.pt``): the iteration recorded in ``common.pt`` is the step. ``common.pt`` is loaded
+    weights-only (with the few classes Megatron keeps there, such as its ``argparse.Namespace``
+    of arguments); one that needs anything else is left unread (the folder name's number is used)."""
+    common, marker = folder / "common.pt", folder / "metadata.json"
+    try:
+        if not marker.is_file() or marker.stat().st_size > 1 << 16 or not common.is_file():
+            return
+        if json.loads(marker.read_text(encoding="utf-8")).get("sharded_backend") != "torch_dist":
+            return
+        if common.stat().st_size > 64 << 20:
+            return
+        from .files import input_file
+        from .torch_in import _weights_only_load
+
+        with input_file(common, common.stat().st_size).open_stream() as fh:
+            obj = _weights_only_load(fh, "cpu")
+    except Exception:  # unreadable or not weights-only: the iteration comes from the folder name
+        return
+    it = obj.get("iteration") if isinstance(obj, dict) else None
+    if isinstance(it, int) and not isinstance(it, bool) and it >= 0:
+        ckpt.meta.step, ckpt.meta.step_from = it, "recorded"
 
 
 def _small_value(folder: Path, fqn: str, smd: Any, locate: Any) -> Any:

@@ -30,6 +30,13 @@ def _allowed_globals() -> dict[tuple[str, str], Any]:
         for n in ("Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata",
                   "TensorProperties", "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING")
     }
+    # the save plans dcp.save may keep in the metadata (megatron-core's torch_dist saver does: all_local_plans):
+    # dataclasses and enums of torch's planner, rebuilt from their fields
+    from torch.distributed.checkpoint import planner as pl
+
+    out.update({(pl.__name__, n): getattr(pl, n) for n in ("SavePlan", "WriteItem", "WriteItemType", "TensorWriteData",
+                                                             "LoadPlan", "ReadItem", "LoadItemType")
+                if hasattr(pl, n)})
     out[(fs.__name__, "_StorageInfo")] = fs._StorageInfo
     out[("torch", "Size")] = torch.Size
     out[("torch.serialization", "_get_layout")] = torch.serialization._get_layout  # layout by name, a dict lookup
