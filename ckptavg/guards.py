@@ -76,9 +76,10 @@ def _int_quant_format(name: str, names: set[str]) -> str | None:
     m = _INT_QUANT_RE.search(name)
     if m is not None:
         return f"GPTQ/AWQ {m.group(1)}"
-    if name.endswith(".weight"):
+    if name.endswith(".weight") or name == "weight":
         stem = name[: -len(".weight")]
         scale = next((stem + s for s in _INT_SCALES if stem + s in names), None)
-        if scale is not None:
-            return f"integer weight with scales {scale!r}"
+        # a layer's weight stored as integers is quantized (its scales elsewhere or folded in): no
+        # counter is named weight
+        return f"integer weight with scales {scale!r}" if scale is not None else "an integer layer weight"
     return None

@@ -202,3 +202,15 @@ def test_ema_pytorch_flat_state_key_selects_a_prefix(tmp_path, run_cli):
     torch.testing.assert_close(out["lin.weight"].double(), (sds[0][1].double() + sds[1][1].double()) / 2)
     p = ckptavg.plan(paths, key="online_model")
     assert [i.weights_key for i in p.inputs] == ["online_model"] * 2 and [t.name for t in p.tensors] == ["lin.weight"]
+
+
+def test_kohya_lora_and_bare_integer_weights_are_refused(tmp_path):
+    g = torch.Generator().manual_seed(3)
+    kohya = [{"lora_unet_down_0.lora_down.weight": torch.randn(4, 16, generator=g),
+              "lora_unet_down_0.lora_up.weight": torch.randn(16, 4, generator=g),
+              "lora_unet_down_0.alpha": torch.tensor(4.0)} for _ in range(2)]
+    with pytest.raises(OptionError, match="'lora_unet_down_0.lora_down.weight' is a LoRA factor"):
+        ckptavg.merge(_write(tmp_path, kohya, "k"), tmp_path / "k.safetensors")
+    ints = [{"fc.weight": torch.randint(0, 255, (4, 4), dtype=torch.uint8)} for _ in range(2)]
+    with pytest.raises(OptionError, match="'fc.weight' is an integer-quantized weight \\(an integer layer weight"):
+        ckptavg.merge(_write(tmp_path, ints, "u"), tmp_path / "u.safetensors")
