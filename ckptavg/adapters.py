@@ -31,7 +31,7 @@ import torch
 from .errors import CheckpointReadError, OptionError
 
 __all__ = ["ADAPTER_CONFIG", "ADAPTER_FILES", "is_adapter_folder", "adapter_config", "average_adapters",
-           "open_adapter_folder", "is_adapter_plan", "write_adapter_average"]
+           "open_adapter_folder", "is_adapter_plan", "average_adapter_plan", "write_adapter_average"]
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_model.bin")
@@ -167,6 +167,20 @@ def is_adapter_plan(plan: Any) -> bool:
     return bool(plan.inputs) and all(i.format == "peft" for i in plan.inputs)
 
 
+def average_adapter_plan(plan: Any, lora_rank: int | None) -> tuple[dict[str, torch.Tensor], dict[str, Any],
+                                                                     float | None]:
+    """:func:`average_adapters` over the adapters of a plan (read whole: adapters are small)."""
+    sds, cfgs = [], []
+    for i in plan.inputs:
+        sd = {}
+        for name, ref in i.checkpoint.tensors.items():
+            sd[name] = ref.materialize()
+            ref.release()
+        sds.append(sd)
+        cfgs.append(i.checkpoint.adapter)
+    return average_adapters(sds, cfgs, plan.weights.values, [i.path for i in plan.inputs], lora_rank)
+
+
 def write_adapter_average(plan: Any, dest: Path, kind: Any, mode: str, lora_rank: int | None) -> dict[str, Any]:
     """Average the plan's adapters exactly and publish the adapter folder ``dest`` (its
     ``adapter_model.safetensors`` with ckptavg's provenance, and the updated ``adapter_config.json``);
@@ -182,15 +196,7 @@ def write_adapter_average(plan: Any, dest: Path, kind: Any, mode: str, lora_rank
 
     if kind.single_file or is_remote(dest):
         raise OptionError(f"{dest}: averaging adapters writes an adapter folder: give -o DIR/ (a local folder)")
-    sds, cfgs = [], []
-    for i in plan.inputs:
-        sd = {}
-        for name, ref in i.checkpoint.tensors.items():
-            sd[name] = ref.materialize()
-            ref.release()
-        sds.append(sd)
-        cfgs.append(i.checkpoint.adapter)
-    out, cfg, err = average_adapters(sds, cfgs, plan.weights.values, [i.path for i in plan.inputs], lora_rank)
+    out, cfg, err = average_adapter_plan(plan, lora_rank)
     meta = dict(plan.provenance())
     meta[FILES_KEY] = json.dumps(["adapter_model.safetensors", ADAPTER_CONFIG])
     if err is not None:

@@ -113,6 +113,12 @@ def average(inputs: Inputs, **options: Any) -> dict[str, torch.Tensor]:
     resolve_device(opts.device)
     p = build_plan(inputs, opts)
     try:
+        from .adapters import average_adapter_plan, is_adapter_plan
+
+        if is_adapter_plan(p) and not opts.lora_factors:  # PEFT adapters: the exact average of their updates
+            return average_adapter_plan(p, opts.lora_rank)[0]
+        if opts.lora_rank is not None:
+            raise OptionError("lora_rank applies to PEFT adapter folders (adapter_config.json beside the weights)")
         writer = MemoryWriter(p.entries())
         run(p, writer, device=opts.device, progress=opts.progress, allow_nonfinite=opts.allow_nonfinite)
         writer.commit()

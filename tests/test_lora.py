@@ -62,6 +62,11 @@ def test_exact_average_loads_with_peft_and_equals_the_mean_update(tmp_path, run_
                          @ naive["base_model.model.2.lora_A.weight"].double())  # rslora: 8 / sqrt(4)
     exact = sum(d["2.weight"] for d in deltas) / 3
     assert (naive_delta - exact).abs().max() > 1e-2 * exact.abs().max()
+    # the API's in-memory average is the same exact adapter (never the factors' average)
+    sd = ckptavg.average(folders)
+    b2 = sd["base_model.model.2.lora_B.weight"].double()
+    a2 = sd["base_model.model.2.lora_A.weight"].double()
+    torch.testing.assert_close(b2 @ a2, exact, rtol=1e-5, atol=1e-6)
     # a weighted (EMA) average, and the rank-factored one
     w = ckptavg.plan(folders, method="ema", decay=0.5).weights.values
     code, _o, err = run_cli("merge", *folders, "--method", "ema", "--decay", "0.5", "--lora-rank", "4",
