@@ -112,7 +112,7 @@ def average_adapters(state_dicts: Sequence[dict[str, torch.Tensor]], configs: Se
             raise OptionError(f"{p}: adapts other modules (or holds other tensors) than {used[0][3]}; the exact "
                                  "average needs adapters of the same modules")
     assert layout is not None
-    mod_names = {m: _factors(used[0][0], used[0][3])[0][m] for m in layout[0]}
+    mod_names = _factors(used[0][0], used[0][3])[0]
     out: dict[str, torch.Tensor] = {}
     worst: float | None = None
     for names in mod_names.values():

@@ -128,19 +128,17 @@ def _names(folder: Any) -> list[str]:
     return sorted(str(k)[len(key) + 1:] for k in found if str(k).startswith(key + "/"))
 
 
-class RemoteWriter:
-    """The writer of an output at a URL: the inner kind's writer into a local staging folder, whose
-    :meth:`commit` then uploads the finished output (see the module docstring)."""
+class Staged:
+    """A writer that lets ``inner`` (the output kind's own writer, into a local staging folder) write
+    the bytes; subclasses publish what it wrote at a URL."""
 
-    def __init__(self, inner: Writer, local: Path, dest: Path, kind: RemoteKind, staging: Path) -> None:
-        self.inner, self.local, self.dest, self.kind, self.staging = inner, local, dest, kind, staging
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
         self.entries = inner.entries
-        self._tmp_key: str | None = None
-        self._copied: list[str] = []
 
     @property
     def bytes_written(self) -> int:
-        return self.inner.bytes_written
+        return int(self.inner.bytes_written)
 
     @bytes_written.setter
     def bytes_written(self, n: int) -> None:
@@ -155,6 +153,17 @@ class RemoteWriter:
 
     def report(self) -> dict[str, Any]:
         return dict(self.inner.report())
+
+
+class RemoteWriter(Staged):
+    """The writer of an output at a URL: the inner kind's writer into a local staging folder, whose
+    :meth:`commit` then uploads the finished output (see the module docstring)."""
+
+    def __init__(self, inner: Writer, local: Path, dest: Path, kind: RemoteKind, staging: Path) -> None:
+        super().__init__(inner)
+        self.local, self.dest, self.kind, self.staging = local, dest, kind, staging
+        self._tmp_key: str | None = None
+        self._copied: list[str] = []
 
     def commit(self) -> None:
         try:

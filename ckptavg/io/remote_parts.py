@@ -21,7 +21,7 @@ from typing import Any
 from ..errors import OutputError
 from .files import signals_blocked
 from .kinds import OutputSetup, RankPart
-from .remote_out import RemoteKind, _first_line, _names, publish_prefix
+from .remote_out import RemoteKind, Staged, _first_line, _names, publish_prefix
 from .writer import Entry
 
 __all__ = ["RemotePart", "open_remote_part"]
@@ -40,34 +40,16 @@ def open_remote_part(kind: RemoteKind, dest: Path, entries: Sequence[Entry], met
     return RemotePart(inner, kind, dest, part.tmp, staging, part.rank)
 
 
-class RemotePart:
+class RemotePart(Staged):
     """The part writer of one rank (see the module docstring); the inner part writer does the
     writing, this uploads and publishes."""
 
     def __init__(self, inner: Any, kind: RemoteKind, dest: Path, prefix: Path, staging: Path, rank: int) -> None:
-        self.inner, self.kind, self.dest, self.prefix = inner, kind, dest, prefix
+        super().__init__(inner)
+        self.kind, self.dest, self.prefix = kind, dest, prefix
         self.staging, self.rank = staging, rank
-        self.entries = inner.entries
         self.uploaded: list[str] = []
         self._kept = False
-
-    @property
-    def bytes_written(self) -> int:
-        return int(self.inner.bytes_written)
-
-    @bytes_written.setter
-    def bytes_written(self, n: int) -> None:
-        self.inner.bytes_written = n
-
-    def write(self, data: Any) -> None:
-        self.inner.write(data)
-
-    def annotate(self, metadata: Mapping[str, str]) -> None:
-        if hasattr(self.inner, "annotate"):
-            self.inner.annotate(metadata)
-
-    def report(self) -> dict[str, Any]:
-        return dict(self.inner.report())
 
     def commit(self) -> None:
         raise OutputError(f"{self.dest}: a rank's part is published by rank 0")
