@@ -13,6 +13,7 @@ from .weights import (
     explicit,
     posthoc_ema,
     power_ema,
+    schedule,
     sigma_rel_to_gamma,
     uniform,
 )
@@ -53,6 +54,13 @@ def weights_for(opts: MergeOptions, chosen: list[Checkpoint], time_notes: list[s
     method = opts.method.lower().replace("_", "-")
     if method not in METHODS:
         raise OptionError(f"--method must be one of {', '.join(METHODS)}, got {opts.method!r}")
+    if opts.normalize and opts.weights is None:
+        raise OptionError("--normalize applies to --weights (every method's weights already sum to 1)")
+    if opts.schedule is not None:
+        if method != "uniform" or opts.weights is not None or opts.decay is not None or opts.decay_per_step is not None:
+            raise OptionError("--schedule is a weighting of its own: it cannot be combined with --weights, "
+                              "--method ema/power-ema or a decay")
+        return schedule(opts.schedule, n)
     if opts.weights is not None:
         if method != "uniform" or opts.decay is not None or opts.decay_per_step is not None:
             raise OptionError("--weights cannot be combined with --method ema/power-ema or a decay")
@@ -62,7 +70,7 @@ def weights_for(opts: MergeOptions, chosen: list[Checkpoint], time_notes: list[s
                 ws = [float(x) for x in ws.replace(" ", "").split(",") if x != ""]
             except ValueError:
                 raise OptionError(f"--weights must be comma-separated numbers, got {opts.weights!r}") from None
-        return explicit(list(ws), n)
+        return explicit(list(ws), n, opts.normalize)
 
     def steps() -> list[int]:
         missing = [c for c in chosen if c.meta.step is None]

@@ -25,6 +25,7 @@ ORDERS = ("auto", "given", "step", "epoch", "name")
 DTYPES = ("float32", "float16", "bfloat16", "float64")
 BN_MODES = ("precise", "torch")
 BUFFERS = ("average", "last")
+SCHEDULES = ("linear", "minus-sqrt", "linear__reverse", "minus-sqrt__reverse")  # ckptavg.weights.SCHEDULES
 
 
 def _opt(default: Any, help: str, *, example: str = "", scope: str = "plan", cli_type: Any = None,
@@ -48,8 +49,15 @@ class MergeOptions:
     decay_per_step: float | None = _opt(None, "EMA decay per training step; uses the step gaps between checkpoints "
                                         "(with --method ema).", example="--method ema --decay-per-step 0.9999",
                                         cli_type=float, sweep=True)
-    weights: Sequence[float] | str | None = _opt(None, "Explicit weights, comma separated, in checkpoint order "
-                                                 "(normalised to sum 1).", example="--weights 0.5,0.3,0.2")
+    weights: Sequence[float] | str | None = _opt(None, "Explicit weights, comma separated, in checkpoint order, "
+                                                 "applied as given: unnormalised or negative weights are allowed "
+                                                 "(task arithmetic), with a warning when they do not sum to 1.",
+                                                 example="--weights 0.5,0.3,0.2, --weights 1,-1,1")
+    normalize: bool = _opt(False, "Divide --weights by their sum.", example="--weights 5,3,2 --normalize")
+    schedule: str | None = _opt(None, "Warmup-stable-merge weights over the selected checkpoints, as Megatron-LM's "
+                                "weighted_merge.py range mode: linear (uniform) or minus-sqrt (early checkpoints "
+                                "weigh most); NAME__reverse reverses them.",
+                                example="--steps 20000:30000 --schedule minus-sqrt", choices=SCHEDULES, sweep=True)
     gamma: float | None = _opt(None, "Power-EMA exponent (with --method power-ema).",
                                example="--method power-ema --gamma 6.94", cli_type=float, sweep=True)
     sigma_rel: float | None = _opt(None, "Power-EMA relative width, instead of --gamma (e.g. 0.05).",

@@ -15,7 +15,14 @@ selected checkpoints (in training order) to weights that sum to 1.
   share of the time line: ``w_i = (b_i/T)^(gamma+1) - (b_{i-1}/T)^(gamma+1)`` with
   ``b_0 = 0``, ``b_n = T`` and ``b_i`` the midpoints between checkpoint steps. ``gamma``
   can be given directly or through the relative width ``sigma_rel``.
-* explicit weights, normalised to sum 1.
+* explicit weights, applied exactly as given (unnormalised or negative: task arithmetic), or
+  divided by their sum with ``normalize``; a warning when they do not sum to 1.
+* ``schedule`` (warmup-stable-merge, the coefficients of Megatron-LM's ``weighted_merge.py``
+  range mode): a decay ``f`` on ``[0, 1)`` (``linear``: ``1 - x``; ``minus-sqrt``: ``1 - sqrt(x)``)
+  sampled at ``d_i = f(i/n)`` for the ``n`` checkpoints ``i = 0..n-1``, then ``w_{n-1} = d_{n-1}``,
+  ``w_i = d_i - d_{i+1}`` for ``0 < i < n-1`` and ``w_0 = 1 - sum_{i>0} w_i``; ``__reverse``
+  reverses them. ``linear`` is the uniform average; ``minus-sqrt`` weighs the early checkpoints
+  of the window most (``w_0 = sqrt(1/n)``).
 * ``posthoc_ema`` (exact post-hoc EMA, EDM2): weights over *power-EMA snapshots* (not plain
   checkpoints) saved during training, reconstructing the power-EMA of another width by a
   least-squares fit of the averaging profiles; see :func:`posthoc_ema`.
@@ -26,7 +33,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from .errors import CkptavgWarning, OptionError, SelectionError
 
@@ -39,6 +46,8 @@ __all__ = [
     "posthoc_ema",
     "power_profile_inner",
     "explicit",
+    "schedule",
+    "SCHEDULES",
     "sigma_rel_to_gamma",
     "gamma_to_sigma_rel",
     "POSTHOC_WARN_ERROR",
@@ -411,14 +420,76 @@ def _posthoc_solve(snaps: list[tuple[int, float]], t_out: int, gamma: float) -> 
     return [float(v) for v in x], err
 
 
-def explicit(weights: Sequence[float], n: int) -> Weights:
-    """User-given weights, normalised to sum 1."""
+def explicit(weights: Sequence[float], n: int, normalize: bool = False) -> Weights:
+    """User-given weights, applied exactly as given (``normalize``: divided by their sum).
+
+    Weights that do not sum to 1 scale the result (``1,1`` is the sum of two models, ``1,-1``
+    their difference: task arithmetic); that is allowed, with a :class:`CkptavgWarning`.
+
+    Example::
+
+        >>> explicit([2, 1, 1], 3, normalize=True).values
+        [0.5, 0.25, 0.25]
+    """
     ws = [float(x) for x in weights]
     if len(ws) != n:
         raise OptionError(f"--weights has {len(ws)} values but {n} checkpoints are selected")
     if any(not math.isfinite(x) for x in ws):
         raise OptionError("--weights must be finite numbers")
-    return _normalised(ws, "explicit weights")
+    if normalize:
+        return _normalised(ws, "explicit weights (normalised)")
+    try:
+        total = math.fsum(ws)
+    except OverflowError:
+        total = math.inf
+    if not math.isfinite(total):
+        raise OptionError(f"--weights: the weights sum to {total:g}; they must have a finite sum")
+    if not math.isclose(total, 1.0, rel_tol=1e-9, abs_tol=1e-12):
+        warnings.warn(f"--weights sum to {total:.12g}, not 1: the result is scaled by that sum, as given "
+                      "(--normalize divides the weights by their sum)", CkptavgWarning, stacklevel=2)
+    return Weights(ws, "explicit weights", list(ws), 1.0)
+
+
+def _linear_decay(x: float) -> float:
+    return 1.0 - x
+
+
+def _minus_sqrt_decay(x: float) -> float:
+    return 1.0 - math.sqrt(x)
+
+
+_DECAYS = {"linear": _linear_decay, "minus-sqrt": _minus_sqrt_decay}
+#: the ``--schedule`` names: Megatron-LM ``weighted_merge.py``'s ``--merge-style`` values (without its random
+#: ``__scramble``)
+SCHEDULES = (*_DECAYS, *(f"{k}__reverse" for k in _DECAYS))
+
+
+def schedule(name: str, n: int) -> Weights:
+    """Warmup-stable-merge weights over ``n`` checkpoints in training order (see the module text).
+
+    Example::
+
+        >>> [round(w, 4) for w in schedule("minus-sqrt", 4).values]
+        [0.5, 0.2071, 0.1589, 0.134]
+    """
+    base, _, modifier = name.partition("__")
+    if base not in _DECAYS or modifier not in ("", "reverse"):
+        raise OptionError(f"--schedule must be one of {', '.join(SCHEDULES)}, got {name!r}")
+    if n < 1:
+        raise SelectionError("--schedule: no checkpoint selected")
+    if base == "linear":  # 1/n each: the uniform average, computed exactly (sum, then one division)
+        return replace(uniform(n), description=f"schedule {name}")
+    f = _DECAYS[base]
+    d = [f(i / n) for i in range(n)]
+    w = [1.0] * n
+    if n > 1:
+        w[-1] = d[-1]
+        for i in range(1, n - 1):
+            w[i] = d[i] - d[i + 1]
+        w[0] = 1.0 - math.fsum(w[1:])
+    if modifier == "reverse":
+        w.reverse()
+    return Weights(w, f"schedule {name}", list(w), 1.0)
 
 
 def _normalised(w: list[float], description: str) -> Weights:

@@ -191,21 +191,44 @@ def test_integer_and_bool_tensors_come_from_last(tmp_path):
 def test_explicit_weights(tmp_path):
     sds = make_state_dicts(3, seed=2)
     paths = _save_run(tmp_path, sds)
-    got = ckptavg.average(paths, weights=[5, 3, 2])
+    got = ckptavg.average(paths, weights=[5, 3, 2], normalize=True)
     ref = fp64_mean([sd["fc.weight"] for sd in sds], [0.5, 0.3, 0.2])
     torch.testing.assert_close(got["fc.weight"].double(), ref, rtol=1e-6, atol=1e-6)
     got2 = ckptavg.average(paths, weights="0.5,0.3,0.2")
     assert torch.equal(got["fc.weight"], got2["fc.weight"])
     with pytest.raises(ckptavg.CkptavgError, match="sum"):
-        ckptavg.average(paths, weights=[1, -1, 0])
+        ckptavg.average(paths, weights=[1, -1, 0], normalize=True)
     with pytest.raises(ckptavg.CkptavgError, match="3 checkpoints"):
         ckptavg.average(paths, weights=[1, 1])
+
+
+def test_explicit_weights_are_applied_as_given(tmp_path):
+    """Unnormalised and negative weights (task arithmetic: base + (tuned - base) * 2) are applied exactly, with a
+    warning when they do not sum to 1; --normalize opts back in."""
+    sds = make_state_dicts(3, seed=3)
+    paths = _save_run(tmp_path, sds)
+    w = [1.0, -2.0, 2.0]  # sums to 1 (no warning): theta_0 + 2 (theta_2 - theta_1)
+    got = ckptavg.average(paths, weights=w)
+    for k in ("fc.weight", "conv.weight", "bn.running_var"):
+        ref = sum(x * sd[k].double() for x, sd in zip(w, sds))
+        torch.testing.assert_close(got[k].double(), ref, rtol=1e-6, atol=1e-6)
+    with pytest.warns(ckptavg.CkptavgWarning, match="sum to 3"):
+        summed = ckptavg.average(paths, weights=[1, 1, 1])
+    ref = sum(sd["fc.weight"].double() for sd in sds)
+    torch.testing.assert_close(summed["fc.weight"].double(), ref, rtol=1e-6, atol=1e-6)
+    assert torch.equal(summed["bn.num_batches_tracked"], sds[-1]["bn.num_batches_tracked"])  # counters: the last
+    with pytest.warns(ckptavg.CkptavgWarning, match="sum to 0"):
+        diff = ckptavg.average(paths[1:], weights=[1, -1])
+    torch.testing.assert_close(diff["fc.weight"].double(), sds[1]["fc.weight"].double() - sds[2]["fc.weight"].double(),
+                               rtol=1e-6, atol=1e-6)
+    with pytest.raises(ckptavg.CkptavgError, match="--normalize applies to --weights"):
+        ckptavg.average(paths, normalize=True)
 
 
 def test_zero_weight_input_is_not_read(tmp_path, monkeypatch):
     sds = make_state_dicts(3, seed=4)
     paths = _save_run(tmp_path, sds)
-    got = ckptavg.average(paths, weights=[0, 1, 1])
+    got = ckptavg.average(paths, weights=[0, 0.5, 0.5])
     ref = fp64_mean([sds[1]["conv.weight"], sds[2]["conv.weight"]])
     torch.testing.assert_close(got["conv.weight"].double(), ref, rtol=1e-6, atol=1e-7)
 
@@ -259,3 +282,34 @@ def test_nonfinite_input_is_an_error_naming_file_and_tensor(tmp_path):
     rep = ckptavg.merge(paths, out, allow_nonfinite=True)
     assert out.exists() and rep.bytes_written > 0
     assert torch.isnan(torch.load(out, weights_only=True)["fc.weight"][2, 3])
+
+
+def test_schedule_minus_sqrt_over_a_step_window(tmp_path, run_cli):
+    """--steps A:B --schedule minus-sqrt: Megatron weighted_merge's range-mode coefficients, whose closed form is
+    w_0 = sqrt(1/n), w_i = sqrt((i+1)/n) - sqrt(i/n), w_{n-1} = 1 - sqrt((n-1)/n); linear is the uniform average."""
+    import json
+    import math
+
+    sds = make_state_dicts(6, seed=5)
+    paths = _save_run(tmp_path, sds, fmt="safetensors")  # steps 100..600
+    out = tmp_path / "wsm.safetensors"
+    code, stdout, err = run_cli("merge", *paths, "--steps", "200:500", "--schedule", "minus-sqrt", "-o", out,
+                                "--json", "--quiet")
+    assert code == 0, err
+    n = 4
+    w = [math.sqrt((i + 1) / n) - math.sqrt(i / n) for i in range(n)]
+    doc = json.loads(stdout)
+    assert doc["method"] == "schedule minus-sqrt"
+    assert [i["weight"] for i in doc["inputs"]] == pytest.approx(w, abs=1e-15)
+    got = load_file(str(out))
+    for k in ("fc.weight", "conv.bias"):
+        ref = sum(x * sd[k].double() for x, sd in zip(w, sds[1:5]))
+        torch.testing.assert_close(got[k].double(), ref, rtol=1e-6, atol=1e-7)
+    rev = ckptavg.plan(paths, steps="200:500", schedule="minus-sqrt__reverse")
+    assert [i.weight for i in rev.inputs] == pytest.approx(w[::-1], abs=1e-15)
+    lin = ckptavg.average(paths, schedule="linear")
+    assert torch.equal(lin["fc.weight"], ckptavg.average(paths)["fc.weight"])
+    with pytest.raises(ckptavg.CkptavgError, match="--schedule"):
+        ckptavg.average(paths, schedule="minus-sqrt", method="ema", decay=0.9)
+    code, _, err = run_cli("merge", *paths, "--schedule", "cosine", "-o", tmp_path / "x.pt")
+    assert code == 2 and "cosine" in err and not (tmp_path / "x.pt").exists()
