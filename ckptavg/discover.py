@@ -7,6 +7,8 @@ A path argument is one of:
 * a **model folder** (Hugging Face layout: ``model.safetensors``, sharded
   ``model-0000k-of-0000n.safetensors`` with ``model.safetensors.index.json``, or
   ``pytorch_model.bin`` / ``pytorch_model.bin.index.json``), which is *one* checkpoint;
+* a **Megatron checkpoint root** (``latest_checkpointed_iteration.txt`` beside ``iter_*/``): its
+  iteration folders, or ``release/`` when the marker says so (:mod:`ckptavg.io.megatron`);
 * a **folder of checkpoints**: every checkpoint file directly inside it, plus every
   sub-folder that is a model folder (e.g. ``checkpoint-500/`` of a Hugging Face
   Trainer run). Files named like aliases of another checkpoint (``last.ckpt``,
@@ -34,6 +36,7 @@ from pathlib import Path
 from .errors import CheckpointReadError, OptionError
 from .io import is_checkpoint_folder
 from .io.files import CHECKPOINT_SUFFIXES
+from .io.megatron import checkpoints_of_root, is_megatron_root
 from .io.urls import as_path, is_url
 
 __all__ = ["discover", "discover_with_origin", "natural_key", "skipped_in_folders", "has_checkpoint_suffix"]
@@ -99,7 +102,9 @@ def discover_with_origin(inputs: Sequence[str | os.PathLike[str]]) -> tuple[list
         if is_url(s) and glob.has_magic(s):
             out.extend(_glob(s, notes))
         elif p.exists():
-            if p.is_dir() and not is_checkpoint_folder(p):
+            if p.is_dir() and not is_checkpoint_folder(p) and is_megatron_root(p):
+                out.extend(checkpoints_of_root(p))  # iter_* in iteration order (or release/), as Megatron sees them
+            elif p.is_dir() and not is_checkpoint_folder(p):
                 found, skipped = _scan_folder(p)
                 if not found:
                     raise CheckpointReadError(

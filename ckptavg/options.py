@@ -118,6 +118,16 @@ class MergeOptions:
                                 "dropped.", example="-o swa.ckpt --keep-structure", scope="output")
     keep_optimizer: bool = _opt(False, "With --keep-structure: keep optimizer and scheduler states.",
                                 example="--keep-structure --keep-optimizer", scope="output")
+    format: str | None = _opt(None, "Folder output layout: megatron (a Megatron torch_dist checkpoint root, the "
+                              "default when every input is one) or hf (a Hugging Face folder).",
+                              example="-o avg/ --format hf", scope="output", choices=("megatron", "hf"))
+    output_step: int | None = _opt(None, "Megatron output: the iteration it is saved as (default: the step of the last "
+                                   "input the average uses).", example="-o avg/ --output-step 30000", scope="output",
+                                   cli_type=int, metavar="N")
+    extra_state_from: int | None = _opt(None, "Megatron output: copy the byte entries (Transformer Engine "
+                                        "_extra_state) and common.pt from the selected checkpoint at this step "
+                                        "(default: the last).", example="--extra-state-from 20000", scope="output",
+                                        cli_type=int, metavar="STEP")
     shard_size: int | str | None = _opt(None, "Folder output: largest shard, e.g. 5GB (default), 500MB, 100KB.",
                                         example="--shard-size 2GB", scope="output", metavar="SIZE")
     dry_run: bool = _opt(False, "Print the plan (files, epochs/steps, weights) and read no tensor data.",

@@ -97,6 +97,10 @@ def check_output_options(out: Path, kind: OutputKind, opts: MergeOptions) -> int
         )
     if opts.shard_size is not None and "shard_size" not in kind.options:
         raise OptionError(f"{out}: --shard-size applies to folder output (-o DIR/), not to a single file")
+    for name, flag in (("extra_state_from", "--extra-state-from"), ("output_step", "--output-step")):
+        if getattr(opts, name) is not None and name not in kind.options:
+            raise OptionError(f"{out}: {flag} applies to a Megatron checkpoint output (Megatron inputs and -o DIR/, "
+                              "or --format megatron)")
     if opts.bn_mode not in BN_MODES:
         raise OptionError(f"--bn-mode must be precise or torch, got {opts.bn_mode!r}")
     return parse_size(opts.shard_size) if "shard_size" in kind.options else None

@@ -149,8 +149,10 @@ def close_inputs(plan: MergePlan | None) -> None:
 
 
 def _setup(plan: MergePlan, opts: MergeOptions, shard_size: int | None) -> OutputSetup:
+    used = [i for i, w in zip(plan.inputs, plan.weights.values) if w != 0] or plan.inputs
     return OutputSetup(sources=[(i.path, i.format) for i in plan.inputs], dtype=parse_dtype(opts.dtype),
-                       shard_size=shard_size)
+                       shard_size=shard_size, checkpoints=[i.checkpoint for i in plan.inputs],
+                       step=used[-1].step if used else None, options=opts)
 
 
 def _plan(inputs: Any, output: Any, opts: MergeOptions, group: Group
@@ -161,17 +163,19 @@ def _plan(inputs: Any, output: Any, opts: MergeOptions, group: Group
     variants = expand_variants(opts)
     outs = output_names(output, [label for label, _v in variants], single_values(opts))
     first = variants[0][1]
-    targets = [Target(o, kind_of(o)) for o in outs]
+    targets = [Target(o, kind_of(o, first.format)) for o in outs]
     group.check(first, targets)
     if len(outs) > 1 and first.keep_structure:
         raise OptionError("--keep-structure writes one checkpoint; give one value for "
                           f"{', '.join(variants[0][0])}, or write the several outputs without --keep-structure")
-    shard_size = None
-    for t in targets:
-        shard_size = check_output_options(t.dest, t.kind, first)
     resolve_device(group.device(first.device))
     p = build_plan(inputs, first, targets[0].dest, targets[0].kind.name, variants)
     try:
+        formats = [i.format for i in p.inputs]
+        targets = [Target(t.dest, kind_of(t.dest, first.format, formats)) for t in targets]  # Megatron inputs
+        shard_size = None
+        for t in targets:
+            shard_size = check_output_options(t.dest, t.kind, first)
         n_main = len(p.tensors)
         structured = None
         if first.keep_structure:

@@ -155,7 +155,9 @@ def build_plan(
         k = weights.values.index(top)
         notes.append(f"{chosen[k].path} gets {top:.1%} of the weight; the average is close to that one checkpoint")
     if output is not None:
-        notes.extend(kind_of(output).notes(output, [c.obj for c in chosen], options.keep_structure))
+        kind = kind_of(output, options.format, [c.format for c in chosen])  # Megatron inputs: a Megatron root
+        output_format = kind.name
+        notes.extend(kind.notes(output, [c.obj for c in chosen], options.keep_structure))
     planned = [
         PlannedInput(path=c.path, format=c.format, weight=w, epoch=c.meta.epoch, step=c.meta.step,
                      metrics=dict(c.meta.metrics), weights_key=c.weights_key, size=c.size, checkpoint=c,

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from ..errors import CheckpointReadError, OptionError, OutputError
-from . import dcp_out, hf_folder_out, safetensors_out, torch_out
+from . import dcp_out, hf_folder_out, megatron_out, safetensors_out, torch_out
 from .checkpoint import Checkpoint, CheckpointMeta, TensorRef
 from .dcp_in import is_dcp_folder, open_dcp
 from .files import InputFile, input_file
@@ -149,31 +149,45 @@ def strip_prefixes(ckpt: Checkpoint, prefixes: str | Iterable[str]) -> None:
 # writers
 
 #: every output kind, in the order a path is matched against them (a ``.dcp`` folder before any folder)
-OUTPUT_KINDS: list[OutputKind] = [dcp_out.KIND, hf_folder_out.KIND, safetensors_out.KIND, torch_out.KIND]
+#: (the Megatron root last: never chosen by a path alone, see :func:`kind_of`)
+OUTPUT_KINDS: list[OutputKind] = [dcp_out.KIND, hf_folder_out.KIND, safetensors_out.KIND, torch_out.KIND,
+                                  megatron_out.KIND]
 
 
-def kind_of(path: str | os.PathLike[str]) -> OutputKind:
+def kind_of(path: str | os.PathLike[str], fmt: str | None = None, input_formats: Sequence[str] = ()) -> OutputKind:
     """The output kind a path asks for: a DCP folder (a name ending in ``.dcp`` or ``.dcp/``), a
     Hugging Face folder (a path ending in ``/``, an existing folder, or a name without a file
     extension), ``.safetensors``, or a torch file (``.pt``, ``.pth``, ``.bin``, ``.ckpt``,
-    ``.pth.tar``, ``.tar``). For a URL, the same kind written locally and uploaded
+    ``.pth.tar``, ``.tar``). A folder output is a Megatron checkpoint root instead when every input
+    is a Megatron checkpoint (``input_formats``) or ``fmt`` is ``"megatron"``; ``fmt="hf"`` keeps the
+    Hugging Face folder. For a URL, the same kind written locally and uploaded
     (:class:`~ckptavg.io.remote_out.RemoteKind`).
 
     Example::
 
         kind_of("soup/").name  # 'hf-folder'
+        kind_of("avg/", input_formats=["megatron", "megatron"]).name  # 'megatron'
     """
     text = os.fspath(path)
     remote = is_remote(path) or (is_url(text) and not text.lower().startswith("file://"))
     if text.lower().startswith("file://"):
         text = text[len("file://"):]
-    for kind in OUTPUT_KINDS:
-        if kind.matches(text):
-            return RemoteKind(kind) if remote else kind
-    raise OptionError(
-        f"{text}: the output must end in .safetensors or .pt/.pth/.bin/.ckpt (the extension picks the format), "
-        "or name a folder (ending in /) for Hugging Face sharded safetensors"
-    )
+    kind = next((k for k in OUTPUT_KINDS if k.matches(text)), None)
+    if kind is None:
+        raise OptionError(
+            f"{text}: the output must end in .safetensors or .pt/.pth/.bin/.ckpt (the extension picks the format), "
+            "or name a folder (ending in /) for Hugging Face sharded safetensors"
+        )
+    if fmt not in (None, "megatron", "hf"):
+        raise OptionError(f"--format must be megatron or hf, got {fmt!r}")
+    if fmt is not None and kind.single_file:
+        raise OptionError(f"{text}: --format {fmt} writes a folder: give -o DIR/ (the extension picks a file's format)")
+    if fmt == "megatron" or (fmt is None and kind is hf_folder_out.KIND and input_formats
+                             and all(f == "megatron" for f in input_formats)):
+        kind = megatron_out.KIND
+    elif fmt == "hf":
+        kind = hf_folder_out.KIND
+    return RemoteKind(kind) if remote else kind
 
 
 def output_kind(path: str | os.PathLike[str]) -> str:

@@ -151,7 +151,7 @@ class Checkpoint:
     """
 
     path: Path
-    format: str  # "torch" | "torch-legacy" | "safetensors" | "hf-folder" | "dcp"
+    format: str  # "torch" | "torch-legacy" | "safetensors" | "hf-folder" | "dcp" | "megatron" | "peft"
     tensors: dict[str, TensorRef]
     meta: CheckpointMeta
     weights_key: str | None = None  # where the state dict was found (dotted), None = top level
@@ -160,6 +160,9 @@ class Checkpoint:
     files: list[InputFile] = field(default_factory=list)
     st_metadata: dict[str, str] | None = None
     adapter: dict[str, Any] | None = None  # a PEFT adapter folder's adapter_config.json
+    #: Megatron ``torch_dist``: the model's byte entries (``_extra_state``), never loaded: name -> (file, offset,
+    #: length)
+    byte_entries: dict[str, tuple[Any, int, int]] = field(default_factory=dict)
     _tensor_source: dict[int, TensorRef] = field(default_factory=dict, repr=False)
     _make_ref: Any = field(default=None, repr=False)
 

@@ -23,7 +23,6 @@ Example::
 
 from __future__ import annotations
 
-import json
 import math
 import threading
 from dataclasses import dataclass, field
@@ -33,6 +32,7 @@ from typing import Any
 import torch
 
 from ..errors import CheckpointReadError
+from . import megatron
 from .checkpoint import Checkpoint, CheckpointMeta, TensorRef
 from .dcp_checks import checked_metadata, chunk_storage, load_small_blob, shown
 from .dcp_metadata import METADATA_NAME, read_metadata
@@ -358,11 +358,31 @@ def open_dcp(path: Path, *, key: str | None = None, trust_pickle: bool = False) 
                       size=size, files=list(files.values()))
     try:
         _recorded_meta(ckpt, folder, sdm, locate)
+        if ckpt.format == "megatron":  # its byte entries (_extra_state) are copied into a Megatron output
+            ckpt.byte_entries = _byte_entries(sdm, prefix, locate)
+            ckpt.files = list(files.values())
         apply_name_metadata(ckpt)
     except BaseException:
         ckpt.close()
         raise
     return ckpt
+
+
+def _byte_entries(sdm: dict[str, Any], prefix: str | None, locate: Any) -> dict[str, tuple[InputFile, int, int]]:
+    """The model's byte entries (not training state), by output name: where their bytes lie (checked
+    against the data file's size by ``locate``), never loaded."""
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
+
+    out: dict[str, tuple[InputFile, int, int]] = {}
+    for fqn, md in sdm.items():
+        if not isinstance(md, BytesStorageMetadata):
+            continue
+        if prefix is not None and not fqn.startswith(prefix):
+            continue
+        if prefix is None and fqn.split(".", 1)[0].split("/", 1)[0] in _NOT_WEIGHTS:
+            continue
+        out[fqn[len(prefix):] if prefix else fqn] = locate(fqn, None)
+    return out
 
 
 def _choose_subtree(folder: Path, keys: list[str], key: str | None) -> tuple[str | None, str | None]:
@@ -478,27 +498,16 @@ def _recorded_meta(ckpt: Checkpoint, folder: Path, sdm: dict[str, Any], locate: 
 
 
 def _megatron_iteration(ckpt: Checkpoint, folder: Path) -> None:
-    """A Megatron/NeMo ``torch_dist`` checkpoint (``metadata.json`` naming that backend beside
-    ``common.pt``): the iteration recorded in ``common.pt`` is the step. ``common.pt`` is loaded
-    weights-only (with the few classes Megatron keeps there, such as its ``argparse.Namespace``
-    of arguments); one that needs anything else is left unread (the folder name's number is used)."""
-    common, marker = folder / "common.pt", folder / "metadata.json"
-    try:
-        if not marker.is_file() or marker.stat().st_size > 1 << 16 or not common.is_file():
-            return
-        if json.loads(marker.read_text(encoding="utf-8")).get("sharded_backend") != "torch_dist":
-            return
-        if common.stat().st_size > 64 << 20:
-            return
-        from .files import input_file
-        from .torch_in import _weights_only_load
-
-        with input_file(common, common.stat().st_size).open_stream() as fh:
-            obj = _weights_only_load(fh, "cpu")
-    except Exception:  # unreadable or not weights-only: the iteration comes from the folder name
+    """A Megatron/NeMo ``torch_dist`` checkpoint: format ``"megatron"``, and the iteration recorded in
+    ``common.pt`` (loaded weights-only, see :mod:`ckptavg.io.megatron`) is the step."""
+    if not megatron.is_megatron_folder(folder):
         return
-    it = obj.get("iteration") if isinstance(obj, dict) else None
-    if isinstance(it, int) and not isinstance(it, bool) and it >= 0:
+    ckpt.format = "megatron"
+    if not (folder / megatron.COMMON_NAME).is_file():
+        raise CheckpointReadError(f"{folder}: {megatron.COMMON_NAME} is missing (Megatron writes it with every "
+                                  "torch_dist checkpoint; it cannot load one without it)")
+    it = megatron.iteration_of(megatron.load_common(folder))
+    if it is not None:
         ckpt.meta.step, ckpt.meta.step_from = it, "recorded"
 
 

@@ -233,8 +233,10 @@ class DcpPartWriter(StreamWriter):
         self._close_part(remove=True)
 
 
-def dcp_metadata(entries: Sequence[Entry], records: Mapping[str, Record]) -> Any:
-    """torch's ``Metadata`` of a DCP folder holding every entry whole, one chunk each, at ``records``.
+def dcp_metadata(entries: Sequence[Entry], records: Mapping[str, Record],
+                 byte_records: Mapping[str, Record] | None = None) -> Any:
+    """torch's ``Metadata`` of a DCP folder holding every entry whole, one chunk each, at ``records``
+    (and byte entries, stored as they are, at ``byte_records``).
 
     Example::
 
@@ -242,6 +244,7 @@ def dcp_metadata(entries: Sequence[Entry], records: Mapping[str, Record]) -> Any
     """
     from torch.distributed.checkpoint.filesystem import CURRENT_DCP_VERSION, _StorageInfo
     from torch.distributed.checkpoint.metadata import (
+        BytesStorageMetadata,
         ChunkStorageMetadata,
         Metadata,
         MetadataIndex,
@@ -259,13 +262,16 @@ def dcp_metadata(entries: Sequence[Entry], records: Mapping[str, Record]) -> Any
         sdm[e.name] = TensorStorageMetadata(properties=TensorProperties(dtype=e.dtype), size=size,
                                             chunks=[ChunkStorageMetadata(offsets=zeros, sizes=size)])
         storage[MetadataIndex(e.name, zeros, 0)] = _StorageInfo(name, offset, length)
-    return Metadata(state_dict_metadata=sdm, planner_data={e.name: (e.name,) for e in entries},
+    for key, (name, offset, length) in (byte_records or {}).items():
+        sdm[key] = BytesStorageMetadata()
+        storage[MetadataIndex(key)] = _StorageInfo(name, offset, length)
+    return Metadata(state_dict_metadata=sdm, planner_data={k: (k,) for k in sdm},
                     storage_data=storage, storage_meta=StorageMeta(save_id=str(uuid.uuid4())),
                     version=CURRENT_DCP_VERSION)
 
 
 def write_dcp_metadata(folder: Path, entries: Sequence[Entry], records: Mapping[str, Record],
-                       provenance: Mapping[str, str]) -> None:
+                       provenance: Mapping[str, str], byte_records: Mapping[str, Record] | None = None) -> None:
     """Write (and fsync) ``.metadata`` and ``ckptavg.json`` into the temporary ``folder``. Raises ``OSError``.
 
     Example::
@@ -273,7 +279,7 @@ def write_dcp_metadata(folder: Path, entries: Sequence[Entry], records: Mapping[
         write_dcp_metadata(tmp, plan.entries(), records, plan.provenance())
     """
     with open(folder / _METADATA_NAME, "xb") as fh:
-        pickle.dump(dcp_metadata(entries, records), fh)  # as torch's FileSystemWriter.finish pickles it
+        pickle.dump(dcp_metadata(entries, records, byte_records), fh)  # as torch's FileSystemWriter.finish pickles it
     (folder / PROVENANCE_NAME).write_text(json.dumps(dict(provenance), indent=2) + "\n", encoding="utf-8")
     for n in (_METADATA_NAME, PROVENANCE_NAME):
         fsync_path(folder / n)
@@ -303,7 +309,7 @@ class DcpWriter(FolderPart, DcpPartWriter):
     (:class:`~ckptavg.io.writer.FolderPart`)."""
 
     def __init__(self, dest: Path, entries: Sequence[Entry], metadata: Mapping[str, str] | None = None, *,
-                 part: RankPart | None = None) -> None:
+                 part: RankPart | None = None, subfolder: str = "") -> None:
         dest = Path(dest)
         self.part = part
         self.all_entries = list(entries)
@@ -311,15 +317,32 @@ class DcpWriter(FolderPart, DcpPartWriter):
         self._done = False
         if part is not None:
             self.mode, self.tmp = part.mode, part.tmp
-            DcpPartWriter.__init__(self, dest, self.tmp, data_name(part.rank), local_entries(entries, part.mine()))
+            folder = self._subfolder(dest, subfolder)
+            DcpPartWriter.__init__(self, dest, folder, data_name(part.rank), local_entries(entries, part.mine()))
             return
         self.mode = check_dcp_destination(dest)
         self.tmp = make_temporary_folder(dest)
         try:
-            DcpPartWriter.__init__(self, dest, self.tmp, DATA_NAME, entries)
+            DcpPartWriter.__init__(self, dest, self._subfolder(dest, subfolder), DATA_NAME, entries)
         except BaseException:
             shutil.rmtree(self.tmp, ignore_errors=True)
             raise
+
+    def _subfolder(self, dest: Path, name: str) -> Path:
+        """The folder the DCP files go into: the temporary folder, or a folder inside it (a Megatron
+        root's ``iter_XXXXXXX/``, made by whichever rank comes first)."""
+        if not name:
+            return self.tmp
+        try:
+            (self.tmp / name).mkdir(exist_ok=True)
+        except OSError as e:
+            raise OutputError(f"{dest}: cannot create {name} in {self.tmp}: {e.strerror}") from None
+        return self.tmp / name
+
+    def _complete_folder(self, records: Mapping[str, Record]) -> None:
+        """Write what makes the data files a checkpoint (``.metadata``, the provenance) into the
+        temporary folder, from every entry's chunk records. Raises ``OSError``."""
+        write_dcp_metadata(self.folder, self.all_entries, records, self.provenance)
 
     def annotate(self, metadata: Mapping[str, str]) -> None:
         """Add to the provenance (written when the folder is completed, so it can say what happened
@@ -337,7 +360,7 @@ class DcpWriter(FolderPart, DcpPartWriter):
         for records in payloads:
             every.update(records)
         try:
-            write_dcp_metadata(self.tmp, self.all_entries, every, self.provenance)
+            self._complete_folder(every)
         except OSError as e:
             raise OutputError(f"{self.dest}: cannot write the DCP metadata: {e.strerror}") from None
 
@@ -346,7 +369,7 @@ class DcpWriter(FolderPart, DcpPartWriter):
         try:
             records = self.finish()
             try:
-                write_dcp_metadata(self.tmp, self.entries, records, self.provenance)
+                self._complete_folder(records)
                 with signals_blocked():
                     publish_folder(self.tmp, self.dest, self.mode)
                     self._done = True

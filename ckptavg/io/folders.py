@@ -59,6 +59,10 @@ FILES_KEY = "ckptavg_files"
 PROVENANCE_NAME = "ckptavg.json"
 _SHARD_RE = re.compile(r"^model-\d{5}-of-\d{5}\.safetensors$")
 _DCP_OWN_RE = re.compile(r"^(\.metadata|ckptavg\.json|__\d+_\d+\.distcp)$")
+# a Megatron checkpoint root (ckptavg.io.megatron): the marker, one iteration folder and what it holds
+_MEGATRON_MARKER = "latest_checkpointed_iteration.txt"
+_ITER_RE = re.compile(r"^iter_\d{7,}$")
+_MEGATRON_OWN_RE = re.compile(r"^(\.metadata|ckptavg\.json|__\d+_\d+\.distcp|metadata\.json|common\.pt)$")
 _MAX_HEADER = 100 * 1024 * 1024
 
 
@@ -101,6 +105,8 @@ def earlier_output(folder: Path) -> frozenset[str] | None:
         earlier_output(Path("soup"))  # frozenset({'model.safetensors', 'config.json', ...}) or None
     """
     try:
+        if (folder / _MEGATRON_MARKER).is_file():
+            return _megatron_root_output(folder)
         if (folder / ".metadata").is_file() and (folder / PROVENANCE_NAME).is_file():
             prov = json.loads((folder / PROVENANCE_NAME).read_text(encoding="utf-8"))
             if isinstance(prov, dict) and "ckptavg_version" in prov:
@@ -119,16 +125,36 @@ def earlier_output(folder: Path) -> frozenset[str] | None:
         return None
 
 
+def _megatron_root_output(folder: Path) -> frozenset[str] | None:
+    """A Megatron checkpoint root ckptavg wrote: the marker and one ``iter_XXXXXXX/`` folder holding
+    ckptavg's provenance (its files are checked by :func:`foreign_entry`)."""
+    subs = [q for q in folder.iterdir() if q.name != _MEGATRON_MARKER]
+    if len(subs) != 1 or not _ITER_RE.match(subs[0].name):
+        return None
+    prov = json.loads((subs[0] / PROVENANCE_NAME).read_text(encoding="utf-8"))
+    if not (isinstance(prov, dict) and "ckptavg_version" in prov):
+        return None
+    return frozenset({_MEGATRON_MARKER, subs[0].name})
+
+
 def foreign_entry(folder: Path, own: frozenset[str]) -> str | None:
-    """The first entry (in name order) of ``folder`` that is not a regular file named in ``own``."""
+    """The first entry (in name order) of ``folder`` that is not a regular file named in ``own``
+    (in a Megatron root ckptavg wrote, its ``iter_XXXXXXX/`` folder, holding only files ckptavg writes)."""
     for name in sorted(os.listdir(folder)):
         if name not in own:
             return name
         try:
-            if not stat.S_ISREG(os.lstat(folder / name).st_mode):
-                return name
+            mode = os.lstat(folder / name).st_mode
         except FileNotFoundError:
             continue
+        if stat.S_ISDIR(mode) and _ITER_RE.match(name):
+            inner = sorted(os.listdir(folder / name))
+            bad = next((n for n in inner if not _MEGATRON_OWN_RE.match(n)), None)
+            bad = bad or foreign_entry(folder / name, frozenset(inner))
+            if bad is not None:
+                return f"{name}/{bad}"
+        elif not stat.S_ISREG(mode):
+            return name
     return None
 
 

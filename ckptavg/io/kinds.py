@@ -33,11 +33,17 @@ class OutputSetup:
 
     ``sources``: the input paths with their format names, in plan order (a folder output copies
     the model files of the last model folder among them); ``dtype``: the ``--dtype`` asked for
-    (or None); ``shard_size``: the folder kinds' largest shard, already parsed."""
+    (or None); ``shard_size``: the folder kinds' largest shard, already parsed; the rest below."""
 
     sources: Sequence[tuple[Path, str]] = ()
     dtype: torch.dtype | None = None
     shard_size: int | None = None
+    #: the selected inputs' opened checkpoints, in plan order (a Megatron output copies byte entries from one)
+    checkpoints: Sequence[Any] = ()
+    #: the step the output stands for (the last input it uses), if known
+    step: int | None = None
+    #: the merge's options (kinds read the output options they accept, :attr:`OutputKind.options`)
+    options: Any = None
 
 
 @dataclass
