@@ -171,3 +171,21 @@ def test_megatron_root_errors_are_one_line_and_publish_nothing(megatron_run, tmp
     rc, _o, err = run_cli("merge", root / "iter_0000100", root / "iter_0000300", "-o", f"{out}/")
     assert rc == 1 and "iter_0000300/notes.txt" in err
     assert (out / "iter_0000300" / "notes.txt").read_text() == "mine"
+
+
+def test_megatron_output_at_a_url(megatron_run, tmp_path):
+    """A Megatron root uploaded to a URL (memory://): the same objects as the local output, the marker among them;
+    an object ckptavg did not write inside the iteration folder stops a replacement."""
+    fsspec = pytest.importorskip("fsspec")
+    url = f"memory://megatron-{tmp_path.name}/avg/"
+    ckptavg.merge(megatron_run, url, last=2)
+    ckptavg.merge(megatron_run, tmp_path / "local/", last=2)
+    fs = fsspec.filesystem("memory")
+    root = url[len("memory://"):].rstrip("/")
+    names = sorted(k[len(root) + 2:] for k in fs.find(root))  # (memory keys start with "/")
+    assert names == sorted(str(q.relative_to(tmp_path / "local")) for q in (tmp_path / "local").rglob("*")
+                           if q.is_file())
+    assert fs.cat(f"{root}/latest_checkpointed_iteration.txt") == b"300"
+    fs.pipe(f"{root}/iter_0000300/notes.txt", b"mine")
+    with pytest.raises(ckptavg.CkptavgError, match="iter_0000300/notes.txt"):
+        ckptavg.merge(megatron_run, url, last=2)

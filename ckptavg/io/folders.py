@@ -49,7 +49,7 @@ from typing import Any
 from ..errors import CkptavgWarning, OutputError
 from .files import PUBLISHED, fsync_path, umask
 
-__all__ = ["FILES_KEY", "INDEX_NAME", "SINGLE_NAME", "earlier_output", "foreign_entry", "check_replaceable",
+__all__ = ["FILES_KEY", "INDEX_NAME", "SINGLE_NAME", "earlier_output", "foreign_entry", "owned", "check_replaceable",
            "recover_leftovers", "exchange", "publish_folder"]
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -135,6 +135,15 @@ def _megatron_root_output(folder: Path) -> frozenset[str] | None:
     if not (isinstance(prov, dict) and "ckptavg_version" in prov):
         return None
     return frozenset({_MEGATRON_MARKER, subs[0].name})
+
+
+def owned(own: frozenset[str], rel: str) -> bool:
+    """Whether the file at ``rel`` (a path relative to an earlier output, ``/``-separated: an object
+    store's listing) is one ckptavg wrote, given :func:`earlier_output`'s names."""
+    head, _, rest = rel.partition("/")
+    if not rest:
+        return rel in own
+    return head in own and bool(_ITER_RE.match(head)) and bool(_MEGATRON_OWN_RE.match(rest))
 
 
 def foreign_entry(folder: Path, own: frozenset[str]) -> str | None:

@@ -36,7 +36,7 @@ from typing import Any
 
 from ..errors import OutputError
 from .files import PUBLISHED, TMP_SUFFIX, signals_blocked
-from .folders import earlier_output
+from .folders import earlier_output, owned
 from .kinds import OutputKind, OutputSetup, RankPart
 from .writer import Entry, Writer
 
@@ -79,7 +79,7 @@ class RemoteKind(OutputKind):
             shown = ", ".join(repr(n) for n in names[:3]) + (", ..." if len(names) > 3 else "")
             raise OutputError(f"{dest}: the folder exists and holds other files ({shown}); ckptavg only replaces an "
                               "empty folder or an earlier ckptavg output: choose a new folder")
-        foreign = next((n for n in names if n not in own), None)
+        foreign = next((n for n in names if not owned(own, n)), None)
         if foreign is not None:
             raise OutputError(f"{dest}: an earlier ckptavg output, but it also holds {foreign!r}, which ckptavg did "
                               "not write; move it out of the folder (or choose another output folder)")
