@@ -129,6 +129,7 @@ def build_plan(
             weights = weights_for(options, chosen, time_notes)
             matrix = None
         notes.extend(dict.fromkeys(time_notes))
+        notes.extend(dict.fromkeys(n for c in chosen for n in c.notes))  # how inputs were read (one of 2 models)
         if any(c.weights_key == LIVE_WEIGHTS_KEY for c in chosen):
             notes.append("averaging the live weights (current_model_state) of checkpoints written with Lightning's "
                          "WeightAveraging/EMAWeightAveraging; the callback's own running average is under state_dict: "

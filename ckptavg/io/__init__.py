@@ -22,6 +22,7 @@ import torch
 
 from ..errors import CheckpointReadError, OptionError, OutputError
 from . import dcp_out, hf_folder_out, megatron_out, safetensors_out, torch_out
+from .accelerate_in import is_fsdp_checkpoint, open_fsdp_checkpoint
 from .checkpoint import Checkpoint, CheckpointMeta, TensorRef
 from .dcp_in import is_dcp_folder, open_dcp
 from .files import InputFile, input_file
@@ -50,6 +51,8 @@ FILE_READERS: list[tuple[str, Callable[[InputFile, bytes], bool], Callable[..., 
 #: (name, is this folder one checkpoint of the format, open it); tried in order
 FOLDER_READERS: list[tuple[str, Callable[[Path], bool], Callable[..., Checkpoint]]] = [
     ("dcp", is_dcp_folder, lambda p, key, trust_pickle: open_dcp(p, key=key, trust_pickle=trust_pickle)),
+    ("accelerate-fsdp", is_fsdp_checkpoint,
+     lambda p, key, trust_pickle: open_fsdp_checkpoint(p, key=key, trust_pickle=trust_pickle)),
     ("peft", lambda p: _adapters().is_adapter_folder(p),
      lambda p, key, trust_pickle: _adapters().open_adapter_folder(p, key=key, trust_pickle=trust_pickle,
                                                                  open_file=_open_file)),

@@ -163,6 +163,8 @@ class Checkpoint:
     #: Megatron ``torch_dist``: the model's byte entries (``_extra_state``), never loaded: name -> (file, offset,
     #: length)
     byte_entries: dict[str, tuple[Any, int, int]] = field(default_factory=dict)
+    #: what the plan should say about how this checkpoint was read (one of several models, ...)
+    notes: list[str] = field(default_factory=list)
     _tensor_source: dict[int, TensorRef] = field(default_factory=dict, repr=False)
     _make_ref: Any = field(default=None, repr=False)
 

@@ -24,6 +24,7 @@ Example::
 from __future__ import annotations
 
 import math
+import re
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,24 +33,22 @@ from typing import Any
 import torch
 
 from ..errors import CheckpointReadError
-from . import megatron
 from .checkpoint import Checkpoint, CheckpointMeta, TensorRef
-from .dcp_checks import checked_metadata, chunk_storage, load_small_blob, shown
+from .dcp_checks import checked_metadata, chunk_storage, shown
 from .dcp_metadata import METADATA_NAME, read_metadata
+from .dcp_recorded import recorded_meta
 from .files import InputFile, input_file
-from .metadata import apply_name_metadata, check_profile
+from .metadata import apply_name_metadata
 from .urls import as_path
 
 __all__ = ["is_dcp_folder", "open_dcp", "DcpTensorRef", "METADATA_NAME"]
 
-_MAX_SMALL_ITEM = 1 << 20  # non-tensor entries read for step/epoch at most this big
 _MIN_BUDGET = 256 << 10  # temporaries of a strided gather: at most max(2 x request, this) bytes
 # Top-level entries of training checkpoints that are not model weights (torchtitan flattens the
 # model's keys to the top level beside these).
 _NOT_WEIGHTS = frozenset({"optimizer", "optimizers", "optim", "optim_state", "lr_scheduler", "lr_schedulers",
                           "scheduler", "train_state", "dataloader", "data_loader", "rng_state", "rng", "extra_state"})
-_STEP_KEYS = ("step", "global_step", "train_state.step", "train_state")
-_EPOCH_KEYS = ("epoch", "train_state.epoch", "train_state")
+_OPTIMIZER_N = re.compile(r"^optimizer_\d+$")  # Lightning's sharded checkpoints: optimizer_0, optimizer_1...
 _QUANTIZED = {torch.qint8, torch.quint8, torch.qint32, torch.quint4x2, torch.quint2x4}
 
 
@@ -346,7 +345,7 @@ def open_dcp(path: Path, *, key: str | None = None, trust_pickle: bool = False) 
     for fqn in tensor_keys:
         if prefix is not None and not fqn.startswith(prefix):
             continue
-        if prefix is None and fqn.split(".", 1)[0] in _NOT_WEIGHTS:
+        if prefix is None and _training_state(fqn):
             continue
         name = fqn[len(prefix) :] if prefix else fqn
         tensors[name] = _make_ref(folder, fqn, name, sdm[fqn], locate)
@@ -357,7 +356,7 @@ def open_dcp(path: Path, *, key: str | None = None, trust_pickle: bool = False) 
     ckpt = Checkpoint(path=folder, format="dcp", tensors=tensors, meta=CheckpointMeta(), weights_key=wkey,
                       size=size, files=list(files.values()))
     try:
-        _recorded_meta(ckpt, folder, sdm, locate)
+        recorded_meta(ckpt, folder, sdm, lambda fqn, smd: _make_ref(folder, fqn, fqn, smd, locate), locate)
         if ckpt.format == "megatron":  # its byte entries (_extra_state) are copied into a Megatron output
             ckpt.byte_entries = _byte_entries(sdm, prefix, locate)
             ckpt.files = list(files.values())
@@ -379,7 +378,7 @@ def _byte_entries(sdm: dict[str, Any], prefix: str | None, locate: Any) -> dict[
             continue
         if prefix is not None and not fqn.startswith(prefix):
             continue
-        if prefix is None and fqn.split(".", 1)[0].split("/", 1)[0] in _NOT_WEIGHTS:
+        if prefix is None and _training_state(fqn):
             continue
         out[fqn[len(prefix):] if prefix else fqn] = locate(fqn, None)
     return out
@@ -396,15 +395,25 @@ def _choose_subtree(folder: Path, keys: list[str], key: str | None) -> tuple[str
                 + (f" (top-level entries: {', '.join(shown(r, 40) for r in roots[:20])})" if roots else "")
             )
         return prefix, key.rstrip(".")
-    if any(k.startswith("model.") for k in keys):
+    for root in ("model", "state_dict"):  # Lightning's sharded .ckpt/ folders: "model" (FSDP), "state_dict" (FSDP2)
+        pre = root + "."
+        if not any(k.startswith(pre) for k in keys):
+            continue
         # a "model" entry holding the model (a Lightning or DCP state dict {"model": ..., "optimizer": ...}),
         # unless the model itself is flattened at the top level and has a submodule named "model"
         # (Hugging Face style "model.layers.*" beside "lm_head.weight", as torchtitan saves it): then
         # every tensor outside the training state is the model's, names kept
-        outside = [k for k in keys if not k.startswith("model.") and k.split(".", 1)[0] not in _NOT_WEIGHTS]
-        if not outside or _mirrors(outside, {k[len("model."):] for k in keys if k.startswith("model.")}):
-            return "model.", "model"
+        outside = [k for k in keys if not k.startswith(pre) and not _training_state(k)]
+        if not outside or _mirrors(outside, {k[len(pre):] for k in keys if k.startswith(pre)}):
+            return pre, root
     return None, None
+
+
+def _training_state(fqn: str) -> bool:
+    """Whether a top-level DCP key belongs to the training state, not the model (``optimizer``,
+    Lightning's ``optimizer_0``, ``lr_scheduler``, Megatron's ``rng_state/shard_...``...)."""
+    root = fqn.split(".", 1)[0].split("/", 1)[0]
+    return root in _NOT_WEIGHTS or bool(_OPTIMIZER_N.match(root))
 
 
 def _mirrors(outside: list[str], model_names: set[str]) -> bool:
@@ -468,66 +477,3 @@ def _check_disjoint(where: str, chunks: list[tuple[tuple[int, ...], tuple[int, .
                 break
             if all(max(x, y) < min(x + m, y + n) for x, m, y, n in zip(oa, sa, ob, sb)):
                 raise CheckpointReadError(f"{where}: the chunks at {list(oa)} and {list(ob)} overlap")
-
-
-def _recorded_meta(ckpt: Checkpoint, folder: Path, sdm: dict[str, Any], locate: Any) -> None:
-    """Step and epoch from the checkpoint's own small entries, when they hold integers; a power-EMA
-    snapshot's ``sigma_rel``/``gamma``, which must be positive numbers when present."""
-    meta = ckpt.meta
-    _megatron_iteration(ckpt, folder)
-    for keys, attr in ((_STEP_KEYS, "step"), (_EPOCH_KEYS, "epoch")):
-        for k in keys:
-            if getattr(meta, attr) is not None or k not in sdm:
-                continue
-            v = _small_value(folder, k, sdm[k], locate)
-            if isinstance(v, dict):
-                v = v.get(attr)
-            if isinstance(v, torch.Tensor) and v.numel() == 1 and not v.dtype.is_floating_point:
-                v = int(v.reshape(()).item())
-            if isinstance(v, int) and not isinstance(v, bool):
-                setattr(meta, attr, v)
-                setattr(meta, f"{attr}_from", "recorded")
-    for attr in ("sigma_rel", "gamma"):  # a power-EMA snapshot (PowerEMA.save_snapshots(format="dcp"))
-        if attr in sdm:
-            raw = _small_value(folder, attr, sdm[attr], locate)
-            x = float(raw.reshape(()).item()) if isinstance(raw, torch.Tensor) and raw.numel() == 1 else raw
-            if isinstance(x, bool) or not isinstance(x, (int, float)):
-                continue  # not a profile (e.g. an RL discount kept as an object): ignored as in other formats
-            check_profile(folder, attr, raw, x)
-            setattr(meta, attr, float(x))
-
-
-def _megatron_iteration(ckpt: Checkpoint, folder: Path) -> None:
-    """A Megatron/NeMo ``torch_dist`` checkpoint: format ``"megatron"``, and the iteration recorded in
-    ``common.pt`` (loaded weights-only, see :mod:`ckptavg.io.megatron`) is the step."""
-    if not megatron.is_megatron_folder(folder):
-        return
-    ckpt.format = "megatron"
-    if not (folder / megatron.COMMON_NAME).is_file():
-        raise CheckpointReadError(f"{folder}: {megatron.COMMON_NAME} is missing (Megatron writes it with every "
-                                  "torch_dist checkpoint; it cannot load one without it)")
-    it = megatron.iteration_of(megatron.load_common(folder))
-    if it is not None:
-        ckpt.meta.step, ckpt.meta.step_from = it, "recorded"
-
-
-def _small_value(folder: Path, fqn: str, smd: Any, locate: Any) -> Any:
-    """A non-tensor entry (a ``torch.save`` blob, loaded weights-only) or a one-element tensor;
-    None when it is big, unreadable or needs code to load."""
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-
-    try:
-        if isinstance(smd, TensorStorageMetadata):
-            if math.prod(smd.size) != 1:
-                return None
-            return _make_ref(folder, fqn, fqn, smd, locate).materialize()
-        f, off, length = locate(fqn, None)
-        if length > _MAX_SMALL_ITEM:
-            return None
-        return load_small_blob(f, off, length, f"{folder}: item {shown(fqn)}", _MAX_SMALL_ITEM)
-    except CheckpointReadError as e:
-        if "zip bomb" in str(e):
-            raise  # a hostile item is an error, a damaged one only loses its step or epoch
-        return None
-    except Exception:
-        return None  # step/epoch are optional: the folder name or the order option decide then

@@ -34,6 +34,8 @@ _FAIRSEQ_RE = re.compile(r"^checkpoint[_-]?(\d+)(?:[_-](\d+))?$", re.IGNORECASE)
 _NUM_RE = re.compile(r"\d+")
 _TRAINER_DIR_RE = re.compile(r"^checkpoint-(\d+)$")
 _ACCELERATE_DIR_RE = re.compile(r"^checkpoint_\d+$")
+# accelerate's names for the k-th model of a checkpoint: the number is an index, not a time
+_MODEL_INDEX_RE = re.compile(r"^(?:pytorch_)?model(?:_fsdp)?(?:_\d+)?$")
 _FILE_EXT_RE = re.compile(r"\.(safetensors|pt|pth|ckpt|bin|tar|pkl)$", re.IGNORECASE)
 
 
@@ -50,9 +52,14 @@ def name_metadata(path: Path) -> tuple[int | None, int | None, tuple[int, ...]]:
     checkpoint file's extension), its folder name's. A file whose name has no number
     (``adapter_model.safetensors``, ``unet/diffusion_pytorch_model.safetensors``) takes them from
     the nearest of its two parent folders that has one (``checkpoint-500/``)."""
-    if not _FILE_EXT_RE.search(path.name):
+    is_file = bool(_FILE_EXT_RE.search(path.name))
+    stem = model_stem(path) if is_file else path.name
+    if _MODEL_INDEX_RE.match(stem):  # accelerate's k-th model (model_1.safetensors, pytorch_model_fsdp_0/)
+        found: tuple[int | None, int | None, tuple[int, ...]] = (None, None, ())
+    elif not is_file:
         return _folder_name_metadata(path.name)
-    found = _file_name_metadata(model_stem(path))
+    else:
+        found = _file_name_metadata(stem)
     if found != (None, None, ()):
         return found
     for anc in (path.parent, path.parent.parent):
