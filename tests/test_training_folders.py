@@ -84,3 +84,32 @@ def test_lightning_sharded_ckpt_folders(tmp_path, run_cli, model_key):
     assert set(got) == set(sds[0])
     torch.testing.assert_close(got["conv.weight"].double(), fp64_mean([sd["conv.weight"] for sd in sds[1:]]),
                                rtol=1e-6, atol=1e-7)
+
+
+def test_accelerate_save_state_with_two_models(tmp_path, run_cli):
+    """accelerate's own save_state with two prepared models writes model.safetensors and model_1.safetensors: the
+    first is averaged, the plan says so; naming model_1.safetensors averages the other, ordered by the save counter
+    (checkpoint_N), never by the model index."""
+    accelerate = pytest.importorskip("accelerate")
+    torch.manual_seed(0)
+    acc = accelerate.Accelerator(cpu=True)
+    a, b = acc.prepare(torch.nn.Linear(3, 4), torch.nn.Linear(5, 2))
+    saved = []
+    for n in (0, 1, 2, 10):
+        with torch.no_grad():
+            for p in (*a.parameters(), *b.parameters()):
+                p.add_(torch.randn_like(p))
+        acc.save_state(str(tmp_path / "run" / "checkpoints" / f"checkpoint_{n}"))
+        saved.append(tuple({k: v.clone() for k, v in m.state_dict().items()} for m in (a, b)))
+    code, stdout, err = run_cli("merge", tmp_path / "run" / "checkpoints", "--last", "2", "-o", tmp_path / "a.pt",
+                                "--json", "--quiet")
+    assert code == 0, err
+    doc = json.loads(stdout)
+    assert [i["path"].rsplit("/", 1)[-1] for i in doc["inputs"]] == ["checkpoint_2", "checkpoint_10"]
+    assert any("2 models" in n and "model_1.safetensors" in n for n in doc["notes"])
+    got = torch.load(tmp_path / "a.pt")
+    torch.testing.assert_close(got["weight"].double(), fp64_mean([s[0]["weight"] for s in saved[2:]]),
+                               rtol=1e-6, atol=1e-7)
+    other = ckptavg.average(str(tmp_path / "run" / "checkpoints" / "checkpoint_*" / "model_1.safetensors"), last=2)
+    torch.testing.assert_close(other["weight"].double(), fp64_mean([s[1]["weight"] for s in saved[2:]]),
+                               rtol=1e-6, atol=1e-7)

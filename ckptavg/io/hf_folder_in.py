@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ..errors import CheckpointReadError, OptionError
+from .accelerate_in import several_models_note
 from .checkpoint import Checkpoint, CheckpointMeta, TensorRef
 from .metadata import apply_name_metadata, trainer_state
 
@@ -97,5 +98,8 @@ def open_model_folder(folder: Path, *, key: str | None, trust_pickle: bool,
                       st_metadata=st_meta)
     if st_meta and ("ckptavg_version" in st_meta or "ckptavg_method" in st_meta):
         meta.ckptavg_output = True
+    note = several_models_note(folder, shard_names[0]) if index_file is None else None
+    if note:
+        ckpt.notes.append(note)  # accelerate's save_state with several models
     apply_name_metadata(ckpt)
     return ckpt
