@@ -142,6 +142,7 @@ def write_output(out: Path, kind: OutputKind, state_dict: dict[str, torch.Tensor
     ``bn``: the recalibration mode and spec, when it was recalibrated) and the table (metadata
     string, or a JSON sidecar ``OUTPUT.ckptavg.json`` for kinds without metadata: torch files,
     whose plain state dict has no place for it)."""
+    from ..io.kinds import OutputSetup
     from ..pipeline import write_state
 
     _, _, p = plan_sources(sources, opts)
@@ -149,7 +150,8 @@ def write_output(out: Path, kind: OutputKind, state_dict: dict[str, torch.Tensor
     if bn is not None:
         provenance["ckptavg_bn"] = json.dumps({"mode": bn[0], "spec": os.fspath(bn[1])})
     text = json.dumps(table, separators=(",", ":"), default=str)
-    _writer, written = write_state(state_dict, out, {**provenance, name: text})
+    setup = OutputSetup(sources=[(i.path, i.format) for i in p.inputs])  # a folder output's config files
+    _writer, written = write_state(state_dict, out, {**provenance, name: text}, setup=setup)
     if not kind.stores_metadata:  # atomically too: a crash never leaves half a sidecar beside the model
         from ..io.files import AtomicFile
         from ..io.urls import is_remote
