@@ -86,7 +86,16 @@ def describe_inputs(epochs: Sequence[Any], steps: Sequence[Any], paths: Sequence
             if n == 1:
                 return f"{name} {fmt_num(values[0])}"
             return f"{name}s {fmt_num(values[0])}-{fmt_num(values[-1])} ({n})"
-    return as_path(paths[0]).name if n == 1 else f"{n} checkpoints"
+    return _short_name(paths[0]) if n == 1 else f"{n} checkpoints"
+
+
+def _short_name(path: str) -> str:
+    """A checkpoint's name for a table: ``checkpoint-500/unet`` for a component folder whose own name
+    has no number, else the last part of the path."""
+    p = as_path(path)
+    if not any(c.isdigit() for c in p.name) and any(c.isdigit() for c in p.parent.name):
+        return f"{p.parent.name}/{p.name}"
+    return p.name
 
 
 @dataclass
