@@ -18,6 +18,13 @@ A path argument is one of:
   So are trainers' training-state files (``training_args.bin``, ``optimizer.pt``,
   ``scheduler.pt``, ``scaler.pt``, ``rng_state*.pth``).
 
+A folder holding diffusers component folders (a diffusers training script's ``checkpoint-N/`` with
+``unet/`` and maybe ``unet_ema/``, a saved pipeline) stands for *one* of its components, the same
+for every such folder of a merge (:mod:`ckptavg.components`: the only one, else the only one that
+is not an EMA copy; the plan says which). A folder of such folders (a training ``output_dir``) is a
+folder of checkpoints: anything else in it (the final pipeline's own ``unet/``...) is left out with
+a note. To average another component, name it: ``'out/checkpoint-*/unet_ema'``.
+
 A model folder that also holds model sub-folders (a Hugging Face Trainer ``output_dir`` after
 ``save_model``: the final model beside its ``checkpoint-N/`` folders) is the folder of those
 checkpoints: the final model, a copy of one of them, is left out with a note (name its weight
@@ -33,6 +40,7 @@ import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+from .components import choose_component, is_component_holder
 from .errors import CheckpointReadError, OptionError
 from .io import is_checkpoint_folder
 from .io.files import CHECKPOINT_SUFFIXES
@@ -104,6 +112,11 @@ def discover_with_origin(inputs: Sequence[str | os.PathLike[str]]) -> tuple[list
         elif p.exists():
             if p.is_dir() and not is_checkpoint_folder(p) and is_megatron_root(p):
                 out.extend(checkpoints_of_root(p))  # iter_* in iteration order (or release/), as Megatron sees them
+            elif p.is_dir() and not is_checkpoint_folder(p) and _holders_in(p, out, notes):
+                pass  # a diffusers training output: its checkpoint-N/ folders (components chosen below)
+            elif p.is_dir() and is_component_holder(p):
+                out.append(p)  # one of its components: chosen below
+                named.add(p)
             elif p.is_dir() and not is_checkpoint_folder(p):
                 found, skipped = _scan_folder(p)
                 if not found:
@@ -131,8 +144,45 @@ def discover_with_origin(inputs: Sequence[str | os.PathLike[str]]) -> tuple[list
             out.extend(_glob(s, notes))
         else:
             raise CheckpointReadError(f"{p}: no such file or folder")
+    out = _resolve_holders(out, notes, named)
     _check_duplicates(out)
     return out, notes, named
+
+
+def _holders_in(folder: Path, out: list[Path], notes: list[str]) -> bool:
+    """A training output folder whose sub-folders hold diffusers components (``checkpoint-N/unet/``):
+    add those sub-folders to ``out`` (their component is chosen later), leave out anything else in
+    it with a note, and return True; False if it has no such sub-folder."""
+    try:
+        subs = sorted((q for q in folder.iterdir() if q.is_dir() and not q.name.startswith(".")),
+                      key=lambda q: natural_key(q.name))
+    except OSError:
+        return False
+    holders = [q for q in subs if is_component_holder(q)]
+    if not holders:
+        return False
+    found, _skipped = _scan_folder(folder)
+    if found:
+        names = ", ".join(q.name for q in found[:3]) + (", ..." if len(found) > 3 else "")
+        notes.append(f"{folder}: holds checkpoint folders with model components ({holders[0].name}, ...): averaging "
+                     f"those; left out: {names} (a final model beside them); to use it, name it")
+    out.extend(holders)
+    return True
+
+
+def _resolve_holders(paths: list[Path], notes: list[str], named: set[Path]) -> list[Path]:
+    """Replace every folder that holds diffusers components by its chosen component folder."""
+    holders = [q for q in paths if q.is_dir() and not is_checkpoint_folder(q)]
+    if not holders:
+        return paths
+    chosen, note = choose_component(holders)
+    notes.append(note)
+    by_holder = dict(zip(holders, chosen))
+    for h in holders:
+        if h in named:
+            named.discard(h)
+            named.add(by_holder[h])
+    return [by_holder.get(q, q) for q in paths]
 
 
 def _glob(pattern: str, notes: list[str]) -> list[Path]:
@@ -143,7 +193,7 @@ def _glob(pattern: str, notes: list[str]) -> list[Path]:
     else:
         found = [Path(m) for m in glob.glob(pattern)]
     matches = sorted(found, key=lambda q: natural_key(str(q)))
-    matches = [m for m in matches if m.is_file() or is_checkpoint_folder(m)]
+    matches = [m for m in matches if m.is_file() or is_checkpoint_folder(m) or is_component_holder(m)]
     if not matches:
         raise CheckpointReadError(f"{pattern}: no files match this pattern")
     # as in folders: aliases (last.ckpt...) and training-state files are skipped, unless

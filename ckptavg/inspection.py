@@ -230,7 +230,7 @@ def _count(n: int) -> str:
 
 def _framework(c: Checkpoint) -> str | None:
     obj = c.obj
-    if c.format == "hf-folder":
+    if c.format in ("hf-folder", "diffusers"):
         return "hf-trainer" if (c.path / "trainer_state.json").is_file() else None
     if not isinstance(obj, Mapping):
         return None
@@ -249,7 +249,7 @@ def _describe(c: Checkpoint) -> CheckpointInfo:
     info = CheckpointInfo(path=c.path, format=c.format, framework=_framework(c), weights_key=c.weights_key,
                           epoch=c.meta.epoch, epoch_from=c.meta.epoch_from, step=c.meta.step,
                           step_from=c.meta.step_from, metrics=dict(c.meta.metrics), size=c.size,
-                          shards=len(c.files) if c.format == "hf-folder" else 1)
+                          shards=len(c.files) if c.format in ("hf-folder", "diffusers") else 1)
     if c.meta.sigma_rel is not None or c.meta.gamma is not None:
         from .methods import profile_gamma
         from .weights import gamma_to_sigma_rel

@@ -353,9 +353,10 @@ def _recalibrated(p: MergePlan, writer: Writer, mine: Sequence[int], opts: Merge
 
 
 def write_state(state_dict: Mapping[str, torch.Tensor], dest: Path, metadata: Mapping[str, str],
-                group: Group | None = None) -> tuple[Writer, int]:
+                group: Group | None = None, setup: OutputSetup | None = None) -> tuple[Writer, int]:
     """Write a model already in memory through the same writers and commit (one process); returns
-    the writer (for its report) and the bytes written.
+    the writer (for its report) and the bytes written. ``setup``: the inputs a folder output copies
+    its config files from and takes its file names after.
 
     Example::
 
@@ -366,7 +367,7 @@ def write_state(state_dict: Mapping[str, torch.Tensor], dest: Path, metadata: Ma
     target.mode = target.kind.check_destination(dest)
     entries, tensors = state_dict_entries(state_dict, dest)
     target.kind.check_entries(dest, entries)
-    writer = group.open(target, entries, metadata, OutputSetup())
+    writer = group.open(target, entries, metadata, setup or OutputSetup())
     try:
         feed(writer, tensors)
         _read, written = group.publish([writer], None, 0)

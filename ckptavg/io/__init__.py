@@ -122,7 +122,8 @@ def open_checkpoint(
                 break
         else:
             raise CheckpointReadError(
-                f"{p}: not a checkpoint folder (no model.safetensors, pytorch_model.bin, index file or DCP .metadata); "
+                f"{p}: not a checkpoint folder (no model.safetensors, pytorch_model.bin, "
+                "diffusion_pytorch_model.safetensors, index file or DCP .metadata); "
                 "to average the checkpoints inside a folder, pass the folder as an input of merge"
             )
     else:

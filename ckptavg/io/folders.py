@@ -54,10 +54,13 @@ __all__ = ["FILES_KEY", "INDEX_NAME", "SINGLE_NAME", "earlier_output", "foreign_
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
+#: the index and single-file names of folder outputs: Hugging Face's, then diffusers' (component folders)
+_INDEX_NAMES = (INDEX_NAME, "diffusion_pytorch_model.safetensors.index.json")
+_SINGLE_NAMES = (SINGLE_NAME, "diffusion_pytorch_model.safetensors", "adapter_model.safetensors")
 #: metadata key (index and safetensors header) listing the files ckptavg wrote into a folder (JSON list)
 FILES_KEY = "ckptavg_files"
 PROVENANCE_NAME = "ckptavg.json"
-_SHARD_RE = re.compile(r"^model-\d{5}-of-\d{5}\.safetensors$")
+_SHARD_RE = re.compile(r"^(?:model|diffusion_pytorch_model)-\d{5}-of-\d{5}\.safetensors$")
 _DCP_OWN_RE = re.compile(r"^(\.metadata|ckptavg\.json|__\d+_\d+\.distcp)$")
 # a Megatron checkpoint root (ckptavg.io.megatron): the marker, one iteration folder and what it holds
 _MEGATRON_MARKER = "latest_checkpointed_iteration.txt"
@@ -79,14 +82,13 @@ def _header_metadata(path: Path) -> dict[str, Any] | None:
 def _hf_metadata(folder: Path) -> dict[str, Any] | None:
     """The provenance of a Hugging Face folder ckptavg wrote (index metadata, else the single file's
     or the first shard's safetensors header), or None if it has none of ckptavg's."""
-    idx = folder / INDEX_NAME
-    if idx.is_file():
+    idx = next((folder / n for n in _INDEX_NAMES if (folder / n).is_file()), None)
+    if idx is not None:
         data = json.loads(idx.read_text(encoding="utf-8"))
         meta = data.get("metadata") if isinstance(data, dict) else None
     else:
-        single = folder / SINGLE_NAME
-        if not single.is_file() and (folder / "adapter_model.safetensors").is_file():
-            single = folder / "adapter_model.safetensors"  # an adapter folder ckptavg wrote
+        # model.safetensors, a diffusers component's or an adapter folder's weights
+        single = next((folder / n for n in _SINGLE_NAMES if (folder / n).is_file()), folder / SINGLE_NAME)
         if not single.is_file():
             names = sorted(q.name for q in folder.iterdir())
             if not names or not all(_SHARD_RE.match(n) for n in names):
@@ -120,7 +122,7 @@ def earlier_output(folder: Path) -> frozenset[str] | None:
             return frozenset(names)
         # written before ckptavg listed its files: its weight files and index only
         return frozenset(q.name for q in folder.iterdir()
-                         if q.name in (SINGLE_NAME, INDEX_NAME) or _SHARD_RE.match(q.name))
+                         if q.name in _SINGLE_NAMES[:2] + _INDEX_NAMES or _SHARD_RE.match(q.name))
     except (OSError, ValueError, struct.error, UnicodeDecodeError, RecursionError):
         return None
 

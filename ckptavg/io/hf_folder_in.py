@@ -4,6 +4,12 @@
 ``pytorch_model.bin`` / ``pytorch_model.bin.index.json``. Each shard is opened with the
 file reader of its format; ``trainer_state.json`` (a Trainer's ``checkpoint-N/``) gives
 step, epoch and eval metrics.
+
+A diffusers component folder (``unet/``, ``transformer/``, ``vae/``... as ``save_pretrained``
+writes it) is the same layout under another file name: ``diffusion_pytorch_model.safetensors``,
+shards with ``diffusion_pytorch_model.safetensors.index.json``, or the ``.bin`` variants. It
+is read the same way, with the format name ``"diffusers"`` (a folder output written from it
+keeps the diffusers file names: :mod:`ckptavg.io.hf_folder_out`).
 """
 
 from __future__ import annotations
@@ -17,16 +23,44 @@ from .accelerate_in import several_models_note
 from .checkpoint import Checkpoint, CheckpointMeta, TensorRef
 from .metadata import apply_name_metadata, trainer_state
 
-__all__ = ["is_model_folder", "open_model_folder", "SINGLE_FILES", "INDEX_FILES"]
+__all__ = ["is_model_folder", "is_diffusers_folder", "open_model_folder", "folder_format", "weights_stem",
+           "SINGLE_FILES", "INDEX_FILES", "DIFFUSERS_SINGLE_FILES", "DIFFUSERS_INDEX_FILES", "WEIGHT_STEMS"]
 
 SINGLE_FILES = ("model.safetensors", "pytorch_model.bin")
 INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+DIFFUSERS_SINGLE_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+DIFFUSERS_INDEX_FILES = ("diffusion_pytorch_model.safetensors.index.json", "diffusion_pytorch_model.bin.index.json")
+#: the stem of the safetensors weight files a folder output of each folder format is written under
+WEIGHT_STEMS = {"hf-folder": "model", "diffusers": "diffusion_pytorch_model"}
 _MAX_INDEX = 64 << 20
 
 
+def _has_any(path: Path, names: tuple[str, ...]) -> bool:
+    return path.is_dir() and any((path / n).is_file() for n in names)
+
+
+def is_diffusers_folder(path: Path) -> bool:
+    """True if ``path`` is a diffusers component folder (``diffusion_pytorch_model.safetensors``,
+    its shards' index, or the ``.bin`` variants) and not a Hugging Face model folder too."""
+    return _has_any(path, DIFFUSERS_SINGLE_FILES + DIFFUSERS_INDEX_FILES) and not _has_any(
+        path, SINGLE_FILES + INDEX_FILES)
+
+
 def is_model_folder(path: Path) -> bool:
-    """True if ``path`` is a folder holding one model in the Hugging Face layout."""
-    return path.is_dir() and any((path / n).is_file() for n in SINGLE_FILES + INDEX_FILES)
+    """True if ``path`` is a folder holding one model in the Hugging Face layout (a transformers
+    model folder or a diffusers component folder)."""
+    return _has_any(path, SINGLE_FILES + INDEX_FILES + DIFFUSERS_SINGLE_FILES + DIFFUSERS_INDEX_FILES)
+
+
+def folder_format(path: Path) -> str:
+    """``"diffusers"`` for a diffusers component folder, else ``"hf-folder"``."""
+    return "diffusers" if is_diffusers_folder(path) else "hf-folder"
+
+
+def weights_stem(fmt: str) -> str:
+    """The stem of a folder output's weight files for an input folder format (``model`` unless
+    the format is ``"diffusers"``)."""
+    return WEIGHT_STEMS.get(fmt, "model")
 
 
 def _read_index(index_file: Path) -> dict[str, str]:
@@ -53,20 +87,24 @@ def open_model_folder(folder: Path, *, key: str | None, trust_pickle: bool,
     ``open_file`` opens one weight file (the format registry's file opener)."""
     if not is_model_folder(folder):
         raise CheckpointReadError(
-            f"{folder}: not a model folder (no {', '.join(SINGLE_FILES + INDEX_FILES)}); "
+            f"{folder}: not a model folder (no {', '.join(SINGLE_FILES + INDEX_FILES)} "
+            f"or diffusers' {DIFFUSERS_SINGLE_FILES[0]}); "
             "to average the checkpoints inside a folder, pass the folder as an input of merge"
         )
     if key:
         raise OptionError(f"{folder}: --key applies to single torch checkpoint files, not model folders")
-    index_file = next((folder / n for n in INDEX_FILES if (folder / n).is_file()), None)
+    fmt = folder_format(folder)
+    singles, indexes = (DIFFUSERS_SINGLE_FILES, DIFFUSERS_INDEX_FILES) if fmt == "diffusers" else (
+        SINGLE_FILES, INDEX_FILES)
+    index_file = next((folder / n for n in indexes if (folder / n).is_file()), None)
     wmap: dict[str, str] = {}
-    if (folder / "model.safetensors").is_file():
-        shard_names, index_file = ["model.safetensors"], None
+    if (folder / singles[0]).is_file():
+        shard_names, index_file = [singles[0]], None
     elif index_file is not None:
         wmap = _read_index(index_file)
         shard_names = list(dict.fromkeys(wmap.values()))
     else:
-        shard_names = ["pytorch_model.bin"]
+        shard_names = [singles[1]]
     tensors: dict[str, TensorRef] = {}
     files = []
     size = 0
@@ -94,7 +132,7 @@ def open_model_folder(folder: Path, *, key: str | None, trust_pickle: bool,
             )
     meta = CheckpointMeta()
     trainer_state(folder, meta)
-    ckpt = Checkpoint(path=folder, format="hf-folder", tensors=tensors, meta=meta, size=size, files=files,
+    ckpt = Checkpoint(path=folder, format=fmt, tensors=tensors, meta=meta, size=size, files=files,
                       st_metadata=st_meta)
     if st_meta and ("ckptavg_version" in st_meta or "ckptavg_method" in st_meta):
         meta.ckptavg_output = True

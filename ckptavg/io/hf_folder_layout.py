@@ -18,7 +18,7 @@ from .urls import is_remote
 from .writer import Entry
 
 __all__ = ["INDEX_NAME", "SINGLE_NAME", "Extras", "ShardLayout", "check_destination", "folder_extras",
-           "is_folder_output", "shard_layout", "shard_names"]
+           "index_name", "is_folder_output", "shard_layout", "shard_names"]
 
 
 _MODEL_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt", ".pth.tar", ".tar")
@@ -52,11 +52,17 @@ def is_folder_output(output: str | os.PathLike[str]) -> bool:
     return not _FILE_EXT_RE.match(name.rsplit(".", 1)[1])
 
 
-def shard_names(n: int) -> list[str]:
-    """File names of ``n`` shards, as ``save_pretrained`` names them."""
+def shard_names(n: int, stem: str = "model") -> list[str]:
+    """File names of ``n`` shards, as ``save_pretrained`` names them (``stem``: ``model``, or
+    ``diffusion_pytorch_model`` for a diffusers component folder)."""
     if n <= 1:
-        return [SINGLE_NAME]
-    return [f"model-{k:05d}-of-{n:05d}.safetensors" for k in range(1, n + 1)]
+        return [f"{stem}.safetensors"]
+    return [f"{stem}-{k:05d}-of-{n:05d}.safetensors" for k in range(1, n + 1)]
+
+
+def index_name(stem: str = "model") -> str:
+    """The index file name of a sharded folder output (``model.safetensors.index.json``)."""
+    return f"{stem}.safetensors.index.json"
 
 
 class Extras(NamedTuple):
@@ -188,7 +194,8 @@ class ShardLayout:
         return [i for i, r in enumerate(self.owner) if r == rank]
 
 
-def shard_layout(entries: Sequence[Entry], owner: Sequence[int], world: int, shard_size: int) -> ShardLayout:
+def shard_layout(entries: Sequence[Entry], owner: Sequence[int], world: int, shard_size: int,
+                 stem: str = "model") -> ShardLayout:
     """The one cut of a folder output into shards: each rank's entries (all of them in one process)
     cut as huggingface_hub's ``split_torch_state_dict_into_shards`` does (a new shard when the next
     tensor would pass ``shard_size``), numbered globally in rank order.
@@ -211,4 +218,4 @@ def shard_layout(entries: Sequence[Entry], owner: Sequence[int], world: int, sha
             shard_of[i] = len(shard_rank) - 1
     if not shard_rank:
         shard_rank.append(0)  # no tensors: rank 0 writes one empty model.safetensors
-    return ShardLayout(list(owner), shard_of, shard_names(len(shard_rank)), shard_rank)
+    return ShardLayout(list(owner), shard_of, shard_names(len(shard_rank), stem), shard_rank)

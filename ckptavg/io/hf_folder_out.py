@@ -16,6 +16,10 @@
   ``optimizer.pt``, ``scheduler.pt``, ``rng_state*.pth``, ``training_args.bin``), other
   weight files (``.bin``, ``.pt``, ``.h5``, ``.onnx``, ``.gguf``...) and sub-folders are
   not copied. With ``dtype`` given, ``config.json``'s ``torch_dtype``/``dtype`` is updated.
+  When that input is a diffusers component folder (``unet/``, ``transformer/``...), the weights
+  keep diffusers' names (``diffusion_pytorch_model.safetensors``, or
+  ``diffusion_pytorch_model-0000k-of-0000n.safetensors`` with
+  ``diffusion_pytorch_model.safetensors.index.json``), so ``UNet2DModel.from_pretrained`` loads it.
   Only regular files really inside the folder are copied: a symlink whose target lies outside
   it (except a Hugging Face hub cache snapshot's links into its repository's ``blobs``) and
   FIFOs, sockets or devices are skipped with a warning on stderr. A copy never gets more
@@ -65,11 +69,12 @@ from ..units import DEFAULT_SHARD_SIZE
 from .dtypes import TORCH_TO_SAFETENSORS
 from .files import TMP_SUFFIX, fsync_path, make_parent, remove_created, signals_blocked, umask
 from .folders import FILES_KEY, publish_folder
+from .hf_folder_in import weights_stem
 from .hf_folder_layout import (
-    INDEX_NAME,
     Extras,
     check_destination,
     folder_extras,
+    index_name,
     is_folder_output,
     shard_layout,
 )
@@ -91,7 +96,8 @@ class ShardedSafetensorsWriter(FolderPart, StreamWriter):
 
     def __init__(self, dest: Path, entries: Sequence[Entry], metadata: Mapping[str, str] | None = None, *,
                  shard_size: int = DEFAULT_SHARD_SIZE, copy_source: Path | None = None,
-                 config_dtype: torch.dtype | None = None, part: RankPart | None = None) -> None:
+                 config_dtype: torch.dtype | None = None, part: RankPart | None = None,
+                 stem: str = "model") -> None:
         self.dest = Path(dest)
         self.part = part
         self.rank = part.rank if part is not None else 0
@@ -104,15 +110,16 @@ class ShardedSafetensorsWriter(FolderPart, StreamWriter):
         self.copy_source = as_path(copy_source) if copy_source is not None and self.rank == 0 else None
         self.config_dtype = config_dtype
         owner = part.owner if part is not None else [0] * len(entries)
-        self.layout = shard_layout(entries, owner, part.world if part is not None else 1, shard_size)
+        self.layout = shard_layout(entries, owner, part.world if part is not None else 1, shard_size, stem)
         self.names = self.layout.names
-        taken = set(self.names) | {INDEX_NAME}
+        self.index_name = index_name(stem)
+        taken = set(self.names) | {self.index_name}
         self.copy_files = [(n, src) for n, src in extras.files if n not in taken] if self.copy_source else []
         if self.copy_source is not None:
             for note in extras.skipped:
                 warnings.warn(note, CkptavgWarning, stacklevel=2)
         # every rank lists the same files: what a later run may replace (ckptavg.io.folders)
-        written = list(self.names) + ([INDEX_NAME] if len(self.names) > 1 else [])
+        written = list(self.names) + ([self.index_name] if len(self.names) > 1 else [])
         written += [n for n, _src in extras.files if n not in taken]
         self.metadata[FILES_KEY] = json.dumps(written, separators=(",", ":"))
         self.total_size = sum(e.nbytes for e in entries)
@@ -249,8 +256,9 @@ class ShardedSafetensorsWriter(FolderPart, StreamWriter):
         meta: dict[str, Any] = {"total_size": self.total_size, "total_parameters": self.total_parameters}
         meta.update({k: v for k, v in self.metadata.items() if k != "format"})
         index = {"metadata": meta, "weight_map": self.weight_map}
-        (self.tmp / INDEX_NAME).write_text(json.dumps(index, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        fsync_path(self.tmp / INDEX_NAME)
+        (self.tmp / self.index_name).write_text(json.dumps(index, indent=2, ensure_ascii=False) + "\n",
+                                                encoding="utf-8")
+        fsync_path(self.tmp / self.index_name)
 
     def _copy_extras(self) -> None:
         for name, src in self.copy_files:
@@ -430,9 +438,11 @@ class HFFolderKind(OutputKind):
                 "for one file, end the name in .safetensors or .pt"]
 
     def _options(self, setup: OutputSetup) -> dict[str, Any]:
-        source = next((p for p, fmt in reversed(setup.sources) if fmt == "hf-folder"), None)
+        # the last model folder (or diffusers component folder) gives the copied files and the file names
+        source, fmt = next(((p, f) for p, f in reversed(setup.sources) if f in ("hf-folder", "diffusers")),
+                           (None, "hf-folder"))
         size = DEFAULT_SHARD_SIZE if setup.shard_size is None else setup.shard_size
-        return {"shard_size": size, "copy_source": source, "config_dtype": setup.dtype}
+        return {"shard_size": size, "copy_source": source, "config_dtype": setup.dtype, "stem": weights_stem(fmt)}
 
     def open(self, dest: Path, entries: Sequence[Entry], metadata: Mapping[str, str],
              setup: OutputSetup) -> ShardedSafetensorsWriter:

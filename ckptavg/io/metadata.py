@@ -51,13 +51,15 @@ def name_metadata(path: Path) -> tuple[int | None, int | None, tuple[int, ...]]:
     """Epoch, step and all numbers found in a checkpoint's file name; for a folder (a name without a
     checkpoint file's extension), its folder name's. A file whose name has no number
     (``adapter_model.safetensors``, ``unet/diffusion_pytorch_model.safetensors``) takes them from
-    the nearest of its two parent folders that has one (``checkpoint-500/``)."""
+    the nearest of its two parent folders that has one (``checkpoint-500/``); a folder whose name
+    has none (a diffusers component, ``checkpoint-500/unet/``) from its parent folder when that
+    names a step or epoch (``checkpoint-500``, ``epoch_3``) or is accelerate's ``checkpoint_N``."""
     is_file = bool(_FILE_EXT_RE.search(path.name))
     stem = model_stem(path) if is_file else path.name
     if _MODEL_INDEX_RE.match(stem):  # accelerate's k-th model (model_1.safetensors, pytorch_model_fsdp_0/)
         found: tuple[int | None, int | None, tuple[int, ...]] = (None, None, ())
     elif not is_file:
-        return _folder_name_metadata(path.name)
+        return _folder_or_parent(path)
     else:
         found = _file_name_metadata(stem)
     if found != (None, None, ()):
@@ -68,6 +70,15 @@ def name_metadata(path: Path) -> tuple[int | None, int | None, tuple[int, ...]]:
             if found != (None, None, ()):
                 return found
     return None, None, ()
+
+
+def _folder_or_parent(path: Path) -> tuple[int | None, int | None, tuple[int, ...]]:
+    found = _folder_name_metadata(path.name)
+    if found == (None, None, ()) and path.parent.name and path.parent != path:
+        parent = _folder_name_metadata(path.parent.name)
+        if parent[0] is not None or parent[1] is not None or _ACCELERATE_DIR_RE.match(path.parent.name):
+            return parent
+    return found
 
 
 def _folder_name_metadata(name: str) -> tuple[int | None, int | None, tuple[int, ...]]:

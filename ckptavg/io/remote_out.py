@@ -43,7 +43,8 @@ from .writer import Entry, Writer
 __all__ = ["RemoteKind", "RemoteWriter", "MARKERS", "publish_prefix", "temporary_prefix"]
 
 #: files that make a folder a checkpoint: published last, and deleted first when an output is replaced
-MARKERS = ("model.safetensors.index.json", "model.safetensors", ".metadata", "latest_checkpointed_iteration.txt")
+MARKERS = ("model.safetensors.index.json", "model.safetensors", "diffusion_pytorch_model.safetensors.index.json",
+           "diffusion_pytorch_model.safetensors", ".metadata", "latest_checkpointed_iteration.txt")
 
 
 class RemoteKind(OutputKind):

@@ -86,7 +86,16 @@ def describe_inputs(epochs: Sequence[Any], steps: Sequence[Any], paths: Sequence
             if n == 1:
                 return f"{name} {fmt_num(values[0])}"
             return f"{name}s {fmt_num(values[0])}-{fmt_num(values[-1])} ({n})"
-    return as_path(paths[0]).name if n == 1 else f"{n} checkpoints"
+    return _short_name(paths[0]) if n == 1 else f"{n} checkpoints"
+
+
+def _short_name(path: str) -> str:
+    """A checkpoint's name for a table: ``checkpoint-500/unet`` for a component folder whose own name
+    has no number, else the last part of the path."""
+    p = as_path(path)
+    if not any(c.isdigit() for c in p.name) and any(c.isdigit() for c in p.parent.name):
+        return f"{p.parent.name}/{p.name}"
+    return p.name
 
 
 @dataclass
@@ -142,6 +151,7 @@ def write_output(out: Path, kind: OutputKind, state_dict: dict[str, torch.Tensor
     ``bn``: the recalibration mode and spec, when it was recalibrated) and the table (metadata
     string, or a JSON sidecar ``OUTPUT.ckptavg.json`` for kinds without metadata: torch files,
     whose plain state dict has no place for it)."""
+    from ..io.kinds import OutputSetup
     from ..pipeline import write_state
 
     _, _, p = plan_sources(sources, opts)
@@ -149,7 +159,8 @@ def write_output(out: Path, kind: OutputKind, state_dict: dict[str, torch.Tensor
     if bn is not None:
         provenance["ckptavg_bn"] = json.dumps({"mode": bn[0], "spec": os.fspath(bn[1])})
     text = json.dumps(table, separators=(",", ":"), default=str)
-    _writer, written = write_state(state_dict, out, {**provenance, name: text})
+    setup = OutputSetup(sources=[(i.path, i.format) for i in p.inputs])  # a folder output's config files
+    _writer, written = write_state(state_dict, out, {**provenance, name: text}, setup=setup)
     if not kind.stores_metadata:  # atomically too: a crash never leaves half a sidecar beside the model
         from ..io.files import AtomicFile
         from ..io.urls import is_remote

@@ -8,6 +8,9 @@ a byte range: the local file system today, object storage later).
 * a Hugging Face folder: its index (or ``model.safetensors``) and every shard it names, each
   complete as a file; a Trainer ``checkpoint-N/`` folder also needs ``trainer_state.json``
   (written at the end of the save);
+* a folder holding diffusers component folders (a training script's ``checkpoint-N/`` with
+  ``unet/``, ``unet_ema/``) is not one checkpoint: watch the component by name
+  (``'run/checkpoint-*/unet'``; a merge would choose one, a watch must not switch as they appear);
 * a DCP folder: ``.metadata`` (``dcp.save`` writes it last);
 * a Megatron ``iter_NNNNNNN/`` folder beside ``latest_checkpointed_iteration.txt``: the marker
   names this iteration or a later one (Megatron writes the marker last).
@@ -33,16 +36,20 @@ from typing import Protocol
 
 from ..io.urls import is_remote
 
-__all__ = ["Source", "LocalSource", "Verdict", "judge", "stamp", "looks_like_checkpoint_folder"]
+__all__ = ["Source", "LocalSource", "Verdict", "judge", "stamp", "looks_like_checkpoint_folder", "component_folders"]
 
 _MAX_HEADER = 100 * 2**20
 _EOCD = b"PK\x05\x06"
 _TRAINER_RE = re.compile(r"^checkpoint-\d+$")
 _MEGATRON_RE = re.compile(r"^iter_(\d{7})$")
 _MARKER = "latest_checkpointed_iteration.txt"
-_HF_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
-_HF_SINGLE = ("model.safetensors", "pytorch_model.bin")
-_SHARD_RE = re.compile(r"^(?:model|pytorch_model)-\d{5}-of-\d{5}\.(?:safetensors|bin)$")
+_TRAILING_NUMBER_RE = re.compile(r"\d+$")
+# Hugging Face model folders, then diffusers component folders (unet/, transformer/...)
+_HF_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json",
+               "diffusion_pytorch_model.safetensors.index.json", "diffusion_pytorch_model.bin.index.json")
+_HF_SINGLE = ("model.safetensors", "pytorch_model.bin", "diffusion_pytorch_model.safetensors",
+              "diffusion_pytorch_model.bin")
+_SHARD_RE = re.compile(r"^(?:model|pytorch_model|diffusion_pytorch_model)-\d{5}-of-\d{5}\.(?:safetensors|bin)$")
 
 Stamp = tuple[object, ...]
 
@@ -177,6 +184,16 @@ def looks_like_checkpoint_folder(src: Source, path: Path) -> bool:
     return any(n.endswith(".distcp") or _SHARD_RE.match(n) for n in names)
 
 
+def component_folders(src: Source, path: Path) -> list[Path]:
+    """The diffusers component sub-folders (``unet/``, ``unet_ema/``...) of a folder that is not a
+    checkpoint itself (a diffusers training script's ``checkpoint-N/``); none otherwise."""
+    if looks_like_checkpoint_folder(src, path):
+        return []
+    subs = [path / n for n, d in sorted(src.listdir(path) or []) if d and not n.startswith(".")]
+    return [q for q in subs
+            if any(n.startswith("diffusion_pytorch_model") for n, _d in src.listdir(q) or [])]
+
+
 def judge(src: Source, path: Path, is_dir: bool | None = None) -> Verdict:
     """Whether the checkpoint at ``path`` is completely written, from its format's own marks."""
     if is_dir is None:
@@ -251,6 +268,12 @@ def _judge_folder(src: Source, path: Path) -> Verdict:
             return Verdict(False, f"{_MARKER} does not name this iteration yet", "megatron")
     if ".metadata" in names:
         return Verdict(True, format="dcp")
+    comps = component_folders(src, path)
+    if comps:  # checkpoint-N/ of a diffusers script: unet_ema/ may be written before unet/, so never guess
+        shown = ", ".join(q.name for q in comps)
+        example = path.parent / _TRAILING_NUMBER_RE.sub("*", path.name) / comps[0].name
+        return Verdict(False, f"holds model components ({shown}), not one checkpoint: watch the component by "
+                       f"name, e.g. '{example}'", "unknown")
     if _TRAINER_RE.match(path.name) and "trainer_state.json" not in names:
         return Verdict(False, "trainer_state.json not written yet (the Trainer writes it last)", "hf-folder")
     for index in _HF_INDEXES:

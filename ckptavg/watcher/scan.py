@@ -24,7 +24,7 @@ from typing import Any
 from ..discover import has_checkpoint_suffix, natural_key, skipped_in_folders
 from ..io.files import TMP_SUFFIX
 from ..io.urls import as_path, is_remote, is_url
-from .complete import Source, looks_like_checkpoint_folder
+from .complete import Source, component_folders, looks_like_checkpoint_folder
 
 __all__ = ["abs_key", "candidates", "watched_folders", "make_waiter", "PollWaiter", "InotifyWaiter"]
 
@@ -46,7 +46,10 @@ def _children(src: Source, folder: Path) -> list[tuple[Path, bool]]:
                 out.append((p, True))
         elif has_checkpoint_suffix(name) and not skipped_in_folders(name):
             out.append((p, False))
-    return out
+    # a diffusers training output: its checkpoint-N/ folders holding unet/... are its checkpoints,
+    # never the final pipeline's unet/ beside them (as merge discovers it)
+    holders = [(p, True) for p, is_dir in out if is_dir and component_folders(src, p)]
+    return holders or out
 
 
 def abs_key(p: Path) -> str:
