@@ -37,6 +37,7 @@ from .errors import CheckpointReadError, OptionError
 from .io import is_checkpoint_folder
 from .io.files import CHECKPOINT_SUFFIXES
 from .io.megatron import checkpoints_of_root, is_megatron_root
+from .io.snapshot_names import EDM2_NAME
 from .io.urls import as_path, is_url
 
 __all__ = ["discover", "discover_with_origin", "natural_key", "skipped_in_folders", "has_checkpoint_suffix"]
@@ -186,7 +187,7 @@ def _scan_folder(folder: Path) -> tuple[list[Path], list[str]]:
     for q in entries:
         if q.name.startswith("."):
             continue
-        if q.is_file() and _has_suffix(q.name):
+        if q.is_file() and (_has_suffix(q.name) or EDM2_NAME.match(q.name)):
             if _skippable(q.name):
                 skipped.append(q.name)
             else:
