@@ -3,6 +3,7 @@
 A path argument is one of:
 
 * a checkpoint file (any extension for torch files; ``.safetensors``);
+* in a folder, EDM2's ``network-snapshot-<kimg>-<std>.pkl`` snapshots too (power-EMA snapshots);
 * a glob pattern (``runs/*.pt``), expanded here when the shell did not;
 * a **model folder** (Hugging Face layout: ``model.safetensors``, sharded
   ``model-0000k-of-0000n.safetensors`` with ``model.safetensors.index.json``, or

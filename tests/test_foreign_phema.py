@@ -153,6 +153,34 @@ def test_ema_pytorch_folder_without_profiles_is_one_line_error(tmp_path, run_cli
     assert not out.exists()
 
 
+def test_folder_written_by_ema_pytorch_itself(tmp_path, run_cli):
+    """The layout as ema-pytorch's PostHocEMA writes it (when the package is installed: the dev extra)."""
+    ema_pytorch = pytest.importorskip("ema_pytorch")
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.Tanh(), torch.nn.Linear(5, 2))
+    ema = ema_pytorch.PostHocEMA(net, sigma_rels=SIGMAS, update_every=1, checkpoint_every_num_steps=25,
+                                 checkpoint_folder=str(tmp_path / "snaps"), checkpoint_dtype=torch.float32)
+    for _ in range(200):
+        with torch.no_grad():
+            for p in net.parameters():
+                p.add_(0.1 * torch.randn_like(p))
+        ema.update()
+    files = sorted((tmp_path / "snaps").glob("*.pt"))
+    assert len(files) == 16
+    ind_step = [tuple(map(int, f.stem.split("."))) for f in files]
+    coeffs = _edm2_coefficients([s for _, s in ind_step], [SIGMAS[i] for i, _ in ind_step], 200, 0.15)
+    out = tmp_path / "ema.pt"
+    code, _, err = run_cli("merge", tmp_path / "snaps", "--method", "power-ema", "--sigma-rel", "0.15",
+                           "--snapshot-sigma-rels", "0.05,0.28", "-o", out)
+    assert code == 0, err
+    got = torch.load(out)
+    assert set(got) == set(net.state_dict())
+    ref = {k: sum(float(c) * _load_karras(f)[k].double() for f, c in zip(files, coeffs)) for k in got}
+    for k in got:
+        assert torch.allclose(got[k].double(), ref[k], rtol=1e-5, atol=1e-5), k
+    net.load_state_dict(got)  # the bare model's state dict
+
+
 # ---------------------------------------------------------------- EDM2 network snapshots
 
 KIMGS = (512, 1024, 1536, 2048, 2560, 3072, 3584, 4096)

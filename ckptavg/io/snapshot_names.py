@@ -96,8 +96,10 @@ def _sidecar(folder: Path) -> tuple[str, list[float]] | None:
     if not f.is_file():
         return None
     try:
+        if f.stat().st_size > 1 << 20:
+            raise ValueError("larger than 1 MiB")
         data = json.loads(f.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RecursionError) as e:
         raise CheckpointReadError(f"{f}: not readable JSON ({type(e).__name__})") from None
     if isinstance(data, dict) and "sigma_rels" in data:
         return "sigma_rel", parse_sigma_rels(data["sigma_rels"], f"{f}: 'sigma_rels'") or []
