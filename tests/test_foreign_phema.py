@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import sys
 
 import numpy as np
 import pytest
@@ -247,6 +248,23 @@ def test_edm2_network_pickles_need_trust_pickle(tmp_path, run_cli):
             return pickle.load(fh)["ema"].state_dict()
 
     _close(torch.load(out), _weighted(files, coeffs, load))
+
+
+def test_edm2_pickle_whose_code_is_missing_says_which_module(tmp_path, run_cli, monkeypatch):
+    (tmp_path / "edm2code").mkdir()
+    (tmp_path / "edm2code" / "edm2_like_net.py").write_text(
+        "import torch\nclass Net(torch.nn.Linear):\n    pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path / "edm2code"))
+    import edm2_like_net
+
+    f = tmp_path / "network-snapshot-0000512-0.050.pkl"
+    with open(f, "wb") as fh:
+        pickle.dump({"ema": edm2_like_net.Net(3, 5)}, fh)
+    monkeypatch.delitem(sys.modules, "edm2_like_net")
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if "edm2code" not in p])
+    code, _, err = run_cli("merge", f, "--trust-pickle", "-o", tmp_path / "o.pt")
+    assert code == 1 and _one_line(err) and "'edm2_like_net'" in err and f.name in err and "PYTHONPATH" in err
+    assert not (tmp_path / "o.pt").exists()
 
 
 def test_edm2_name_contradicting_the_recorded_profile_is_an_error(tmp_path, run_cli):

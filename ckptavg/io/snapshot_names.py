@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ..errors import CheckpointReadError, OptionError
+from ..weights import gamma_to_sigma_rel
 from .checkpoint import Checkpoint
 
 __all__ = ["EDM2_NAME", "INDEXED_NAME", "SIDECAR", "edm2_name", "edm2_nimg", "apply_edm2_name",
@@ -56,8 +57,7 @@ def apply_edm2_name(ckpt: Checkpoint) -> None:
     if found is None:
         return
     nimg, text = found
-    from ..weights import gamma_to_sigma_rel
-    from .metadata import check_profile
+    from .metadata import check_profile  # (metadata imports this module)
 
     named = float(text)
     check_profile(ckpt.path, "sigma_rel", text, named)
@@ -109,11 +109,11 @@ def _sidecar(folder: Path) -> tuple[str, list[float]] | None:
     raise CheckpointReadError(f"{f}: expected {{\"sigma_rels\": [0.05, 0.28]}} or {{\"gammas\": [...]}}")
 
 
-def _profiles_for(c: Checkpoint, given: list[float] | None) -> tuple[str, list[float]] | None:
-    side = _sidecar(c.path.parent)
+def _profiles_for(folder: Path, given: list[float] | None) -> tuple[str, list[float]] | None:
+    side = _sidecar(folder)
     if given is not None and side is not None and side != ("sigma_rel", given):
         raise OptionError(f"--snapshot-sigma-rels {','.join(map(str, given))} disagrees with "
-                          f"{c.path.parent / SIDECAR} ({side[0]}s {side[1]})")
+                          f"{folder / SIDECAR} ({side[0]}s {side[1]})")
     return ("sigma_rel", given) if given is not None else side
 
 
@@ -127,29 +127,32 @@ def apply_indexed_profiles(opened: Sequence[Checkpoint], given: str | Sequence[f
     if sigma_rels is not None and not indexed:
         raise OptionError("--snapshot-sigma-rels applies to ema-pytorch snapshots named <index>.<step>.pt that "
                           "record no profile; no input is one")
-    stripped = []
+    power = method.lower().replace("_", "-") == "power-ema"
+    folders: dict[Path, tuple[str, list[float]] | None] = {}
+    stripped = False
     for c, m in indexed:
-        profiles = _profiles_for(c, sigma_rels)
+        if c.path.parent not in folders:
+            folders[c.path.parent] = _profiles_for(c.path.parent, sigma_rels)
+        profiles = folders[c.path.parent]
         if profiles is None:
-            if method.lower().replace("_", "-") != "power-ema":
+            if not power:
                 continue
             raise OptionError(
                 f"{c.path}: an ema-pytorch PostHocEMA snapshot (<index>.<step>.pt) records no power-EMA profile; "
                 f"pass --snapshot-sigma-rels with the PostHocEMA's sigma_rels (e.g. 0.05,0.28) or write them to "
                 f"{c.path.parent / SIDECAR}")
-        kind, values = profiles
-        index = int(m.group(1))
-        if index >= len(values):
-            raise OptionError(f"{c.path}: profile index {index}, but only {len(values)} {kind}s are given "
-                              f"({','.join(map(str, values))})")
-        setattr(c.meta, kind, values[index])
-        c.meta.step, c.meta.step_from = int(m.group(2)), "name"
-        if key is None and _strip_karras(c):
-            stripped.append(c)
-    if stripped:
-        return [f"ema-pytorch snapshots: writing the EMA model's own weights ('{_PREFIX}' removed from the names; "
-                f"KarrasEMA's {' and '.join(_KEEP)} counters left out)"]
-    return []
+        _set_profile(c, int(m.group(1)), int(m.group(2)), *profiles)
+        stripped = (key is None and _strip_karras(c)) or stripped
+    return [f"ema-pytorch snapshots: writing the EMA model's own weights ('{_PREFIX}' removed from the names; "
+            f"KarrasEMA's {' and '.join(_KEEP)} counters left out)"] if stripped else []
+
+
+def _set_profile(c: Checkpoint, index: int, step: int, kind: str, values: list[float]) -> None:
+    if index >= len(values):
+        raise OptionError(f"{c.path}: profile index {index}, but only {len(values)} {kind}s are given "
+                          f"({','.join(map(str, values))})")
+    setattr(c.meta, kind, values[index])
+    c.meta.step, c.meta.step_from = step, "name"
 
 
 def _strip_karras(c: Checkpoint) -> bool:

@@ -322,8 +322,13 @@ def _load_plain_pickle(f: InputFile, trust_pickle: bool) -> Any:
             f"{f.path}: a plain Python pickle (EDM2's network-snapshot .pkl files pickle whole modules), which "
             f"weights-only loading cannot read (it could run code); pass --trust-pickle (trust_pickle=True) "
             f"only if you trust this file")
-    with f.open_stream() if is_remote(f.path) else open(f.path, "rb") as src:
-        obj = pickle.load(src)  # noqa: S301 (the user vouched for the file with --trust-pickle)
+    try:
+        with f.open_stream() if is_remote(f.path) else open(f.path, "rb") as src:
+            obj = pickle.load(src)  # noqa: S301 (the user vouched for the file with --trust-pickle)
+    except ModuleNotFoundError as e:
+        raise CheckpointReadError(
+            f"{f.path}: unpickling needs the module {e.name!r}, which is not importable (EDM2's pickles need "
+            f"EDM2's torch_utils and training: run from its checkout or put it on PYTHONPATH)") from None
     if isinstance(obj, Mapping):  # EDM2: {"ema": module, "loss_fn": ..., ...}: the modules' state dicts
         obj = {k: v.state_dict() if isinstance(v, torch.nn.Module) else v for k, v in obj.items()}
     return obj
@@ -340,7 +345,7 @@ def open_torch_legacy(f: InputFile, key: str | None, trust_pickle: bool) -> Chec
             with _load_source(f) as src:
                 obj = (torch.load(src, map_location="cpu", weights_only=False) if trust_pickle
                        else _weights_only_load(src, "cpu"))
-    except UnsafePickleError:
+    except CheckpointReadError:  # (UnsafePickleError included): already one line naming the file
         raise
     except pickle.UnpicklingError as e:
         _refuse_unsafe(p, e, trust_pickle)
