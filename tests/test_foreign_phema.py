@@ -68,7 +68,10 @@ def _close(got, ref):
 
 
 def _one_line(err):
-    return len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    """The error is one line, the last (warnings before it, such as --trust-pickle's, aside)."""
+    lines = err.strip().splitlines()
+    errors = [x for x in lines if x.startswith("ckptavg: error:")]
+    return len(errors) == 1 and lines[-1] == errors[0] and "Traceback" not in err
 
 
 # ---------------------------------------------------------------- ema-pytorch PostHocEMA folders

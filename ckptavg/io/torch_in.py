@@ -322,6 +322,8 @@ def _load_plain_pickle(f: InputFile, trust_pickle: bool) -> Any:
             f"{f.path}: a plain Python pickle (EDM2's network-snapshot .pkl files pickle whole modules), which "
             f"weights-only loading cannot read (it could run code); pass --trust-pickle (trust_pickle=True) "
             f"only if you trust this file")
+    warnings.warn(CkptavgWarning(f"{f.path}: loading a plain pickle (--trust-pickle): code in this file can run"),
+                  stacklevel=4)
     try:
         with f.open_stream() if is_remote(f.path) else open(f.path, "rb") as src:
             obj = pickle.load(src)  # noqa: S301 (the user vouched for the file with --trust-pickle)
