@@ -3,6 +3,7 @@
 A path argument is one of:
 
 * a checkpoint file (any extension for torch files; ``.safetensors``);
+* in a folder, EDM2's ``network-snapshot-<kimg>-<std>.pkl`` snapshots too (power-EMA snapshots);
 * a glob pattern (``runs/*.pt``), expanded here when the shell did not;
 * a **model folder** (Hugging Face layout: ``model.safetensors``, sharded
   ``model-0000k-of-0000n.safetensors`` with ``model.safetensors.index.json``, or
@@ -45,6 +46,7 @@ from .errors import CheckpointReadError, OptionError
 from .io import is_checkpoint_folder
 from .io.files import CHECKPOINT_SUFFIXES
 from .io.megatron import checkpoints_of_root, is_megatron_root
+from .io.snapshot_names import EDM2_NAME
 from .io.urls import as_path, is_url
 
 __all__ = ["discover", "discover_with_origin", "natural_key", "skipped_in_folders", "has_checkpoint_suffix"]
@@ -236,7 +238,7 @@ def _scan_folder(folder: Path) -> tuple[list[Path], list[str]]:
     for q in entries:
         if q.name.startswith("."):
             continue
-        if q.is_file() and _has_suffix(q.name):
+        if q.is_file() and (_has_suffix(q.name) or EDM2_NAME.match(q.name)):
             if _skippable(q.name):
                 skipped.append(q.name)
             else:

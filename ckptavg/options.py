@@ -65,6 +65,10 @@ class MergeOptions:
     at: int | None = _opt(None, "Post-hoc EMA from power-EMA snapshots: the step to reconstruct (a snapshot's "
                           "step; default the last).", example="--method power-ema --sigma-rel 0.07 --at 40000",
                           cli_type=int, metavar="STEP", sweep=True)
+    snapshot_sigma_rels: Sequence[float] | str | None = _opt(
+        None, "The sigma_rels an ema-pytorch PostHocEMA was built with, in order: its snapshots <index>.<step>.pt "
+        "record none (or write them to ckptavg-snapshots.json beside them).",
+        example="--method power-ema --sigma-rel 0.15 --snapshot-sigma-rels 0.05,0.28", metavar="S1,S2")
     # -- selection
     epochs: Any = _opt(None, "Keep checkpoints with epoch in A..B (inclusive; A: or :B open).",
                        example="--epochs 12:20, --epochs 150:", metavar="A:B", sweep=True)

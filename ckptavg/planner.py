@@ -22,6 +22,7 @@ from .io import Checkpoint, TensorRef, kind_of, open_checkpoint, strip_prefixes
 from .io.dtypes import dtype_kind, dtype_name
 from .io.files import check_not_input
 from .io.metadata import LIVE_WEIGHTS_KEY
+from .io.snapshot_names import apply_indexed_profiles
 from .methods import snapshot_sigma, spread, weights_for
 from .options import MergeOptions
 from .order import Selection, order_checkpoints, parse_range, same_time, select_with_notes
@@ -97,6 +98,7 @@ def build_plan(
         for p in paths:
             opened.append(open_checkpoint(p, key=options.key, strip_prefix=options.strip_prefix,
                                           trust_pickle=options.trust_pickle))
+        notes.extend(apply_indexed_profiles(opened, options.snapshot_sigma_rels, options.method, options.key))
         candidates = len(opened)
         earlier = [c for c in opened if c.meta.ckptavg_output and c.path not in named]
         if earlier and len(earlier) < len(opened):

@@ -19,6 +19,7 @@ import torch
 from ..errors import CheckpointReadError
 from ..weights import MAX_GAMMA
 from .checkpoint import Checkpoint, CheckpointMeta
+from .snapshot_names import apply_edm2_name
 
 __all__ = ["STATE_DICT_KEYS", "LIVE_WEIGHTS_KEY", "name_metadata", "find_state_dict", "meta_from_object",
            "meta_from_strings", "apply_name_metadata", "trainer_state", "model_stem"]
@@ -391,6 +392,7 @@ def apply_name_metadata(ckpt: Checkpoint) -> None:
         m.step, m.step_from = step, "name"
     for k in (*_STEP_KEYS, *_EPOCH_KEYS, "sigma_rel", "gamma"):
         m.metrics.pop(k, None)
+    apply_edm2_name(ckpt)
 
 
 # Throughput figures the Hugging Face Trainer logs beside its eval metrics: not metrics of the model.

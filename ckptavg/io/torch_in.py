@@ -309,12 +309,46 @@ def _walk_tensors(obj: Any, fn: Any, path: str = "", depth: int = 0) -> None:
 # legacy torch files
 
 
+def _is_plain_pickle(f: InputFile) -> bool:
+    """A pickle that is no torch file: torch's legacy format opens with its magic number (a protocol-2
+    LONG1 of 10 bytes); EDM2's network pickles are ``pickle.dump`` of a dict holding modules."""
+    head = f.pread(0, min(f.size, 4))
+    return head[:1] == b"\x80" and head[2:4] != b"\x8a\x0a"
+
+
+def _load_plain_pickle(f: InputFile, trust_pickle: bool) -> Any:
+    if not trust_pickle:
+        raise UnsafePickleError(
+            f"{f.path}: a plain Python pickle (EDM2's network-snapshot .pkl files pickle whole modules), which "
+            f"weights-only loading cannot read (it could run code); pass --trust-pickle (trust_pickle=True) "
+            f"only if you trust this file")
+    warnings.warn(CkptavgWarning(f"{f.path}: loading a plain pickle (--trust-pickle): code in this file can run"),
+                  stacklevel=4)
+    try:
+        with f.open_stream() if is_remote(f.path) else open(f.path, "rb") as src:
+            obj = pickle.load(src)  # noqa: S301 (the user vouched for the file with --trust-pickle)
+    except ModuleNotFoundError as e:
+        raise CheckpointReadError(
+            f"{f.path}: unpickling needs the module {e.name!r}, which is not importable (EDM2's pickles need "
+            f"EDM2's torch_utils and training: run from its checkout or put it on PYTHONPATH)") from None
+    if isinstance(obj, Mapping):  # EDM2: {"ema": module, "loss_fn": ..., ...}: the modules' state dicts
+        obj = {k: v.state_dict() if isinstance(v, torch.nn.Module) else v for k, v in obj.items()}
+    return obj
+
+
 def open_torch_legacy(f: InputFile, key: str | None, trust_pickle: bool) -> Checkpoint:
     p = f.path
+    plain = _is_plain_pickle(f)
     try:
-        with _load_source(f) as src:
-            obj = (torch.load(src, map_location="cpu", weights_only=False) if trust_pickle
-                   else _weights_only_load(src, "cpu"))
+        if plain:
+            obj = _load_plain_pickle(f, trust_pickle)
+            key = "ema" if key is None and isinstance(obj, Mapping) and "ema" in obj else key
+        else:
+            with _load_source(f) as src:
+                obj = (torch.load(src, map_location="cpu", weights_only=False) if trust_pickle
+                       else _weights_only_load(src, "cpu"))
+    except CheckpointReadError:  # (UnsafePickleError included): already one line naming the file
+        raise
     except pickle.UnpicklingError as e:
         _refuse_unsafe(p, e, trust_pickle)
         raise CheckpointReadError(f"{p}: not a checkpoint ckptavg can read ({short(e)})") from None
