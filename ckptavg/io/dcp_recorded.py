@@ -100,23 +100,8 @@ def _lightning_meta(ckpt: Checkpoint, folder: Path) -> None:
     """Lightning's sharded checkpoint folder keeps everything but the model and optimizer states in
     ``meta.pt`` (``epoch``, ``global_step``, loops, callbacks...): the epoch and step, when it loads
     weights-only (hyper-parameters holding other objects leave it unread: the folder name decides)."""
-    f = folder / LIGHTNING_META
-    try:
-        size = f.stat().st_size
-        if size > _MAX_SMALL_ITEM * 16 or size == 0:
-            return
-        from .files import input_file
-        from .torch_in import _weights_only_load
-
-        src = input_file(f, size)
-        try:
-            with src.open_stream() as fh:
-                obj = _weights_only_load(fh, "cpu")
-        finally:
-            src.close()
-    except Exception:
-        return
-    if not isinstance(obj, dict):
+    obj = megatron.small_torch_dict(folder / LIGHTNING_META, _MAX_SMALL_ITEM * 16)
+    if obj is None:
         return
     for key, attr in (("global_step", "step"), ("epoch", "epoch")):
         v = obj.get(key)

@@ -30,7 +30,7 @@ from typing import Any
 from ..errors import CheckpointReadError
 
 __all__ = ["MARKER", "CONFIG_NAME", "COMMON_NAME", "CONFIG", "ITER_RE", "iter_name", "is_megatron_folder",
-           "is_megatron_root", "checkpoints_of_root", "load_common", "iteration_of"]
+           "is_megatron_root", "checkpoints_of_root", "load_common", "iteration_of", "small_torch_dict"]
 
 MARKER = "latest_checkpointed_iteration.txt"
 CONFIG_NAME = "metadata.json"
@@ -112,18 +112,18 @@ def checkpoints_of_root(root: Path) -> list[Path]:
     return [q for _n, q in iters if is_dcp_folder(q)]
 
 
-def load_common(folder: Path) -> dict[str, Any] | None:
-    """``common.pt`` of a Megatron checkpoint, loaded weights-only; None when it is missing, too big,
-    or needs more than weights-only loading (it is then never unpickled)."""
-    common = folder / COMMON_NAME
+def small_torch_dict(path: Path, limit: int) -> dict[str, Any] | None:
+    """A small ``torch.save`` file holding a dict (a sidecar such as Megatron's ``common.pt`` or
+    Lightning's ``meta.pt``), loaded weights-only; None when it is missing, empty, over ``limit``
+    bytes, not a dict, or needs more than weights-only loading (it is then never unpickled)."""
     try:
-        size = common.stat().st_size
-        if size > _MAX_COMMON or size == 0:
+        size = path.stat().st_size
+        if size > limit or size == 0:
             return None
         from .files import input_file
         from .torch_in import _weights_only_load
 
-        f = input_file(common, size)
+        f = input_file(path, size)
         try:
             with f.open_stream() as fh:
                 obj = _weights_only_load(fh, "cpu")
@@ -132,6 +132,11 @@ def load_common(folder: Path) -> dict[str, Any] | None:
     except Exception:  # unreadable, or not weights-only
         return None
     return obj if isinstance(obj, dict) else None
+
+
+def load_common(folder: Path) -> dict[str, Any] | None:
+    """``common.pt`` of a Megatron checkpoint (see :func:`small_torch_dict`)."""
+    return small_torch_dict(folder / COMMON_NAME, _MAX_COMMON)
 
 
 def iteration_of(common: dict[str, Any] | None) -> int | None:
