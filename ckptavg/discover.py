@@ -9,6 +9,8 @@ A path argument is one of:
   ``pytorch_model.bin`` / ``pytorch_model.bin.index.json``), which is *one* checkpoint;
 * a **Megatron checkpoint root** (``latest_checkpointed_iteration.txt`` beside ``iter_*/``): its
   iteration folders, or ``release/`` when the marker says so (:mod:`ckptavg.io.megatron`);
+* a **DeepSpeed checkpoint root** (``latest`` beside ``global_stepN/`` folders): its checkpoint
+  folders in step order (:mod:`ckptavg.io.deepspeed_in`);
 * a **folder of checkpoints**: every checkpoint file directly inside it, plus every
   sub-folder that is a model folder (e.g. ``checkpoint-500/`` of a Hugging Face
   Trainer run). Files named like aliases of another checkpoint (``last.ckpt``,
@@ -35,6 +37,7 @@ from pathlib import Path
 
 from .errors import CheckpointReadError, OptionError
 from .io import is_checkpoint_folder
+from .io.deepspeed_in import checkpoints_of_deepspeed_root, is_deepspeed_root
 from .io.files import CHECKPOINT_SUFFIXES
 from .io.megatron import checkpoints_of_root, is_megatron_root
 from .io.urls import as_path, is_url
@@ -104,6 +107,8 @@ def discover_with_origin(inputs: Sequence[str | os.PathLike[str]]) -> tuple[list
         elif p.exists():
             if p.is_dir() and not is_checkpoint_folder(p) and is_megatron_root(p):
                 out.extend(checkpoints_of_root(p))  # iter_* in iteration order (or release/), as Megatron sees them
+            elif p.is_dir() and not is_checkpoint_folder(p) and is_deepspeed_root(p):
+                out.extend(checkpoints_of_deepspeed_root(p))  # global_step* in step order, 'latest' checked
             elif p.is_dir() and not is_checkpoint_folder(p):
                 found, skipped = _scan_folder(p)
                 if not found:

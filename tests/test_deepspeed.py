@@ -1,0 +1,118 @@
+"""DeepSpeed ZeRO checkpoint folders (ckptavg.io.deepspeed_in), against checkpoints DeepSpeed itself writes
+(a 2-rank gloo run on its CPU accelerator, tests/_deepspeed_worker.py) and DeepSpeed's own consolidation
+(``get_fp32_state_dict_from_zero_checkpoint``, run in the worker). The test process never imports deepspeed."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from ckptavg.errors import CheckpointReadError, UnsafePickleError
+from ckptavg.io import open_checkpoint
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed is not installed")
+
+WORKER = Path(__file__).with_name("_deepspeed_worker.py")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ds_run(tmp_path_factory) -> Path:
+    """``z2/`` and ``z3/``: DeepSpeed roots with global_step1..3 (ZeRO stages 2 and 3) and reference.pt."""
+    out = tmp_path_factory.mktemp("deepspeed")
+    port = _free_port()
+    procs = []
+    for r in range(2):
+        env = dict(os.environ, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                   MASTER_PORT=str(port), DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+        procs.append(subprocess.Popen([sys.executable, str(WORKER), str(out), "2", "3"], stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, env=env))
+    try:
+        logs = [p.communicate(timeout=240)[0].decode(errors="replace") for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert all(p.returncode == 0 for p in procs), logs[0][-3000:] + logs[1][-3000:]
+    return out
+
+
+def _reference_mean(root: Path, tags: list[str]) -> dict[str, torch.Tensor]:
+    ref = torch.load(root / "reference.pt", weights_only=True)
+    return {k: sum(ref[t][k].double() for t in tags) / len(tags) for k in ref[tags[0]]}
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_each_checkpoint_equals_zero_to_fp32(ds_run, stage):
+    root = ds_run / f"z{stage}"
+    ref = torch.load(root / "reference.pt", weights_only=True)
+    for tag, sd in ref.items():
+        with open_checkpoint(root / tag) as ckpt:
+            assert ckpt.format == "deepspeed" and ckpt.meta.step == int(tag.removeprefix("global_step"))
+            assert list(ckpt.tensors) == ["0.weight", "0.bias", "1.weight", "1.bias", "1.running_mean",
+                                          "1.running_var", "1.num_batches_tracked", "3.weight", "3.bias"]
+            for k, v in sd.items():
+                assert torch.equal(ckpt.tensors[k].materialize(), v), (tag, k)
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_merge_root_last_2_equals_mean_of_zero_to_fp32(ds_run, tmp_path, run_cli, stage):
+    root = ds_run / f"z{stage}"
+    out = tmp_path / "avg.safetensors"
+    code, _o, text = run_cli("merge", root, "--last", "2", "-o", out)
+    assert code == 0, text
+    got = load_file(out)
+    want = _reference_mean(root, ["global_step2", "global_step3"])
+    assert set(got) == set(want)
+    for k, v in want.items():
+        if v.dtype.is_floating_point and k != "1.num_batches_tracked":
+            assert got[k].dtype == torch.float32
+            torch.testing.assert_close(got[k].double(), v, rtol=0, atol=1e-7)
+    ref = torch.load(root / "reference.pt", weights_only=True)
+    assert torch.equal(got["1.num_batches_tracked"], ref["global_step3"]["1.num_batches_tracked"])
+    assert "deepspeed" not in sys.modules
+
+
+def test_missing_optim_states_is_one_line_naming_the_folder(ds_run, tmp_path, run_cli):
+    root = tmp_path / "z2"
+    shutil.copytree(ds_run / "z2", root)
+    (root / "global_step2" / "zero_pp_rank_1_mp_rank_00_optim_states.pt").unlink()
+    out = tmp_path / "avg.safetensors"
+    code, _o, text = run_cli("merge", root, "-o", out)
+    assert code != 0 and not out.exists()
+    line = text.strip()
+    assert "\n" not in line and f"{root / 'global_step2'}: zero_pp_rank_1_mp_rank_00_optim_states.pt is missing" \
+        in line, text
+    for f in (root / "global_step3").glob("*_optim_states.pt"):
+        f.unlink()
+    with pytest.raises(CheckpointReadError, match="global_step3: no zero_pp_rank"):
+        open_checkpoint(root / "global_step3")
+
+
+class NotAllowed:
+    pass
+
+
+def test_unsafe_pickle_refused_and_latest_checked(ds_run, tmp_path, run_cli):
+    root = tmp_path / "z3"
+    shutil.copytree(ds_run / "z3", root)
+    bad = root / "global_step1" / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    torch.save({"optimizer_state_dict": {"x": NotAllowed()}}, bad)
+    with pytest.raises(UnsafePickleError, match=f"{bad}: refusing to load.*NotAllowed"):
+        open_checkpoint(root / "global_step1")
+    (root / "latest").write_text("global_step9")
+    code, _o, text = run_cli("merge", root, "-o", tmp_path / "avg.safetensors")
+    assert code != 0 and "'latest' names 'global_step9'" in text, text
