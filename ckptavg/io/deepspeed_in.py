@@ -253,8 +253,9 @@ def _optim_files(folder: Path) -> list[Path]:
         if m := _OPTIM_RE.match(n):
             found[int(m.group(1))] = folder / n
     if not found:
-        raise CheckpointReadError(f"{folder}: no zero_pp_rank_R_mp_rank_00_optim_states.pt files: the fp32 "
-                                  "weights of a ZeRO checkpoint are there (an incomplete copy?)")
+        raise CheckpointReadError(f"{folder}: no zero_pp_rank_R_mp_rank_00_optim_states.pt files, where a ZeRO "
+                                  "checkpoint keeps its fp32 weights (an incomplete copy? without ZeRO, name "
+                                  f"{MODEL_STATES}: its 'module' is the model)")
     missing = [r for r in range(max(found) + 1) if r not in found]
     if missing:
         raise CheckpointReadError(f"{folder}: zero_pp_rank_{missing[0]}_mp_rank_00_optim_states.pt is missing "
