@@ -7,8 +7,9 @@ Usage (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT and DS_ACCELERATOR
 (``get_fp32_state_dict_from_zero_checkpoint``) to ``OUT/zSTAGE/reference.pt`` ({tag: state dict}).
 
 The parameter sizes (35, 5, 5, 5, 15, 3 elements) do not divide by the world size, so the flat
-partitions are padded; ``3.bias`` is frozen (DeepSpeed keeps it outside the optimizer: its
-``frozen_param_fragments``); BatchNorm's running statistics are buffers.
+partitions are padded; ``net.3.bias`` is frozen (DeepSpeed keeps it outside the optimizer: its
+``frozen_param_fragments``); ``skip.weight`` is ``net.0.weight`` (its ``shared_params``); BatchNorm's
+running statistics are buffers.
 """
 
 from __future__ import annotations
@@ -36,11 +37,22 @@ import torch.distributed as dist  # noqa: E402
 from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint  # noqa: E402
 
 
+class Net(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = torch.nn.Sequential(torch.nn.Linear(7, 5), torch.nn.BatchNorm1d(5), torch.nn.ReLU(),
+                                       torch.nn.Linear(5, 3))
+        self.skip = torch.nn.Linear(7, 5, bias=False)
+        self.skip.weight = self.net[0].weight  # tied: DeepSpeed's shared_params
+        self.net[3].bias.requires_grad_(False)  # frozen
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x) + self.skip(x)[:, :3]
+
+
 def model() -> torch.nn.Module:
     torch.manual_seed(0)
-    m = torch.nn.Sequential(torch.nn.Linear(7, 5), torch.nn.BatchNorm1d(5), torch.nn.ReLU(), torch.nn.Linear(5, 3))
-    m[3].bias.requires_grad_(False)
-    return m
+    return Net()
 
 
 def train(stage: int, out: str) -> None:

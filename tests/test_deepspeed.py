@@ -62,11 +62,13 @@ def test_each_checkpoint_equals_zero_to_fp32(ds_run, stage):
     for tag, sd in ref.items():
         with open_checkpoint(root / tag) as ckpt:
             assert ckpt.format == "deepspeed" and ckpt.meta.step == int(tag.removeprefix("global_step"))
-            # (under stage 1 DeepSpeed saves no frozen parameter: its own consolidation has no 3.bias either)
-            assert ("3.bias" in sd) == (stage != 1)
-            assert list(ckpt.tensors) == [k for k in ["0.weight", "0.bias", "1.weight", "1.bias", "1.running_mean",
-                                                      "1.running_var", "1.num_batches_tracked", "3.weight", "3.bias"]
-                                          if k in sd]
+            # (under stage 1 DeepSpeed saves no frozen parameter: its own consolidation has no net.3.bias either)
+            assert ("net.3.bias" in sd) == (stage != 1)
+            assert list(ckpt.tensors) == [f"net.{k}" for k in ["0.weight", "0.bias", "1.weight", "1.bias",
+                                                               "1.running_mean", "1.running_var",
+                                                               "1.num_batches_tracked", "3.weight", "3.bias"]
+                                          if f"net.{k}" in sd] + ["skip.weight"]
+            assert ckpt.tensors["skip.weight"].alias_key == ckpt.tensors["net.0.weight"].alias_key
             for k, v in sd.items():
                 assert torch.equal(ckpt.tensors[k].materialize(), v), (tag, k)
 
@@ -81,11 +83,11 @@ def test_merge_root_last_2_equals_mean_of_zero_to_fp32(ds_run, tmp_path, run_cli
     want = _reference_mean(root, ["global_step2", "global_step3"])
     assert set(got) == set(want)
     for k, v in want.items():
-        if v.dtype.is_floating_point and k != "1.num_batches_tracked":
+        if k != "net.1.num_batches_tracked":
             assert got[k].dtype == torch.float32
             torch.testing.assert_close(got[k].double(), v, rtol=0, atol=1e-7)
     ref = torch.load(root / "reference.pt", weights_only=True)
-    assert torch.equal(got["1.num_batches_tracked"], ref["global_step3"]["1.num_batches_tracked"])
+    assert torch.equal(got["net.1.num_batches_tracked"], ref["global_step3"]["net.1.num_batches_tracked"])
     assert "deepspeed" not in sys.modules
 
 
@@ -119,3 +121,15 @@ def test_unsafe_pickle_refused_and_latest_checked(ds_run, tmp_path, run_cli):
     (root / "latest").write_text("global_step9")
     code, _o, text = run_cli("merge", root, "-o", tmp_path / "avg.safetensors")
     assert code != 0 and "'latest' names 'global_step9'" in text, text
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_param_shapes_larger_than_the_partitions_refused_before_reading(ds_run, tmp_path, stage):
+    folder = tmp_path / "global_step1"
+    shutil.copytree(ds_run / f"z{stage}" / "global_step1", folder)
+    states = folder / ("mp_rank_00_model_states.pt" if stage < 3 else "zero_pp_rank_0_mp_rank_00_model_states.pt")
+    obj = torch.load(states, weights_only=True)
+    obj["param_shapes"][0]["net.3.weight"] = torch.Size([30, 5])
+    torch.save(obj, states)
+    with pytest.raises(CheckpointReadError, match="hold .* elements.*damaged or mismatched"):
+        open_checkpoint(folder)
