@@ -133,3 +133,22 @@ def test_param_shapes_larger_than_the_partitions_refused_before_reading(ds_run, 
     torch.save(obj, states)
     with pytest.raises(CheckpointReadError, match="hold .* elements.*damaged or mismatched"):
         open_checkpoint(folder)
+
+
+def test_trainer_run_of_deepspeed_checkpoint_folders(ds_run, tmp_path, run_cli):
+    """A Hugging Face Trainer under ZeRO-3 without gathered weights: out/checkpoint-N/ holds global_stepN/,
+    latest and trainer_state.json; each is one checkpoint (metrics from the trainer state)."""
+    run = tmp_path / "out"
+    for n, loss in ((2, 0.5), (3, 0.25)):
+        ck = run / f"checkpoint-{n}"
+        shutil.copytree(ds_run / "z3" / f"global_step{n}", ck / f"global_step{n}")
+        (ck / "latest").write_text(f"global_step{n}")
+        (ck / "trainer_state.json").write_text(
+            f'{{"global_step": {n}, "epoch": 1.0, "log_history": [{{"eval_loss": {loss}, "step": {n}}}]}}')
+    with open_checkpoint(run / "checkpoint-3") as ckpt:
+        assert ckpt.format == "deepspeed" and ckpt.meta.step == 3 and ckpt.meta.metrics["eval_loss"] == 0.25
+    out = tmp_path / "avg.safetensors"
+    code, _o, text = run_cli("merge", run, "-o", out)
+    assert code == 0, text
+    got, want = load_file(out), _reference_mean(ds_run / "z3", ["global_step2", "global_step3"])
+    torch.testing.assert_close(got["net.0.weight"].double(), want["net.0.weight"], rtol=0, atol=1e-7)

@@ -46,9 +46,11 @@ import torch
 from ..errors import CheckpointReadError, UnsafePickleError
 from .checkpoint import Checkpoint, CheckpointMeta, TensorRef
 from .files import InputFile, input_file
+from .metadata import trainer_state
 from .torch_in import open_torch_tree
 
-__all__ = ["is_deepspeed_folder", "open_deepspeed", "is_deepspeed_root", "checkpoints_of_deepspeed_root",
+__all__ = ["is_deepspeed_folder", "open_deepspeed", "is_deepspeed_root", "checkpoints_of_deepspeed_root", "single_tag",
+           "open_single_tag",
            "ZeroTensorRef", "DEEPSPEED_SAFE_GLOBALS"]
 
 MODEL_STATES = "mp_rank_00_model_states.pt"
@@ -145,6 +147,19 @@ def is_deepspeed_root(folder: Path) -> bool:
         return (folder / LATEST).is_file() and any(q.is_dir() and is_deepspeed_folder(q) for q in folder.iterdir())
     except OSError:
         return False
+
+
+def single_tag(folder: Path) -> Path | None:
+    """The one checkpoint of a root that holds exactly one, the one ``latest`` names (a Hugging Face
+    Trainer's ``checkpoint-N/`` under DeepSpeed: ``global_stepN/`` beside ``latest``), else None."""
+    try:
+        if not (folder / LATEST).is_file():
+            return None
+        tags = [q for q in folder.iterdir() if q.is_dir() and is_deepspeed_folder(q)]
+        text = (folder / LATEST).read_bytes()[:_MAX_LATEST].decode("utf-8", "replace").strip()
+    except OSError:
+        return None
+    return tags[0] if len(tags) == 1 and tags[0].name == text else None
 
 
 def _step_key(p: Path) -> tuple[int, int, str]:
@@ -441,3 +456,18 @@ def open_deepspeed(folder: Path, key: str | None, trust_pickle: bool) -> Checkpo
         meta.step, meta.step_from = int(m.group(1)), "name"
     return Checkpoint(path=folder, format="deepspeed", tensors=tensors, meta=meta,
                       size=sum(f.size for f in opened), files=opened)
+
+
+def open_single_tag(root: Path, key: str | None, trust_pickle: bool) -> Checkpoint:
+    """The one checkpoint of a root (:func:`single_tag`), with the step, epoch and metrics of a Trainer's
+    ``trainer_state.json`` beside it, if any."""
+    tag = single_tag(root)
+    if tag is None:
+        raise CheckpointReadError(f"{root}: not a DeepSpeed root holding one checkpoint")
+    ckpt = open_deepspeed(tag, key, trust_pickle)
+    try:
+        trainer_state(root, ckpt.meta)
+    except BaseException:
+        ckpt.close()
+        raise
+    return ckpt
