@@ -37,7 +37,7 @@ from pathlib import Path
 
 from .errors import CheckpointReadError, OptionError
 from .io import is_checkpoint_folder
-from .io.deepspeed_in import checkpoints_of_deepspeed_root, is_deepspeed_root
+from .io.deepspeed_in import checkpoints_of_deepspeed_root, is_deepspeed_root, single_tag
 from .io.files import CHECKPOINT_SUFFIXES
 from .io.megatron import checkpoints_of_root, is_megatron_root
 from .io.urls import as_path, is_url
@@ -120,7 +120,7 @@ def discover_with_origin(inputs: Sequence[str | os.PathLike[str]]) -> tuple[list
                     notes.append(_skipped_note(str(p), [p / n for n in skipped]))
                 out.extend(found)
             else:
-                subs = _model_subfolders(p) if p.is_dir() else []
+                subs = _model_subfolders(p) if p.is_dir() and single_tag(p) is None else []
                 if subs:
                     # a Trainer's output_dir after save_model: the final model (a copy of one of its
                     # checkpoints) beside checkpoint-N/ folders: the run's checkpoints are what it holds

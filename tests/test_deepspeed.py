@@ -147,6 +147,8 @@ def test_trainer_run_of_deepspeed_checkpoint_folders(ds_run, tmp_path, run_cli):
             f'{{"global_step": {n}, "epoch": 1.0, "log_history": [{{"eval_loss": {loss}, "step": {n}}}]}}')
     with open_checkpoint(run / "checkpoint-3") as ckpt:
         assert ckpt.format == "deepspeed" and ckpt.meta.step == 3 and ckpt.meta.metrics["eval_loss"] == 0.25
+    code, plan, text = run_cli("merge", run / "checkpoint-3", "-o", tmp_path / "one.safetensors", "--dry-run")
+    assert code == 0 and "final model" not in plan + text and "checkpoint-3/global_step3" in plan, plan + text
     out = tmp_path / "avg.safetensors"
     code, _o, text = run_cli("merge", run, "-o", out)
     assert code == 0, text
