@@ -88,7 +88,6 @@ def test_merge_root_last_2_equals_mean_of_zero_to_fp32(ds_run, tmp_path, run_cli
             torch.testing.assert_close(got[k].double(), v, rtol=0, atol=1e-7)
     ref = torch.load(root / "reference.pt", weights_only=True)
     assert torch.equal(got["net.1.num_batches_tracked"], ref["global_step3"]["net.1.num_batches_tracked"])
-    assert "deepspeed" not in sys.modules
 
 
 def test_missing_optim_states_is_one_line_naming_the_folder(ds_run, tmp_path, run_cli):
@@ -154,3 +153,11 @@ def test_trainer_run_of_deepspeed_checkpoint_folders(ds_run, tmp_path, run_cli):
     assert code == 0, text
     got, want = load_file(out), _reference_mean(ds_run / "z3", ["global_step2", "global_step3"])
     torch.testing.assert_close(got["net.0.weight"].double(), want["net.0.weight"], rtol=0, atol=1e-7)
+
+
+def test_reading_imports_no_deepspeed(ds_run):
+    code = ("import sys; from ckptavg.io import open_checkpoint\n"
+            f"c = open_checkpoint({str(ds_run / 'z3' / 'global_step3')!r}); c.tensors['net.0.weight'].materialize()\n"
+            "assert 'deepspeed' not in sys.modules, 'deepspeed imported'")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
