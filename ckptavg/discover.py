@@ -10,6 +10,8 @@ A path argument is one of:
   ``pytorch_model.bin`` / ``pytorch_model.bin.index.json``), which is *one* checkpoint;
 * a **Megatron checkpoint root** (``latest_checkpointed_iteration.txt`` beside ``iter_*/``): its
   iteration folders, or ``release/`` when the marker says so (:mod:`ckptavg.io.megatron`);
+* a **DeepSpeed checkpoint root** (``latest`` beside ``global_stepN/`` folders): its checkpoint
+  folders in step order (:mod:`ckptavg.io.deepspeed_in`);
 * a **folder of checkpoints**: every checkpoint file directly inside it, plus every
   sub-folder that is a model folder (e.g. ``checkpoint-500/`` of a Hugging Face
   Trainer run). Files named like aliases of another checkpoint (``last.ckpt``,
@@ -44,6 +46,7 @@ from pathlib import Path
 from .components import choose_component, is_component_holder
 from .errors import CheckpointReadError, OptionError
 from .io import is_checkpoint_folder
+from .io.deepspeed_in import checkpoints_of_deepspeed_root, is_deepspeed_root, single_tag
 from .io.files import CHECKPOINT_SUFFIXES
 from .io.megatron import checkpoints_of_root, is_megatron_root
 from .io.snapshot_names import EDM2_NAME
@@ -114,6 +117,8 @@ def discover_with_origin(inputs: Sequence[str | os.PathLike[str]]) -> tuple[list
         elif p.exists():
             if p.is_dir() and not is_checkpoint_folder(p) and is_megatron_root(p):
                 out.extend(checkpoints_of_root(p))  # iter_* in iteration order (or release/), as Megatron sees them
+            elif p.is_dir() and not is_checkpoint_folder(p) and is_deepspeed_root(p):
+                out.extend(checkpoints_of_deepspeed_root(p))  # global_step* in step order, 'latest' checked
             elif p.is_dir() and not is_checkpoint_folder(p) and _holders_in(p, out, notes):
                 pass  # a diffusers training output: its checkpoint-N/ folders (components chosen below)
             elif p.is_dir() and is_component_holder(p):
@@ -130,7 +135,7 @@ def discover_with_origin(inputs: Sequence[str | os.PathLike[str]]) -> tuple[list
                     notes.append(_skipped_note(str(p), [p / n for n in skipped]))
                 out.extend(found)
             else:
-                subs = _model_subfolders(p) if p.is_dir() else []
+                subs = _model_subfolders(p) if p.is_dir() and single_tag(p) is None else []
                 if subs:
                     # a Trainer's output_dir after save_model: the final model (a copy of one of its
                     # checkpoints) beside checkpoint-N/ folders: the run's checkpoints are what it holds

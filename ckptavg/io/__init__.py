@@ -25,6 +25,7 @@ from . import dcp_out, hf_folder_out, megatron_out, safetensors_out, torch_out
 from .accelerate_in import is_fsdp_checkpoint, open_fsdp_checkpoint
 from .checkpoint import Checkpoint, CheckpointMeta, TensorRef
 from .dcp_in import is_dcp_folder, open_dcp
+from .deepspeed_in import is_deepspeed_folder, open_deepspeed, open_single_tag, single_tag
 from .files import InputFile, input_file
 from .hf_folder_in import is_model_folder, open_model_folder
 from .kinds import OutputKind, OutputSetup, RankPart
@@ -53,11 +54,14 @@ FOLDER_READERS: list[tuple[str, Callable[[Path], bool], Callable[..., Checkpoint
     ("dcp", is_dcp_folder, lambda p, key, trust_pickle: open_dcp(p, key=key, trust_pickle=trust_pickle)),
     ("accelerate-fsdp", is_fsdp_checkpoint,
      lambda p, key, trust_pickle: open_fsdp_checkpoint(p, key=key, trust_pickle=trust_pickle)),
+    ("deepspeed", is_deepspeed_folder, open_deepspeed),
     ("peft", lambda p: _adapters().is_adapter_folder(p),
      lambda p, key, trust_pickle: _adapters().open_adapter_folder(p, key=key, trust_pickle=trust_pickle,
                                                                  open_file=_open_file)),
     ("hf-folder", is_model_folder,
      lambda p, key, trust_pickle: open_model_folder(p, key=key, trust_pickle=trust_pickle, open_file=_open_file)),
+    # a DeepSpeed root holding one checkpoint and no model weights (a Trainer's checkpoint-N/ under ZeRO-3)
+    ("deepspeed-root", lambda p: single_tag(p) is not None, open_single_tag),
 ]
 
 

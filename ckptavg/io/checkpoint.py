@@ -152,6 +152,7 @@ class Checkpoint:
 
     path: Path
     format: str  # "torch" | "torch-legacy" | "safetensors" | "hf-folder" | "diffusers" | "dcp" | "megatron" | "peft"
+    #: | "deepspeed"
     tensors: dict[str, TensorRef]
     meta: CheckpointMeta
     weights_key: str | None = None  # where the state dict was found (dotted), None = top level

@@ -42,7 +42,8 @@ from .torch_storages import effective_storages
 from .torch_zip import ZipRecords, exact_offsets, short
 from .urls import is_remote
 
-__all__ = ["open_torch", "open_torch_legacy", "SAFE_GLOBALS", "LAZY_SAFE_GLOBALS", "is_torch_zip", "is_legacy_pickle"]
+__all__ = ["open_torch", "open_torch_tree", "open_torch_legacy", "SAFE_GLOBALS", "LAZY_SAFE_GLOBALS", "is_torch_zip",
+           "is_legacy_pickle"]
 
 _QUANTIZED = {torch.qint8, torch.quint8, torch.qint32, torch.quint4x2, torch.quint2x4}
 
@@ -207,6 +208,21 @@ def _check_view(path: Any, name: str, t: torch.Tensor, storage_nbytes: int, item
 
 def open_torch(f: InputFile, key: str | None, trust_pickle: bool) -> Checkpoint:
     """Describe a torch zip checkpoint (no tensor data read)."""
+    ckpt = open_torch_tree(f, trust_pickle)
+    sd, wkey = find_state_dict(ckpt.obj, key, f.path)
+    for name, t in sd.items():
+        if isinstance(t, torch.Tensor):
+            ckpt.tensors[str(name)] = ckpt.ref_for(t, str(name))
+    ckpt.weights_key = wkey
+    meta_from_object(ckpt)
+    apply_name_metadata(ckpt)
+    return ckpt
+
+
+def open_torch_tree(f: InputFile, trust_pickle: bool) -> Checkpoint:
+    """A torch zip checkpoint's object tree (``obj``, tensors on the meta device) with no state dict
+    chosen (``tensors`` empty): :meth:`Checkpoint.ref_for` gives any tensor's checked byte location.
+    Readers of formats that spread a model over several ``torch.save`` files start here."""
     recs = ZipRecords(f, str(f.path))
     byteswap = False
     if recs.byteorder is not None:
@@ -223,7 +239,7 @@ def open_torch(f: InputFile, key: str | None, trust_pickle: bool) -> Checkpoint:
     if trust_pickle:
         warnings.warn(
             CkptavgWarning(f"{f.path}: loading with full unpickling (--trust-pickle): code in this file can run"),
-            stacklevel=3,
+            stacklevel=4,
         )
     obj, calls = _load_meta(f, trust_pickle)
     fixed = effective_storages(obj, calls, str(f.path))  # tensors torch.load gives another storage's dtype
@@ -274,18 +290,11 @@ def open_torch(f: InputFile, key: str | None, trust_pickle: bool) -> Checkpoint:
         return ref
 
     _unshadow(obj, f.path)
-    sd, wkey = find_state_dict(obj, key, f.path)
-    tensors: dict[str, TensorRef] = {}
-    for name, t in sd.items():
-        if isinstance(t, torch.Tensor):
-            tensors[str(name)] = make_ref(t, str(name))
-    ckpt = Checkpoint(path=f.path, format="torch", tensors=tensors, meta=CheckpointMeta(), weights_key=wkey,
-                      size=f.size, obj=obj, files=[f])
+    ckpt = Checkpoint(path=f.path, format="torch", tensors={}, meta=CheckpointMeta(), size=f.size, obj=obj,
+                      files=[f])
     ckpt._tensor_source = sources
     # Tensors outside the state dict (metrics saved as tensors, other weight sets) get refs on demand.
     ckpt._make_ref = make_ref
-    meta_from_object(ckpt)
-    apply_name_metadata(ckpt)
     return ckpt
 
 
