@@ -14,7 +14,9 @@ RSS: ``/usr/bin/time -v`` in a loop, hyperfine...), each into a fresh output fol
   weighted_merge.py:        python MEGATRON/tools/checkpoint/weighted_merge.py --merge-inputs ROOT \\
                                 --start-checkpoint 1000 --end-checkpoint N000 --merge-style linear --merge-output OUT
   (and the same under torchrun --standalone --nproc-per-node 2)
-  import-only baselines:    ckptavg merge --help;  python MEGATRON/tools/checkpoint/weighted_merge.py --help
+  import-only baselines:    python benchmarks/megatron_bench.py import-only  (torch, torch.distributed.checkpoint and
+                            ckptavg's merge driver);  python MEGATRON/tools/checkpoint/weighted_merge.py --help
+                            (each alone and under torchrun --standalone --nproc-per-node 2)
 
 MEGATRON is a checkout of Megatron-LM that includes PR 5114 (the script imports its own ``megatron``
 package from the checkout). Net time is wall time minus the import-only process's; extra memory is
@@ -108,12 +110,18 @@ def main() -> None:
     m.add_argument("root")
     m.add_argument("--count", type=int, default=8)
     m.add_argument("--size-mb", type=int, default=200)
+    sub.add_parser("import-only", help="import what ckptavg loads for this job, then exit (the baseline)")
     c = sub.add_parser("check")
     c.add_argument("a")
     c.add_argument("b")
     args = ap.parse_args()
     if args.cmd == "make":
         make(args.root, args.count, args.size_mb)
+    elif args.cmd == "import-only":
+        import torch.distributed.checkpoint  # noqa: F401
+
+        import ckptavg.distributed  # noqa: F401
+        import ckptavg.pipeline  # noqa: F401
     else:
         check(args.a, args.b)
 
