@@ -108,6 +108,10 @@ class MergeOptions:
     lora_rank: int | None = _opt(None, "PEFT adapter folders: factor the exact average (an adapter of rank sum of the "
                                  "inputs' ranks) back to this rank by a truncated SVD; the report gives the relative "
                                  "error.", example="--lora-rank 16", cli_type=int, metavar="R")
+    lora_merge_into: str | None = _opt(None, "PEFT adapter folders: add the exact average's update to this base model "
+                                       "(a file or model folder) and write full weights, as PEFT's "
+                                       "merge_and_unload() would.", example="--lora-merge-into base/ -o merged/",
+                                       scope="output", metavar="BASE")
     lora_factors: bool = _opt(False, "Average LoRA factors (lora_A/lora_B, lora_down/lora_up) element by element, "
                               "as an EMA of one run's adapter does; refused otherwise, since it is not the average "
                               "of the adapters' updates.", example="--lora-factors")

@@ -239,11 +239,18 @@ def merge_into(inputs: Any, output: Any, opts: MergeOptions, group: Group,
         if is_adapter_plan(p) and not opts.lora_factors:
             if group.world > 1 or len(targets) > 1 or spec is not None:
                 raise OptionError("averaging PEFT adapters runs in one process, with one output and no --bn-spec")
-            extra.update(write_adapter_average(p, targets[0].dest, targets[0].kind, targets[0].mode, opts.lora_rank))
+            if opts.lora_merge_into is not None:  # full weights: the base plus the averaged update
+                from .lora_merge import write_merged_base
+
+                extra.update(write_merged_base(p, targets[0].dest, opts))
+            else:
+                extra.update(write_adapter_average(p, targets[0].dest, targets[0].kind, targets[0].mode,
+                                                   opts.lora_rank))
             return MergeReport(plan=p, output=targets[0].dest, bytes_written=extra.pop("bytes_written"),
                                seconds=time.perf_counter() - t0, extra=extra)
-        if opts.lora_rank is not None:
-            raise OptionError("--lora-rank applies to PEFT adapter folders (adapter_config.json beside the weights)")
+        if opts.lora_rank is not None or opts.lora_merge_into is not None:
+            raise OptionError(f"{'--lora-rank' if opts.lora_rank is not None else '--lora-merge-into'} applies to "
+                              "PEFT adapter folders (adapter_config.json beside the weights)")
         setup = _setup(p, opts, shard_size)
         passes = list(zip(targets, p.variants or [p.weights]))
         # BatchNorm runs the model per output: one pass each (the averages themselves are cheap)

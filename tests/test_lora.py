@@ -94,3 +94,33 @@ def test_adapter_folders_are_ordered_by_their_folder_step_and_layouts_must_match
     code, _o, err = run_cli("merge", folders[0], other, "-o", tmp_path / "bad/")
     assert code != 0 and "lora_A.weight" in err and "lacks" in err and err.count("\n") == 1
     assert not (tmp_path / "bad").exists()
+
+
+def test_lora_merge_into_writes_the_full_weights_peft_merges(tmp_path, run_cli):
+    """--lora-merge-into BASE: the base plus the weighted mean of the adapters' updates, equal to what PEFT's own
+    merge_and_unload() gives for the averaged adapter (and to base + mean delta computed here); a base that does
+    not match is one line, nothing written."""
+    from safetensors.torch import load_file, save_file
+
+    base, folders, deltas = _adapters(tmp_path / "runs")
+    save_file({k: v.contiguous() for k, v in base.state_dict().items()}, str(tmp_path / "base.safetensors"))
+    code, _o, err = run_cli("merge", tmp_path / "runs", "-o", tmp_path / "avg/")
+    assert code == 0, err
+    code, _o, err = run_cli("merge", tmp_path / "runs", "--lora-merge-into", tmp_path / "base.safetensors",
+                            "-o", tmp_path / "merged.safetensors")
+    assert code == 0, err
+    got = load_file(str(tmp_path / "merged.safetensors"))
+    peft_merged = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "avg").merge_and_unload()
+    ref = _reference(base, deltas, [1 / 3] * 3)
+    for k, v in peft_merged.state_dict().items():
+        torch.testing.assert_close(got[k], v, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(got[k].double(), ref.state_dict()[k], rtol=1e-6, atol=1e-6)
+    # a base of another model
+    save_file({"0.weight": torch.zeros(3, 3)}, str(tmp_path / "other.safetensors"))
+    code, _o, err = run_cli("merge", tmp_path / "runs", "--lora-merge-into", tmp_path / "other.safetensors",
+                            "-o", tmp_path / "bad.safetensors")
+    assert code == 2 and err.count("\n") == 1 and "0.weight" in err and "other.safetensors" in err
+    assert not (tmp_path / "bad.safetensors").exists()
+    code, _o, err = run_cli("merge", tmp_path / "base.safetensors", tmp_path / "merged.safetensors",
+                            "--lora-merge-into", tmp_path / "base.safetensors", "-o", tmp_path / "x.safetensors")
+    assert code == 2 and "--lora-merge-into applies to PEFT adapter folders" in err
