@@ -8,12 +8,13 @@ one-line error naming the tensor and the format, never averaged silently.
 * **Block- or channel-scaled FP8 weights** (``weight`` in float8 beside ``weight_scale_inv``,
   DeepSeek-V3 style, or ``weight_scale``, ModelOpt / compressed-tensors style): the weight is the
   float8 value times its scale; averaging values and scales separately is not the average of the
-  weights.
+  weights. The known layouts are dequantized when opened (:mod:`ckptavg.io.fp8`): what reaches
+  this guard is a float8 weight with scales of another shape.
 * **Integer-quantized weights** (GPTQ/AWQ ``qweight``/``qzeros``, int8 weights with scales,
   bitsandbytes ``SCB``): packed integers and their scales are not numbers to average, and copying
   them from the last checkpoint (the rule for integer counters) would not be an average at all.
 
-Dequantize such checkpoints, or merge adapters into their base model, before averaging.
+Dequantize such checkpoints, or average adapter folders (exact, :mod:`ckptavg.adapters`), instead.
 """
 
 from __future__ import annotations

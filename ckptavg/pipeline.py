@@ -178,6 +178,9 @@ def _plan(inputs: Any, output: Any, opts: MergeOptions, group: Group
             shard_size = check_output_options(t.dest, t.kind, first)
         n_main = len(p.tensors)
         structured = None
+        if first.keep_structure and any(i.checkpoint.dequantized for i in p.inputs):
+            raise OptionError("--keep-structure would keep the float8 scales beside weights averaged as float32 "
+                              "(the inputs hold scaled float8 weights): write the averaged weights without it")
         if first.keep_structure:
             from .structure import prepare
 

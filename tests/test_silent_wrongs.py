@@ -36,10 +36,11 @@ def test_lora_factors_are_refused_unless_asked_for(tmp_path, run_cli):
     assert torch.equal(out["base.q.lora_A.weight"], (a[0] + a[1]) / 2)
 
 
-def test_scaled_fp8_weights_are_refused(tmp_path):
-    """A float8 weight times its block scale is the weight: averaging both separately is not its average."""
+def test_scaled_fp8_weights_in_an_unknown_layout_are_refused(tmp_path):
+    """A float8 weight times its scale is the weight: averaging both separately is not its average. Block scales of
+    the known layout are dequantized as they are read (tests/test_fp8.py); scales of any other shape are refused."""
     w = torch.randn(256, 256).to(torch.float8_e4m3fn)
-    sds = [{"layer.weight": w, "layer.weight_scale_inv": torch.rand(2, 2) + 0.5, "norm.weight": torch.ones(4)}
+    sds = [{"layer.weight": w, "layer.weight_scale_inv": torch.rand(3, 3) + 0.5, "norm.weight": torch.ones(4)}
            for _ in range(2)]
     with pytest.raises(OptionError, match=r"'layer.weight' is a scaled float8 weight \(with 'layer.weight_scale_inv'"):
         ckptavg.merge(_write(tmp_path, sds), tmp_path / "avg.safetensors")

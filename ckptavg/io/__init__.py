@@ -27,6 +27,7 @@ from .checkpoint import Checkpoint, CheckpointMeta, TensorRef
 from .dcp_in import is_dcp_folder, open_dcp
 from .deepspeed_in import is_deepspeed_folder, open_deepspeed, open_single_tag, single_tag
 from .files import InputFile, input_file
+from .fp8 import dequantize_scaled_fp8
 from .hf_folder_in import is_model_folder, open_model_folder
 from .kinds import OutputKind, OutputSetup, RankPart
 from .remote_out import RemoteKind
@@ -132,6 +133,7 @@ def open_checkpoint(
             )
     else:
         ckpt = _open_file(p, key=key, trust_pickle=trust_pickle)
+    dequantize_scaled_fp8(ckpt)  # float8 numbers times their scales: one float32 weight each
     if strip_prefix:
         strip_prefixes(ckpt, strip_prefix)
     return ckpt

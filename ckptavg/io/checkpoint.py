@@ -166,6 +166,8 @@ class Checkpoint:
     byte_entries: dict[str, tuple[Any, int, int]] = field(default_factory=dict)
     #: what the plan should say about how this checkpoint was read (one of several models, ...)
     notes: list[str] = field(default_factory=list)
+    #: scaled float8 weights were dequantized (:mod:`ckptavg.io.fp8`): a folder output drops ``quantization_config``
+    dequantized: bool = False
     _tensor_source: dict[int, TensorRef] = field(default_factory=dict, repr=False)
     _make_ref: Any = field(default=None, repr=False)
 

@@ -97,7 +97,7 @@ class ShardedSafetensorsWriter(FolderPart, StreamWriter):
     def __init__(self, dest: Path, entries: Sequence[Entry], metadata: Mapping[str, str] | None = None, *,
                  shard_size: int = DEFAULT_SHARD_SIZE, copy_source: Path | None = None,
                  config_dtype: torch.dtype | None = None, part: RankPart | None = None,
-                 stem: str = "model") -> None:
+                 stem: str = "model", dequantized: bool = False) -> None:
         self.dest = Path(dest)
         self.part = part
         self.rank = part.rank if part is not None else 0
@@ -109,6 +109,7 @@ class ShardedSafetensorsWriter(FolderPart, StreamWriter):
         extras = folder_extras(as_path(copy_source)) if copy_source is not None else Extras([], [])
         self.copy_source = as_path(copy_source) if copy_source is not None and self.rank == 0 else None
         self.config_dtype = config_dtype
+        self.dequantized = dequantized  # scaled float8 inputs read as float32: the config loses quantization_config
         owner = part.owner if part is not None else [0] * len(entries)
         self.layout = shard_layout(entries, owner, part.world if part is not None else 1, shard_size, stem)
         self.names = self.layout.names
@@ -271,8 +272,9 @@ class ShardedSafetensorsWriter(FolderPart, StreamWriter):
             self.copied.append(name)
 
     def _new_config(self, data: bytes) -> bytes | None:
-        """``config.json`` with ``torch_dtype``/``dtype`` set to the output dtype (None: keep it)."""
-        if self.config_dtype is None:
+        """``config.json`` with ``torch_dtype``/``dtype`` set to the output dtype and, from dequantized
+        float8 inputs, without ``quantization_config`` (None: keep it as it is)."""
+        if self.config_dtype is None and not self.dequantized:
             return None
         try:
             cfg = json.loads(data.decode("utf-8"))
@@ -280,11 +282,14 @@ class ShardedSafetensorsWriter(FolderPart, StreamWriter):
             return None
         if not isinstance(cfg, dict):
             return None
-        name = str(self.config_dtype).removeprefix("torch.")
         changed = False
+        if self.dequantized and "quantization_config" in cfg:
+            del cfg["quantization_config"]
+            changed = True
+        dtype = self.config_dtype if self.config_dtype is not None else (torch.float32 if self.dequantized else None)
         for key in ("torch_dtype", "dtype"):
-            if key in cfg:
-                cfg[key] = name
+            if dtype is not None and key in cfg:
+                cfg[key] = str(dtype).removeprefix("torch.")
                 changed = True
         if not changed:
             return None
@@ -442,7 +447,8 @@ class HFFolderKind(OutputKind):
         source, fmt = next(((p, f) for p, f in reversed(setup.sources) if f in ("hf-folder", "diffusers")),
                            (None, "hf-folder"))
         size = DEFAULT_SHARD_SIZE if setup.shard_size is None else setup.shard_size
-        return {"shard_size": size, "copy_source": source, "config_dtype": setup.dtype, "stem": weights_stem(fmt)}
+        return {"shard_size": size, "copy_source": source, "config_dtype": setup.dtype, "stem": weights_stem(fmt),
+                "dequantized": any(getattr(c, "dequantized", False) for c in setup.checkpoints)}
 
     def open(self, dest: Path, entries: Sequence[Entry], metadata: Mapping[str, str],
              setup: OutputSetup) -> ShardedSafetensorsWriter:
