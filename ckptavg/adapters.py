@@ -163,8 +163,9 @@ def open_adapter_folder(folder: Path, *, key: str | None, trust_pickle: bool, op
 
 
 def is_adapter_plan(plan: Any) -> bool:
-    """Whether every input of a plan is a PEFT adapter folder (then :func:`write_adapter_average`)."""
-    return bool(plan.inputs) and all(i.format == "peft" for i in plan.inputs)
+    """Whether every input of a plan is a PEFT adapter folder (then :func:`write_adapter_average`), or
+    every input a kohya LoRA file (:mod:`ckptavg.kohya`)."""
+    return bool(plan.inputs) and {i.format for i in plan.inputs} in ({"peft"}, {"kohya"})
 
 
 def average_adapter_plan(plan: Any, lora_rank: int | None) -> tuple[dict[str, torch.Tensor], dict[str, Any],
@@ -178,6 +179,11 @@ def average_adapter_plan(plan: Any, lora_rank: int | None) -> tuple[dict[str, to
             ref.release()
         sds.append(sd)
         cfgs.append(i.checkpoint.adapter)
+    if plan.inputs[0].format == "kohya":
+        from .kohya import average_kohya
+
+        out, err = average_kohya(sds, plan.weights.values, [i.path for i in plan.inputs], lora_rank)
+        return out, {}, err
     return average_adapters(sds, cfgs, plan.weights.values, [i.path for i in plan.inputs], lora_rank)
 
 

@@ -1,7 +1,8 @@
 """Tensors whose element-wise average is not the average of what they stand for: refused with a
 one-line error naming the tensor and the format, never averaged silently.
 
-* **LoRA factors** (PEFT ``lora_A``/``lora_B``, kohya ``lora_down``/``lora_up``): an adapter's
+* **LoRA factors** (PEFT ``lora_A``/``lora_B``, kohya ``lora_down``/``lora_up``) outside PEFT
+  adapter folders and pure kohya LoRA files (both averaged exactly): an adapter's
   update is ``B @ A`` (times its scaling), and ``mean_i(B_i) @ mean_i(A_i)`` differs from
   ``mean_i(B_i @ A_i)``. Averaging the factors of one training run's checkpoints (an EMA of the
   adapter's parameters, as during training) is a choice the user makes with ``--lora-factors``.
@@ -27,7 +28,7 @@ import torch
 from .errors import OptionError
 from .io.checkpoint import Checkpoint
 
-__all__ = ["check_averageable"]
+__all__ = ["check_averageable", "is_lora_factor"]
 
 _LORA_RE = re.compile(r"(?:^|\.)(lora_A|lora_B|lora_down|lora_up|lora_embedding_A|lora_embedding_B)(?:\.|$)")
 _FP8 = {getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz")
@@ -35,6 +36,11 @@ _FP8 = {getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3
 _SCALE_SUFFIXES = ("_scale_inv", "_scale")
 _INT_QUANT_RE = re.compile(r"(?:^|\.)(qweight|qzeros|g_idx)$")
 _INT_SCALES = (".scales", ".weight_scale", ".SCB", ".weight_format")
+
+
+def is_lora_factor(name: str) -> bool:
+    """Whether a tensor name is a LoRA factor (PEFT ``lora_A``/``lora_B``, kohya ``lora_down``/``lora_up``)."""
+    return bool(_LORA_RE.search(name))
 
 
 def check_averageable(chosen: Sequence[Checkpoint], lora_factors: bool = False) -> None:
@@ -50,7 +56,8 @@ def check_averageable(chosen: Sequence[Checkpoint], lora_factors: bool = False) 
     last = chosen[-1]
     names = set(last.tensors)
     for name, ref in last.tensors.items():
-        exact = all(c.format == "peft" for c in chosen)  # adapter folders: averaged exactly (ckptavg.adapters)
+        # PEFT adapter folders or kohya LoRA files: averaged exactly (ckptavg.adapters, ckptavg.kohya)
+        exact = {c.format for c in chosen} in ({"peft"}, {"kohya"})
         if not lora_factors and not exact and _LORA_RE.search(name) and ref.dtype.is_floating_point:
             raise OptionError(
                 f"{last.path}: tensor {name!r} is a LoRA factor: averaging lora_A and lora_B (or lora_down and "

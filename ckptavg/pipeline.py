@@ -242,7 +242,13 @@ def merge_into(inputs: Any, output: Any, opts: MergeOptions, group: Group,
         if is_adapter_plan(p) and not opts.lora_factors:
             if group.world > 1 or len(targets) > 1 or spec is not None:
                 raise OptionError("averaging PEFT adapters runs in one process, with one output and no --bn-spec")
-            if opts.lora_merge_into is not None:  # full weights: the base plus the averaged update
+            if p.inputs[0].format == "kohya":  # kohya LoRA files: one file of the same kind
+                if opts.lora_merge_into is not None:
+                    raise OptionError("--lora-merge-into applies to PEFT adapter folders, not kohya LoRA files")
+                from .kohya import write_kohya_average
+
+                extra.update(write_kohya_average(p, targets[0].dest, opts.lora_rank))
+            elif opts.lora_merge_into is not None:  # full weights: the base plus the averaged update
                 from .lora_merge import write_merged_base
 
                 extra.update(write_merged_base(p, targets[0].dest, opts))

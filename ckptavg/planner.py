@@ -17,7 +17,7 @@ import torch
 
 from .discover import discover_with_origin
 from .errors import MismatchError, OptionError, SelectionError
-from .guards import check_averageable
+from .guards import check_averageable, is_lora_factor
 from .io import Checkpoint, TensorRef, kind_of, open_checkpoint, strip_prefixes
 from .io.dtypes import dtype_kind, dtype_name
 from .io.files import check_not_input
@@ -145,7 +145,8 @@ def build_plan(
                 notes.append(stripped)
         check_averageable([c for c, w in zip(chosen, weights.values) if w != 0] if matrix is None else chosen,
                           options.lora_factors)
-        tensors = plan_tensors(chosen, out_dtype, accumulate, options.buffers)
+        exact_lora = not options.lora_factors and {c.format for c in chosen} in ({"peft"}, {"kohya"})
+        tensors = plan_tensors(chosen, out_dtype, accumulate, options.buffers, exact_lora)
     except BaseException:
         for c in opened:
             c.close()
@@ -250,10 +251,12 @@ _NORM_BUFFERS = (".running_mean", ".running_var")
 
 
 def plan_tensors(chosen: list[Checkpoint], out_dtype: torch.dtype | None,
-                 accumulate: torch.dtype, buffers: str = "average") -> list[PlannedTensor]:
+                 accumulate: torch.dtype, buffers: str = "average", lora_ranks: bool = False) -> list[PlannedTensor]:
     """One :class:`PlannedTensor` per name, validated across ``chosen`` (same names, shapes and
     dtype kinds). ``buffers="last"`` copies normalisation statistics (names ending in
-    ``running_mean``/``running_var``) from the last checkpoint instead of averaging them."""
+    ``running_mean``/``running_var``) from the last checkpoint instead of averaging them.
+    ``lora_ranks``: LoRA adapters averaged exactly (their factors are concatenated, so their ranks
+    may differ)."""
     if buffers not in ("average", "last"):
         raise OptionError(f"--buffers must be average or last, got {buffers!r}")
     ref_ckpt = chosen[-1]
@@ -276,7 +279,7 @@ def plan_tensors(chosen: list[Checkpoint], out_dtype: torch.dtype | None,
         refs = [c.tensors[name] for c in chosen]
         last = refs[-1]
         for c, r in zip(chosen, refs):
-            if r.shape != last.shape:
+            if r.shape != last.shape and not (lora_ranks and is_lora_factor(name)):
                 raise MismatchError(
                     f"{c.path}: tensor {name!r} has shape {list(r.shape)} but {ref_ckpt.path} has {list(last.shape)}"
                 )

@@ -210,8 +210,14 @@ def test_kohya_lora_and_bare_integer_weights_are_refused(tmp_path):
     kohya = [{"lora_unet_down_0.lora_down.weight": torch.randn(4, 16, generator=g),
               "lora_unet_down_0.lora_up.weight": torch.randn(16, 4, generator=g),
               "lora_unet_down_0.alpha": torch.tensor(4.0)} for _ in range(2)]
+    out = ckptavg.average(_write(tmp_path, kohya, "k"))  # kohya LoRA files: the exact average (tests/test_kohya.py)
+    got = out["lora_unet_down_0.lora_up.weight"].double() @ out["lora_unet_down_0.lora_down.weight"].double()
+    want = sum(sd["lora_unet_down_0.lora_up.weight"].double() @ sd["lora_unet_down_0.lora_down.weight"].double()
+               for sd in kohya) / 2
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    mixed = [{**sd, "text.weight": torch.ones(3)} for sd in kohya]  # factors among other tensors: refused
     with pytest.raises(OptionError, match="'lora_unet_down_0.lora_down.weight' is a LoRA factor"):
-        ckptavg.merge(_write(tmp_path, kohya, "k"), tmp_path / "k.safetensors")
+        ckptavg.merge(_write(tmp_path, mixed, "m"), tmp_path / "k.safetensors")
     ints = [{"fc.weight": torch.randint(0, 255, (4, 4), dtype=torch.uint8)} for _ in range(2)]
     with pytest.raises(OptionError, match="'fc.weight' is an integer-quantized weight \\(an integer layer weight"):
         ckptavg.merge(_write(tmp_path, ints, "u"), tmp_path / "u.safetensors")

@@ -72,6 +72,12 @@ def _adapters() -> Any:
     return adapters
 
 
+def _kohya_names(names: list[str]) -> bool:
+    from ..kohya import is_kohya_names  # (the exact LoRA average lives beside the pipeline)
+
+    return is_kohya_names(names)
+
+
 def is_checkpoint_folder(path: Path) -> bool:
     """True if the folder is itself one checkpoint (a model folder, a DCP folder...)."""
     return path.is_dir() and any(match(path) for _n, match, _o in FOLDER_READERS)
@@ -134,6 +140,8 @@ def open_checkpoint(
     else:
         ckpt = _open_file(p, key=key, trust_pickle=trust_pickle)
     dequantize_scaled_fp8(ckpt)  # float8 numbers times their scales: one float32 weight each
+    if ckpt.format in ("safetensors", "torch") and ckpt.weights_key is None and _kohya_names(list(ckpt.tensors)):
+        ckpt.format = "kohya"  # a kohya LoRA file: averaged exactly in the space of its updates (ckptavg.kohya)
     if strip_prefix:
         strip_prefixes(ckpt, strip_prefix)
     return ckpt
