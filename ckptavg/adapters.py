@@ -13,8 +13,10 @@ decompositions, in float64, never forming ``D``), and the report gives the large
 (Frobenius) error over the modules. Tensors that are not LoRA factors (``modules_to_save``, biases)
 are averaged with the same weights.
 
-Adapters are small (megabytes), so this runs in memory. Per-module rank or alpha patterns, DoRA
-magnitudes and inputs adapting different modules are refused with a one-line error.
+Adapters are small (megabytes), so this runs in memory. Per-module ``rank_pattern``/``alpha_pattern``
+are resolved as PEFT resolves them (each module's rank is its factors'); the output names the modules
+whose rank differs from its ``r`` in its own patterns. DoRA magnitudes and inputs adapting different
+modules are refused with a one-line error.
 """
 
 from __future__ import annotations
@@ -60,16 +62,35 @@ def adapter_config(folder: Path) -> dict[str, Any]:
     r, alpha = cfg.get("r"), cfg.get("lora_alpha")
     if not (isinstance(r, int) and r > 0 and isinstance(alpha, (int, float)) and alpha > 0):
         raise CheckpointReadError(f"{f}: invalid adapter config: r and lora_alpha must be positive numbers")
-    if cfg.get("rank_pattern") or cfg.get("alpha_pattern"):
-        raise CheckpointReadError(f"{f}: per-module rank_pattern/alpha_pattern are not supported by the exact "
-                                  "LoRA average yet")
+    for key in ("rank_pattern", "alpha_pattern"):
+        pat = cfg.get(key) or {}
+        if not isinstance(pat, dict) or not all(isinstance(v, (int, float)) and v > 0 for v in pat.values()):
+            raise CheckpointReadError(f"{f}: invalid adapter config: {key} must map module patterns to positive "
+                                      "numbers")
     if cfg.get("use_dora"):
         raise CheckpointReadError(f"{f}: DoRA adapters (use_dora) cannot be averaged exactly by concatenation")
     return cfg
 
 
-def _scaling(cfg: dict[str, Any]) -> float:
-    r, alpha = cfg["r"], float(cfg["lora_alpha"])
+def _pattern_value(pattern: dict[str, Any], module: str, default: Any) -> Any:
+    """A per-module value of ``rank_pattern``/``alpha_pattern`` as PEFT resolves it: the first key
+    that matches the end of the module's name as a regular expression (``(.*\\.)?(KEY)$``)."""
+    for key in pattern:
+        if re.match(rf"(.*\.)?({key})$", module):
+            return pattern[key]
+    return default
+
+
+def _module_name(mod: str) -> str:
+    """The adapted module's name in the base model (PEFT saves it behind ``base_model.model.``)."""
+    name = mod.split("#")[0]
+    return name[len("base_model.model."):] if name.startswith("base_model.model.") else name
+
+
+def _scaling(cfg: dict[str, Any], mod: str, r: int) -> float:
+    """The module's scaling, ``alpha / r`` (``alpha / sqrt(r)`` with rslora), ``alpha`` from ``alpha_pattern``
+    and ``r`` the factors' own rank."""
+    alpha = float(_pattern_value(cfg.get("alpha_pattern") or {}, _module_name(mod), cfg["lora_alpha"]))
     return alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
 
 
@@ -115,9 +136,10 @@ def average_adapters(state_dicts: Sequence[dict[str, torch.Tensor]], configs: Se
     mod_names = _factors(used[0][0], used[0][3])[0]
     out: dict[str, torch.Tensor] = {}
     worst: float | None = None
-    for names in mod_names.values():
+    ranks: dict[str, int] = {}  # the output's rank per adapted module (its alpha is the same: scaling 1)
+    for mod, names in mod_names.items():
         a_list = [sd[names["A"]].double() for sd, _c, _w, _p in used]
-        b_list = [sd[names["B"]].double() * (w * _scaling(c)) for sd, c, w, _p in used]
+        b_list = [sd[names["B"]].double() * (w * _scaling(c, mod, sd[names["A"]].shape[0])) for sd, c, w, _p in used]
         # embeddings store A as (r x num_embeddings) and B as (dim x r), like linear layers
         a, b = torch.cat(a_list, 0), torch.cat(b_list, 1)
         if lora_rank is not None and lora_rank < a.shape[0]:
@@ -125,6 +147,7 @@ def average_adapters(state_dicts: Sequence[dict[str, torch.Tensor]], configs: Se
             worst = err if worst is None else max(worst, err)
         dt = used[-1][0][names["A"]].dtype
         out[names["A"]], out[names["B"]] = a.to(dt).contiguous(), b.to(dt).contiguous()
+        ranks[_module_name(mod)] = a.shape[0]
     for name in layout[1]:
         ref = used[-1][0][name]
         if ref.is_floating_point():
@@ -132,10 +155,11 @@ def average_adapters(state_dicts: Sequence[dict[str, torch.Tensor]], configs: Se
                             ).to(ref.dtype)
         else:
             out[name] = ref.clone()
-    rank = lora_rank if lora_rank is not None else sum(c["r"] for _sd, c, _w, _p in used)
-    rank = min(rank, sum(c["r"] for _sd, c, _w, _p in used))
+    rank = max(ranks.values(), default=sum(c["r"] for _sd, c, _w, _p in used))
+    # modules of another rank are named in rank_pattern/alpha_pattern (escaped: PEFT reads the keys as patterns)
+    pattern = {re.escape(m): r for m, r in ranks.items() if r != rank}
     cfg = dict(used[-1][1])
-    cfg.update(r=rank, lora_alpha=rank, use_rslora=False, rank_pattern={}, alpha_pattern={})
+    cfg.update(r=rank, lora_alpha=rank, use_rslora=False, rank_pattern=pattern, alpha_pattern=dict(pattern))
     return out, cfg, worst
 
 

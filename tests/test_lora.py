@@ -124,3 +124,31 @@ def test_lora_merge_into_writes_the_full_weights_peft_merges(tmp_path, run_cli):
     code, _o, err = run_cli("merge", tmp_path / "base.safetensors", tmp_path / "merged.safetensors",
                             "--lora-merge-into", tmp_path / "base.safetensors", "-o", tmp_path / "x.safetensors")
     assert code == 2 and "--lora-merge-into applies to PEFT adapter folders" in err
+
+
+def test_rank_and_alpha_patterns(tmp_path, run_cli):
+    """Adapters with per-module rank_pattern / alpha_pattern (and different ones per input): each module's update
+    uses its own rank and alpha as PEFT resolves them; the output names the modules of another rank in its own
+    patterns, and PEFT loads it with outputs equal to the base plus the mean update."""
+    base = _base()
+    folders, deltas = [], []
+    for i, (rp, ap) in enumerate((({"0": 2}, {"2": 16}), ({"2": 6}, {"0": 3}), ({}, {}))):
+        torch.manual_seed(200 + i)
+        cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["0", "2"], init_lora_weights=False,
+                              rank_pattern=rp, alpha_pattern=ap)
+        model = peft.get_peft_model(copy.deepcopy(base), cfg)
+        folder = tmp_path / "runs" / f"checkpoint-{(i + 1) * 10}"
+        model.save_pretrained(folder)
+        merged = model.merge_and_unload()
+        deltas.append({k: merged.state_dict()[k].double() - base.state_dict()[k].double()
+                       for k in ("0.weight", "2.weight")})
+        folders.append(folder)
+    code, _o, err = run_cli("merge", tmp_path / "runs", "-o", tmp_path / "avg/")
+    assert code == 0, err
+    cfg = json.loads((tmp_path / "avg" / "adapter_config.json").read_text())
+    assert cfg["r"] == 14 and cfg["rank_pattern"] == {"0": 10} and cfg["alpha_pattern"] == {"0": 10}
+    model = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "avg")
+    x = torch.randn(32, 8, generator=torch.Generator().manual_seed(6))
+    ref = _reference(base, deltas, [1 / 3] * 3)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x).double(), ref(x.double()), rtol=1e-5, atol=1e-5)
