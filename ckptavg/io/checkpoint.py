@@ -121,6 +121,31 @@ def bytes_to_tensor(raw: bytearray, dtype: torch.dtype, byteswap: bool) -> torch
     return u8.view(dtype)
 
 
+@dataclass(eq=False)
+class FolderTensorRef(TensorRef):
+    """A tensor of a folder checkpoint assembled from several byte ranges (DCP chunks, ZeRO
+    partitions): never one direct range of one file; its path is the folder's."""
+
+    folder: Path = field(default_factory=Path)
+
+    @property
+    def path(self) -> Path | None:
+        return self.folder
+
+    @property
+    def direct(self) -> bool:
+        return False
+
+    def materialize(self) -> torch.Tensor:
+        """The whole tensor, assembled through :meth:`read_into` (cached until :meth:`release`); for small tensors."""
+        if self._cache is None:
+            raw = bytearray(self.nbytes)
+            self.read_into(0, memoryview(raw))
+            t = torch.frombuffer(raw, dtype=torch.uint8) if raw else torch.empty(0, dtype=torch.uint8)
+            self._cache = t.view(self.dtype).reshape(self.shape)
+        return self._cache
+
+
 @dataclass
 class CheckpointMeta:
     """What a checkpoint records about itself (or what its file name says)."""

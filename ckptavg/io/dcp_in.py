@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 from ..errors import CheckpointReadError
-from .checkpoint import Checkpoint, CheckpointMeta, TensorRef
+from .checkpoint import Checkpoint, CheckpointMeta, FolderTensorRef, TensorRef
 from .dcp_checks import checked_metadata, chunk_storage, shown
 from .dcp_metadata import METADATA_NAME, read_metadata
 from .dcp_recorded import recorded_meta
@@ -86,7 +86,7 @@ class _Chunk:
 
 
 @dataclass(eq=False)
-class DcpTensorRef(TensorRef):
+class DcpTensorRef(FolderTensorRef):
     """A global tensor of a DCP folder, assembled on demand from its stored chunks.
 
     :meth:`read_into` serves any C-order byte range of the global tensor by gathering,
@@ -100,18 +100,9 @@ class DcpTensorRef(TensorRef):
         ref.read_into(0, memoryview(buf))  # the first 64 bytes of the full tensor
     """
 
-    folder: Path = field(default_factory=Path)
     chunks: list[_Chunk] = field(default_factory=list)
     fqn: str = ""  # the key in the DCP metadata (before the weights prefix was removed)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
-
-    @property
-    def path(self) -> Path | None:
-        return self.folder
-
-    @property
-    def direct(self) -> bool:
-        return False
 
     def _err(self, msg: str) -> CheckpointReadError:
         return CheckpointReadError(f"{self.folder}: tensor {shown(self.fqn)}: {msg}")
@@ -131,15 +122,6 @@ class DcpTensorRef(TensorRef):
         tmp = bytearray((e1 - e0) * isz)  # an unaligned range: read whole elements around it
         self._read_elems(e0, e1, memoryview(tmp))
         mv[:] = memoryview(tmp)[start - e0 * isz : start - e0 * isz + n]
-
-    def materialize(self) -> torch.Tensor:
-        """The whole global tensor (cached until :meth:`release`); for small tensors."""
-        if self._cache is None:
-            raw = bytearray(self.nbytes)
-            self.read_into(0, memoryview(raw))
-            t = torch.frombuffer(raw, dtype=torch.uint8) if raw else torch.empty(0, dtype=torch.uint8)
-            self._cache = t.view(self.dtype).reshape(self.shape)
-        return self._cache
 
     # -- assembling a range
 

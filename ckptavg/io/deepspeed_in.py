@@ -44,7 +44,7 @@ from typing import Any
 import torch
 
 from ..errors import CheckpointReadError, UnsafePickleError
-from .checkpoint import Checkpoint, CheckpointMeta, TensorRef
+from .checkpoint import Checkpoint, CheckpointMeta, FolderTensorRef, TensorRef
 from .files import InputFile, input_file
 from .metadata import trainer_state
 from .torch_in import open_torch_tree
@@ -88,19 +88,10 @@ DEEPSPEED_SAFE_GLOBALS: list[Any] = [
 
 
 @dataclass(eq=False)
-class ZeroTensorRef(TensorRef):
+class ZeroTensorRef(FolderTensorRef):
     """A parameter assembled from byte ranges of flat partitions: ``segments`` (file, offset, bytes) in order."""
 
-    folder: Path = field(default_factory=Path)
     segments: list[tuple[InputFile, int, int]] = field(default_factory=list)
-
-    @property
-    def path(self) -> Path | None:
-        return self.folder
-
-    @property
-    def direct(self) -> bool:
-        return False
 
     def read_into(self, start: int, mv: memoryview) -> None:
         """Copy ``len(mv)`` bytes of the tensor's C-order data, from byte ``start``, into ``mv``."""
@@ -113,13 +104,6 @@ class ZeroTensorRef(TensorRef):
                 f.pread_into(mv[a - start : b - start], off + a - pos)
             pos += n
 
-    def materialize(self) -> torch.Tensor:
-        if self._cache is None:
-            raw = bytearray(self.nbytes)
-            self.read_into(0, memoryview(raw))
-            t = torch.frombuffer(raw, dtype=torch.uint8) if raw else torch.empty(0, dtype=torch.uint8)
-            self._cache = t.view(self.dtype).reshape(self.shape)
-        return self._cache
 
 
 # --------------------------------------------------------------------------------------
