@@ -31,6 +31,8 @@ from typing import Any
 import torch
 
 from .errors import CheckpointReadError, OptionError
+from .guards import lora_averaged_exactly
+from .io.files import read_small_json
 
 __all__ = ["ADAPTER_CONFIG", "ADAPTER_FILES", "is_adapter_folder", "adapter_config", "average_adapters",
            "open_adapter_folder", "is_adapter_plan", "average_adapter_plan", "write_adapter_average"]
@@ -50,9 +52,7 @@ def adapter_config(folder: Path) -> dict[str, Any]:
     """The adapter's ``adapter_config.json`` (a LoRA one), checked for what the exact average needs."""
     f = folder / ADAPTER_CONFIG
     try:
-        if f.stat().st_size > 1 << 20:
-            raise ValueError("larger than 1 MiB")
-        cfg = json.loads(f.read_text(encoding="utf-8"))
+        cfg = read_small_json(f, 1 << 20)
     except (OSError, ValueError, RecursionError) as e:
         raise CheckpointReadError(f"{f}: invalid adapter config: {e}") from None
     if not isinstance(cfg, dict):
@@ -189,7 +189,7 @@ def open_adapter_folder(folder: Path, *, key: str | None, trust_pickle: bool, op
 def is_adapter_plan(plan: Any) -> bool:
     """Whether every input of a plan is a PEFT adapter folder (then :func:`write_adapter_average`), or
     every input a kohya LoRA file (:mod:`ckptavg.kohya`)."""
-    return bool(plan.inputs) and {i.format for i in plan.inputs} in ({"peft"}, {"kohya"})
+    return lora_averaged_exactly([i.format for i in plan.inputs])
 
 
 def average_adapter_plan(plan: Any, lora_rank: int | None) -> tuple[dict[str, torch.Tensor], dict[str, Any],

@@ -28,7 +28,7 @@ import torch
 from .errors import OptionError
 from .io.checkpoint import Checkpoint
 
-__all__ = ["check_averageable", "is_lora_factor"]
+__all__ = ["check_averageable", "is_lora_factor", "lora_averaged_exactly"]
 
 _LORA_RE = re.compile(r"(?:^|\.)(lora_A|lora_B|lora_down|lora_up|lora_embedding_A|lora_embedding_B)(?:\.|$)")
 _FP8 = {getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz")
@@ -36,6 +36,12 @@ _FP8 = {getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3
 _SCALE_SUFFIXES = ("_scale_inv", "_scale")
 _INT_QUANT_RE = re.compile(r"(?:^|\.)(qweight|qzeros|g_idx)$")
 _INT_SCALES = (".scales", ".weight_scale", ".SCB", ".weight_format")
+
+
+def lora_averaged_exactly(formats: Sequence[str]) -> bool:
+    """Whether checkpoints of these formats are LoRA adapters averaged exactly in the space of their
+    updates: all PEFT adapter folders (:mod:`ckptavg.adapters`) or all kohya LoRA files (:mod:`ckptavg.kohya`)."""
+    return bool(formats) and set(formats) in ({"peft"}, {"kohya"})
 
 
 def is_lora_factor(name: str) -> bool:
@@ -55,9 +61,8 @@ def check_averageable(chosen: Sequence[Checkpoint], lora_factors: bool = False) 
         return
     last = chosen[-1]
     names = set(last.tensors)
+    exact = lora_averaged_exactly([c.format for c in chosen])
     for name, ref in last.tensors.items():
-        # PEFT adapter folders or kohya LoRA files: averaged exactly (ckptavg.adapters, ckptavg.kohya)
-        exact = {c.format for c in chosen} in ({"peft"}, {"kohya"})
         if not lora_factors and not exact and _LORA_RE.search(name) and ref.dtype.is_floating_point:
             raise OptionError(
                 f"{last.path}: tensor {name!r} is a LoRA factor: averaging lora_A and lora_B (or lora_down and "

@@ -35,7 +35,8 @@ def _base_name(name: str) -> str:
     return name[len(_PEFT_PREFIX):] if name.startswith(_PEFT_PREFIX) else name
 
 
-def _read_base(base: Path) -> dict[str, torch.Tensor]:
+def _read_base(base: Path) -> tuple[dict[str, torch.Tensor], str]:
+    """The base model's tensors, read whole, and its format."""
     from .io import open_checkpoint
 
     with open_checkpoint(base) as ckpt:
@@ -43,20 +44,21 @@ def _read_base(base: Path) -> dict[str, torch.Tensor]:
         for name, ref in ckpt.tensors.items():
             out[name] = ref.materialize()
             ref.release()
-        return out
+        return out, ckpt.format
 
 
-def merge_into_base(adapter: dict[str, torch.Tensor], cfg: dict[str, Any], base: Path) -> dict[str, torch.Tensor]:
+def merge_into_base(adapter: dict[str, torch.Tensor], cfg: dict[str, Any], base: Path
+                    ) -> tuple[dict[str, torch.Tensor], str]:
     """The base model's state dict with the averaged adapter ``adapter`` (scaling 1, config ``cfg``)
-    merged in (see the module docstring).
+    merged in (see the module docstring), and the base's format.
 
     Example::
 
-        sd = merge_into_base(avg_adapter, avg_cfg, Path("base.safetensors"))
+        sd, fmt = merge_into_base(avg_adapter, avg_cfg, Path("base.safetensors"))
     """
     from .adapters import _factors
 
-    sd = _read_base(base)
+    sd, fmt = _read_base(base)
     mods, other = _factors(adapter, "the averaged adapter")
     for mod, names in mods.items():
         a, b = adapter[names["A"]].double(), adapter[names["B"]].double()
@@ -80,7 +82,7 @@ def merge_into_base(adapter: dict[str, torch.Tensor], cfg: dict[str, Any], base:
             raise OptionError(f"{base}: --lora-merge-into: the adapter's tensor {name} has no counterpart of that "
                               "shape in the base model")
         sd[key] = adapter[name].to(w.dtype)
-    return sd
+    return sd, fmt
 
 
 def write_merged_base(plan: Any, dest: Path, opts: Any) -> dict[str, Any]:
@@ -88,15 +90,13 @@ def write_merged_base(plan: Any, dest: Path, opts: Any) -> dict[str, Any]:
     model to ``dest`` (any output kind; a folder copies the base folder's config files); returns the
     report's extra fields, ``bytes_written`` among them."""
     from .adapters import average_adapter_plan
-    from .io import OutputSetup, open_checkpoint
+    from .io import OutputSetup
     from .io.urls import as_path
     from .pipeline import write_state
 
     base = as_path(opts.lora_merge_into)
-    with open_checkpoint(base) as ckpt:
-        fmt = ckpt.format
     adapter, cfg, err = average_adapter_plan(plan, opts.lora_rank)
-    sd = merge_into_base(adapter, cfg, base)
+    sd, fmt = merge_into_base(adapter, cfg, base)
     meta = {**plan.provenance(), "ckptavg_lora_merged_into": str(base)}
     _writer, written = write_state(sd, dest, meta, setup=OutputSetup(sources=[(base, fmt)]))
     notes = [f"LoRA average (rank {cfg['r']}) merged into {base}: full weights"]

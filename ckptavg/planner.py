@@ -17,7 +17,7 @@ import torch
 
 from .discover import discover_with_origin
 from .errors import MismatchError, OptionError, SelectionError
-from .guards import check_averageable, is_lora_factor
+from .guards import check_averageable, is_lora_factor, lora_averaged_exactly
 from .io import Checkpoint, TensorRef, kind_of, open_checkpoint, strip_prefixes
 from .io.dtypes import dtype_kind, dtype_name
 from .io.files import check_not_input
@@ -145,7 +145,7 @@ def build_plan(
                 notes.append(stripped)
         check_averageable([c for c, w in zip(chosen, weights.values) if w != 0] if matrix is None else chosen,
                           options.lora_factors)
-        exact_lora = not options.lora_factors and {c.format for c in chosen} in ({"peft"}, {"kohya"})
+        exact_lora = not options.lora_factors and lora_averaged_exactly([c.format for c in chosen])
         tensors = plan_tensors(chosen, out_dtype, accumulate, options.buffers, exact_lora)
     except BaseException:
         for c in opened:

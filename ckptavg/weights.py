@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 from .errors import CkptavgWarning, OptionError, SelectionError
@@ -450,15 +450,13 @@ def explicit(weights: Sequence[float], n: int, normalize: bool = False) -> Weigh
     return Weights(ws, "explicit weights", list(ws), 1.0)
 
 
-def _linear_decay(x: float) -> float:
-    return 1.0 - x
-
-
 def _minus_sqrt_decay(x: float) -> float:
     return 1.0 - math.sqrt(x)
 
 
-_DECAYS = {"linear": _linear_decay, "minus-sqrt": _minus_sqrt_decay}
+#: the decay of each schedule; ``linear`` (``1 - x``) gives ``1/n`` each: the uniform average, computed as one
+#: (a sum, then one division), exactly
+_DECAYS: dict[str, Callable[[float], float] | None] = {"linear": None, "minus-sqrt": _minus_sqrt_decay}
 #: the ``--schedule`` names: Megatron-LM ``weighted_merge.py``'s ``--merge-style`` values (without its random
 #: ``__scramble``)
 SCHEDULES = (*_DECAYS, *(f"{k}__reverse" for k in _DECAYS))
@@ -477,9 +475,9 @@ def schedule(name: str, n: int) -> Weights:
         raise OptionError(f"--schedule must be one of {', '.join(SCHEDULES)}, got {name!r}")
     if n < 1:
         raise SelectionError("--schedule: no checkpoint selected")
-    if base == "linear":  # 1/n each: the uniform average, computed exactly (sum, then one division)
-        return replace(uniform(n), description=f"schedule {name}")
     f = _DECAYS[base]
+    if f is None:
+        return replace(uniform(n), description=f"schedule {name}")
     d = [f(i / n) for i in range(n)]
     w = [1.0] * n
     if n > 1:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import json
 import os
 import signal
 import sys
@@ -27,8 +28,8 @@ import torch
 
 from ..errors import CheckpointReadError, OptionError, OutputError
 
-__all__ = ["CHECKPOINT_SUFFIXES", "InputFile", "input_file", "AtomicFile", "tensor_memoryview", "fsync_path",
-           "umask", "make_parent", "remove_created", "signals_blocked", "TMP_SUFFIX", "PUBLISHED"]
+__all__ = ["CHECKPOINT_SUFFIXES", "InputFile", "input_file", "read_small_json", "AtomicFile", "tensor_memoryview",
+           "fsync_path", "umask", "make_parent", "remove_created", "signals_blocked", "TMP_SUFFIX", "PUBLISHED"]
 
 #: suffix of every temporary output (file or folder) ckptavg creates
 TMP_SUFFIX = ".ckptavg-tmp"
@@ -149,6 +150,20 @@ def input_file(path: Path, size: int) -> InputFile:
 
         return RemoteInputFile(path, size)
     return InputFile(path, size)
+
+
+def read_small_json(path: Path, limit: int) -> Any:
+    """A small JSON file (a sidecar: a config, an index), its size checked against ``limit`` before
+    it is read. Raises ``OSError``, ``ValueError`` (``"larger than N MiB"``, invalid JSON or UTF-8)
+    or ``RecursionError``; the caller words the error.
+
+    Example::
+
+        cfg = read_small_json(Path("adapter/adapter_config.json"), 1 << 20)
+    """
+    if path.stat().st_size > limit:
+        raise ValueError(f"larger than {limit >> 20} MiB")
+    return json.loads(path.read_text(encoding="utf-8"))
 
 
 def file_stamp(path: Path) -> tuple[Any, ...] | None:

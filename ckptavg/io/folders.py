@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import CkptavgWarning, OutputError
-from .files import PUBLISHED, fsync_path, umask
+from .files import PUBLISHED, fsync_path, read_small_json, umask
 
 __all__ = ["FILES_KEY", "INDEX_NAME", "SINGLE_NAME", "earlier_output", "foreign_entry", "owned", "check_replaceable",
            "recover_leftovers", "exchange", "publish_folder"]
@@ -67,6 +67,7 @@ _MEGATRON_MARKER = "latest_checkpointed_iteration.txt"
 _ITER_RE = re.compile(r"^iter_\d{7,}$")
 _MEGATRON_OWN_RE = re.compile(r"^(\.metadata|ckptavg\.json|__\d+_\d+\.distcp|metadata\.json|common\.pt)$")
 _MAX_HEADER = 100 * 1024 * 1024
+_MAX_PROVENANCE = 64 << 20  # ckptavg.json: the merge's provenance (its inputs listed)
 
 
 def _header_metadata(path: Path) -> dict[str, Any] | None:
@@ -110,7 +111,7 @@ def earlier_output(folder: Path) -> frozenset[str] | None:
         if (folder / _MEGATRON_MARKER).is_file():
             return _megatron_root_output(folder)
         if (folder / ".metadata").is_file() and (folder / PROVENANCE_NAME).is_file():
-            prov = json.loads((folder / PROVENANCE_NAME).read_text(encoding="utf-8"))
+            prov = read_small_json(folder / PROVENANCE_NAME, _MAX_PROVENANCE)
             if isinstance(prov, dict) and "ckptavg_version" in prov:
                 return frozenset(q.name for q in folder.iterdir() if _DCP_OWN_RE.match(q.name))
         meta = _hf_metadata(folder)
@@ -133,7 +134,7 @@ def _megatron_root_output(folder: Path) -> frozenset[str] | None:
     subs = [q for q in folder.iterdir() if q.name != _MEGATRON_MARKER]
     if len(subs) != 1 or not _ITER_RE.match(subs[0].name):
         return None
-    prov = json.loads((subs[0] / PROVENANCE_NAME).read_text(encoding="utf-8"))
+    prov = read_small_json(subs[0] / PROVENANCE_NAME, _MAX_PROVENANCE)
     if not (isinstance(prov, dict) and "ckptavg_version" in prov):
         return None
     return frozenset({_MEGATRON_MARKER, subs[0].name})

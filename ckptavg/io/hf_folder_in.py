@@ -14,13 +14,13 @@ keeps the diffusers file names: :mod:`ckptavg.io.hf_folder_out`).
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from pathlib import Path
 
 from ..errors import CheckpointReadError, OptionError
 from .accelerate_in import several_models_note
 from .checkpoint import Checkpoint, CheckpointMeta, TensorRef
+from .files import read_small_json
 from .metadata import apply_name_metadata, trainer_state
 
 __all__ = ["is_model_folder", "is_diffusers_folder", "open_model_folder", "folder_format", "weights_stem",
@@ -65,9 +65,7 @@ def weights_stem(fmt: str) -> str:
 
 def _read_index(index_file: Path) -> dict[str, str]:
     try:
-        if index_file.stat().st_size > _MAX_INDEX:
-            raise ValueError("larger than 64 MiB")
-        index = json.loads(index_file.read_text(encoding="utf-8"))
+        index = read_small_json(index_file, _MAX_INDEX)
         wmap = index.get("weight_map") if isinstance(index, dict) else None
         if not isinstance(wmap, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in wmap.items()):
             raise ValueError("weight_map is not a name->file object")

@@ -22,12 +22,12 @@ Example::
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Any
 
 from ..errors import CheckpointReadError
+from .files import read_small_json
 
 __all__ = ["MARKER", "CONFIG_NAME", "COMMON_NAME", "CONFIG", "ITER_RE", "iter_name", "is_megatron_folder",
            "is_megatron_root", "checkpoints_of_root", "load_common", "iteration_of", "small_torch_dict"]
@@ -58,9 +58,9 @@ def is_megatron_folder(folder: Path) -> bool:
     """Whether a DCP folder is a Megatron ``torch_dist`` checkpoint (its ``metadata.json`` says so)."""
     marker = folder / CONFIG_NAME
     try:
-        if not marker.is_file() or marker.stat().st_size > _MAX_CONFIG:
+        if not marker.is_file():
             return False
-        cfg = json.loads(marker.read_text(encoding="utf-8"))
+        cfg = read_small_json(marker, _MAX_CONFIG)
     except (OSError, ValueError, UnicodeDecodeError, RecursionError):
         return False
     return isinstance(cfg, dict) and cfg.get("sharded_backend") == "torch_dist"

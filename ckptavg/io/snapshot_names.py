@@ -14,7 +14,6 @@
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,6 +21,7 @@ from pathlib import Path
 from ..errors import CheckpointReadError, OptionError
 from ..weights import gamma_to_sigma_rel
 from .checkpoint import Checkpoint
+from .files import read_small_json
 
 __all__ = ["EDM2_NAME", "INDEXED_NAME", "SIDECAR", "edm2_name", "edm2_nimg", "apply_edm2_name",
            "parse_sigma_rels", "apply_indexed_profiles"]
@@ -96,9 +96,7 @@ def _sidecar(folder: Path) -> tuple[str, list[float]] | None:
     if not f.is_file():
         return None
     try:
-        if f.stat().st_size > 1 << 20:
-            raise ValueError("larger than 1 MiB")
-        data = json.loads(f.read_text(encoding="utf-8"))
+        data = read_small_json(f, 1 << 20)
     except (OSError, ValueError, RecursionError) as e:
         raise CheckpointReadError(f"{f}: not readable JSON ({type(e).__name__})") from None
     if isinstance(data, dict) and "sigma_rels" in data:
