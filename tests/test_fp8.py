@@ -56,6 +56,8 @@ def test_block_scaled_fp8_averages_the_dequantized_weights(tmp_path, run_cli):
     assert set(got) == {"layer.weight", "norm.weight"} and got["layer.weight"].dtype == torch.float32
     torch.testing.assert_close(got["layer.weight"].double(), (refs[0].double() + refs[1].double()) / 2,
                                rtol=1e-7, atol=1e-7)
+    back = ckptavg.average(tmp_path / "avg")  # ckptavg reads its output folder back
+    assert torch.equal(back["layer.weight"], got["layer.weight"])
     cfg = json.loads((tmp_path / "avg" / "config.json").read_text())
     assert "quantization_config" not in cfg and cfg["torch_dtype"] == "float32"
     # --dtype bfloat16 halves it; the scales never reach the output

@@ -52,6 +52,7 @@ def test_kohya_loras_average_exactly(tmp_path, run_cli):
         assert got[f"{mod}.lora_down.weight"].shape[0] == 16 and float(got[f"{mod}.alpha"]) == 16.0
         torch.testing.assert_close(_update(got, mod), ref, rtol=1e-5, atol=1e-6)
     assert got["lora_unet_conv_in.lora_down.weight"].shape == (16, 8, 3, 3)
+    assert ckptavg.plan([out]).inputs[0].format == "kohya"  # ckptavg reads its output back as a kohya LoRA
     assert got["lora_unet_conv_in.lora_up.weight"].shape == (16, 16, 1, 1)
     # the best rank-4 LoRA of the same updates
     code, stdout, err = run_cli("merge", *sorted(tmp_path.glob("lora-*.safetensors")), "--lora-rank", "4", "-o",

@@ -85,10 +85,14 @@ def test_megatron_output_is_a_root_megatron_loads_with_another_split(megatron_ru
     it = out / "iter_0000300"
     assert json.loads((it / "metadata.json").read_text())["sharded_backend"] == "torch_dist"
     one = _dcp_read(it, _NAMES)
+    back = ckptavg.average(out)  # ckptavg reads the root it wrote (its marker, its iteration folder) back
+    assert ckptavg.plan(out).inputs[0].step == 300
     code, text = torchrun(2, str(HERE / "_megatron_load_worker.py"), str(it), str(tmp_path), cwd=tmp_path)
     assert code == 0, text
     refs = [torch.load(megatron_run / f"ref_{i}.pt") for i in (200, 300)]
     avg = {k: (refs[0][k].double() + refs[1][k].double()) / 2 for k in ("w", "b", "layers")}
+    for name, key in (("decoder.weight", "w"), ("decoder.bias", "b"), ("decoder.layers.weight", "layers")):
+        torch.testing.assert_close(back[name].double(), avg[key], rtol=4e-6, atol=2e-6)
     for rank in (0, 1):
         got = torch.load(tmp_path / f"loaded_{rank}.pt", weights_only=False)
         st, common = got["state"], got["common"]
