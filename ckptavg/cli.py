@@ -396,11 +396,9 @@ def watch_cmd(inputs: tuple[str, ...], output: str, strip_prefix: tuple[str, ...
     from .watcher import watch
 
     updates = [0]
-    errors = [0]
 
     def on_event(ev: dict[str, Any]) -> None:
         updates[0] += ev["event"] == "published"
-        errors[0] += ev["event"] == "error"
         if as_json:
             click.echo(dumps(ev))
             sys.stdout.flush()
@@ -408,14 +406,37 @@ def watch_cmd(inputs: tuple[str, ...], output: str, strip_prefix: tuple[str, ...
         elif not quiet:
             click.echo(f"ckptavg: watch: {describe(ev)}", err=True)
 
+    stop = _signal_stop() if _across_ranks(opts) else None
     try:
-        watch(list(inputs), output, once=once, every_new=every_new, interval=interval, settle=settle, prune=prune,
-              poll=poll, on_event=on_event, strip_prefix=list(strip_prefix) or None, **opts)
+        result = watch(list(inputs), output, once=once, every_new=every_new, interval=interval, settle=settle,
+                       prune=prune, poll=poll, on_event=on_event, stop=stop,
+                       strip_prefix=list(strip_prefix) or None, **opts)
     except (KeyboardInterrupt, _Terminated):
         on_event(event("stopped", reason="signal", updates=updates[0]))  # a requested stop is success
         return
-    if once and errors[0]:
+    if once and result.errors:
         click.get_current_context().exit(1)  # the update failed (its error event says why)
+
+
+def _across_ranks(opts: dict[str, Any]) -> bool:
+    """Whether this command runs across ranks (torchrun), without importing torch otherwise."""
+    if opts.get("distributed") is not None:
+        return bool(opts["distributed"])
+    return all(k in os.environ for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
+
+
+def _signal_stop() -> Any:
+    """A stop flag that SIGINT and SIGTERM set (a watch across ranks: a signal must never raise in
+    the middle of a collective; the ranks stop together at their next meeting)."""
+    import threading
+
+    class _Stop(threading.Event):
+        reason = "signal"
+
+    stop = _Stop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda s, f: stop.set())
+    return stop
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -52,7 +52,8 @@ import re
 import shutil
 import signal
 import tempfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -73,7 +74,7 @@ from .settings import CHUNK_ENV, TIMEOUT_ENV, env_int, env_seconds
 if TYPE_CHECKING:
     from .pipeline import Target
 
-__all__ = ["active", "partition", "merge", "Ranks"]
+__all__ = ["active", "partition", "merge", "session", "Ranks"]
 
 _TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
 
@@ -402,6 +403,11 @@ class Ranks:
             extra["output_notes"] = notes
         return extra
 
+    def stopping(self) -> bool:
+        """Never for a merge (a watcher across ranks asks, see :mod:`ckptavg.watcher.ranks`)."""
+        return False
+
+
 def _plans_differ(prints: list[Any]) -> DistributedError | None:
     """The error every rank raises when the ranks' plans differ (naming the first difference)."""
     files0, digest0 = prints[0]
@@ -434,10 +440,25 @@ def merge(inputs: Any, output: str | os.PathLike[str], opts: MergeOptions) -> An
     """
     from .pipeline import merge_into
 
+    with session(opts.device):
+        return merge_into(inputs, output, opts, Ranks())
+
+
+@contextmanager
+def session(device: str) -> Iterator[None]:
+    """The default process group for one command across ranks: joined here under torchrun
+    (unless one is initialised already), left at the end, cleanly (after a barrier) when the
+    body succeeded; the CLI then exits at once (see :func:`joined`).
+
+    Example::
+
+        with ckptavg.distributed.session("cpu"):
+            report = merge_into(inputs, output, opts, Ranks())
+    """
     _set_failing(False)
-    group = _Group(opts.device)
+    group = _Group(device)
     try:
-        report = merge_into(inputs, output, opts, Ranks())
+        yield
     except BaseException:
         group.leave()
         raise
@@ -445,4 +466,3 @@ def merge(inputs: Any, output: str | os.PathLike[str], opts: MergeOptions) -> An
     if group.created:
         global _JOINED
         _JOINED = True
-    return report

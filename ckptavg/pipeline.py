@@ -89,6 +89,10 @@ class Group(Protocol):
     def report(self, writers: Sequence[Writer]) -> dict[str, Any]:
         """What the report adds about the outputs (shards, ranks...)."""
 
+    def stopping(self) -> bool:
+        """Whether this member was asked to stop (a watcher's stop): the engine then cancels the
+        run, which fails like any error and is abandoned through :meth:`publish`."""
+
 
 class OneProcess:
     """A group of one: the whole plan, each writer writes and publishes its whole output."""
@@ -139,6 +143,10 @@ class OneProcess:
     def report(self, writers: Sequence[Writer]) -> dict[str, Any]:
         """The writer's own details, for a single output."""
         return dict(writers[0].report()) if len(writers) == 1 else {}
+
+    def stopping(self) -> bool:
+        """Never: a plain merge runs to its end (Ctrl-C and SIGTERM interrupt it as exceptions)."""
+        return False
 
 
 def close_inputs(plan: MergePlan | None) -> None:
@@ -303,7 +311,7 @@ def _stream(p: MergePlan, open_writers: Callable[[], list[Writer]], weights: lis
             sub = _restrict(p, mine) if len(mine) != len(p.tensors) else p
             stats = run(sub, writers, weights=weights if len(weights) > 1 else None, device=group.device(opts.device),
                         progress=opts.progress and group.rank == 0, allow_nonfinite=opts.allow_nonfinite,
-                        chunk_elems=chunk)
+                        chunk_elems=chunk, cancel=group.stopping)
         else:
             stats, bn_report = _recalibrated(p, writers[0], mine, opts, group, spec, bn_overrides, n_main, chunk)
         read = stats.bytes_read
@@ -353,7 +361,7 @@ def _recalibrated(p: MergePlan, writer: Writer, mine: Sequence[int], opts: Merge
     entries = p.entries()
     mem = MemoryWriter(entries)
     stats = run(p, mem, device=group.device(opts.device), progress=opts.progress and group.rank == 0,
-                allow_nonfinite=opts.allow_nonfinite, chunk_elems=chunk)
+                allow_nonfinite=opts.allow_nonfinite, chunk_elems=chunk, cancel=group.stopping)
     mem.commit()
     group.agree(None)  # every member has the model before the recalibration's collectives
     # the model's own weights are the first n_main entries (keep-structure appends other weight sets)

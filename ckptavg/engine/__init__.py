@@ -48,7 +48,7 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -107,9 +107,11 @@ def _state(plan: MergePlan, ws: list[Writer], wts: list[Weights], dev: torch.dev
 
 def run(plan: MergePlan, writers: Writer | Sequence[Writer], *, weights: Sequence[Weights] | None = None,
         device: str | torch.device = "cpu", progress: bool = False, allow_nonfinite: bool = False,
-        chunk_elems: int | None = None) -> EngineStats:
+        chunk_elems: int | None = None, cancel: Callable[[], bool] | None = None) -> EngineStats:
     """Average the plan's tensors into ``writers`` (open, not yet committed), one output per
     weight vector of ``weights`` (default: the plan's own), reading every input chunk once.
+    ``cancel``: asked every 0.1 s; True stops the run and raises
+    :class:`~ckptavg.engine.threads.Cancelled` (the writers are left for the caller to abort).
 
     Example::
 
@@ -141,7 +143,8 @@ def run(plan: MergePlan, writers: Writer | Sequence[Writer], *, weights: Sequenc
         bar = tqdm(total=plan.read_bytes, unit="B", unit_scale=True, unit_divisor=1000, desc="averaging",
                    file=sys.stderr, leave=False, dynamic_ncols=True)
     try:
-        _run_threads(state, dispenser, WriterLoop(state, stats, bar.update if bar is not None else None), n_workers)
+        _run_threads(state, dispenser, WriterLoop(state, stats, bar.update if bar is not None else None), n_workers,
+                     cancel)
     finally:
         if bar is not None:
             bar.close()
@@ -153,7 +156,8 @@ def run(plan: MergePlan, writers: Writer | Sequence[Writer], *, weights: Sequenc
     return stats
 
 
-def _run_threads(state: RunState, dispenser: Dispenser, writer: WriterLoop, n_workers: int) -> None:
+def _run_threads(state: RunState, dispenser: Dispenser, writer: WriterLoop, n_workers: int,
+                 cancel: Callable[[], bool] | None = None) -> None:
     """Start the writer and the workers, wait for them and raise the first error in plan order;
     on a failure or an interrupt, stop them all and wait until they have ended."""
     ctl: Control = state.ctl
@@ -186,7 +190,7 @@ def _run_threads(state: RunState, dispenser: Dispenser, writer: WriterLoop, n_wo
         crew.start("ckptavg-write", writer)
         for k in range(n_workers):
             crew.start(f"ckptavg-work-{k}", work, worker_ended)
-        crew.wait()
+        crew.wait(cancel)
         err = ctl.first_error()
         if err is not None:
             raise err

@@ -8,7 +8,7 @@ import math
 import queue
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,11 +17,17 @@ import torch
 from ..io import Writer
 from .schedule import Unit
 
-__all__ = ["Stop", "Control", "Crew", "Pool", "Output", "Job", "Dispenser"]
+__all__ = ["Stop", "Cancelled", "Control", "Crew", "Pool", "Output", "Job", "Dispenser"]
 
 
 class Stop(Exception):
     """Raised inside a helper thread when the merge is being abandoned."""
+
+
+class Cancelled(Exception):
+    """Raised by the run's own thread when its ``cancel`` predicate turned true (a watcher asked
+    to stop): an ordinary failure of the run, so that the merge driver abandons it through the
+    same agreement as any other error (every rank of a merge across ranks learns it)."""
 
 
 class Control:
@@ -84,16 +90,19 @@ class Crew:
         self._threads.append(t)
         t.start()
 
-    def _counted_out(self, deadline: float = math.inf) -> None:
+    def _counted_out(self, deadline: float = math.inf, cancel: Callable[[], bool] | None = None) -> None:
         with self._cv:
             while self._running > 0 and time.monotonic() < deadline:
                 self._cv.wait(0.1)
+                if cancel is not None and cancel():
+                    raise Cancelled("the update was cancelled")
 
-    def wait(self) -> None:
+    def wait(self, cancel: Callable[[], bool] | None = None) -> None:
         """Until every thread has counted itself out (Ctrl-C interrupts this wait safely), then
         join each: a thread still drops references after counting itself out, and freeing a
-        tensor once the interpreter's teardown has begun aborts the process."""
-        self._counted_out()
+        tensor once the interpreter's teardown has begun aborts the process. ``cancel`` is
+        asked every 0.1 s; when it answers True, :class:`Cancelled` is raised."""
+        self._counted_out(cancel=cancel)
         for t in self._threads:
             t.join()
 

@@ -2,7 +2,8 @@
 
 :func:`watch` is the API; :mod:`.complete` judges whether a checkpoint is completely written
 (per format), :mod:`.scan` lists the candidates and waits for changes (inotify or polling),
-:mod:`.loop` runs scan -> update -> publish through the one merge driver. Events are the
+:mod:`.loop` runs scan -> update -> publish through the one merge driver, :mod:`.ranks` the
+same across the ranks of torchrun. Events are the
 JSON objects of :mod:`ckptavg.events`.
 """
 
@@ -40,6 +41,11 @@ def watch(inputs: str | os.PathLike[str] | Sequence[str | os.PathLike[str]], out
     thread) to stop within about a second, abandoning an update in progress. The keyword
     options are those of :func:`ckptavg.merge`.
 
+    Under torchrun (or in an initialised process group; ``distributed=False`` to keep one
+    process) every rank calls it with the same arguments: rank 0 scans, decides and reports,
+    each update is split across the ranks as :func:`ckptavg.merge` splits one, and a stop on
+    any rank stops them all (see :mod:`ckptavg.watcher.ranks`).
+
     Example::
 
         import threading, ckptavg
@@ -51,15 +57,17 @@ def watch(inputs: str | os.PathLike[str] | Sequence[str | os.PathLike[str]], out
         ckptavg.watch("runs/", "ema.pt", once=True, method="ema", decay=0.9)  # cron: one update
     """
     opts = collect(options, option_fields(), "watch")
-    if distributed.active(opts.distributed):
-        raise OptionError("watch runs in one process: start it without torchrun (each update is a merge; "
-                          "run `ckptavg merge` under torchrun for a split merge)")
     items = [os.fspath(inputs)] if isinstance(inputs, (str, os.PathLike)) else [os.fspath(i) for i in inputs]
     if not items:
         raise OptionError("no input checkpoints given")
-    w = Watcher(items, os.fspath(output), opts, on_event=on_event or (lambda e: None), interval=interval,
-                settle=settle, every_new=every_new, prune=prune, poll=poll, stop=stop)
-    return w.run(once=once)
+    kw: dict[str, Any] = dict(on_event=on_event or (lambda e: None), interval=interval, settle=settle,
+                              every_new=every_new, prune=prune, poll=poll, stop=stop)
+    if distributed.active(opts.distributed):  # under torchrun: rank 0 watches, every update is split
+        from .ranks import RankWatcher
+
+        with distributed.session(opts.device):
+            return RankWatcher(items, os.fspath(output), opts, **kw).run(once=once)
+    return Watcher(items, os.fspath(output), opts, **kw).run(once=once)
 
 
 watch.__signature__ = api_signature(watch, option_fields())  # type: ignore[attr-defined]

@@ -46,7 +46,7 @@ from ..plans import MergePlan
 from .complete import LocalSource, Source, judge, stamp
 from .scan import abs_key, candidates, make_waiter, watched_folders
 
-__all__ = ["Watcher", "WatchResult", "StopRequested"]
+__all__ = ["Watcher", "WatchResult", "StopRequested", "changed_since_judged"]
 
 Emit = Callable[[dict[str, Any]], None]
 
@@ -68,6 +68,16 @@ def _key(st: Any) -> str:
     return json.dumps(st, default=str)
 
 
+def changed_since_judged(plan: MergePlan, files: Mapping[str, Any]) -> CheckpointReadError | None:
+    """The error when a file of the plan is not, by its stamp, the one judged complete (``files``:
+    absolute path -> stamp key)."""
+    for i in plan.inputs:
+        for f in i.checkpoint.files:
+            if _key(f.stamp) != files.get(abs_key(f.path)):
+                return CheckpointReadError(f"{f.path}: changed after it was judged complete; left for the next update")
+    return None
+
+
 class _Checked(OneProcess):
     """A group of one that publishes only what was judged complete, and not after a stop."""
 
@@ -77,18 +87,16 @@ class _Checked(OneProcess):
 
     def prepare(self, targets: Any, err: BaseException | None, plan: MergePlan | None) -> None:
         if err is None and plan is not None:
-            for i in plan.inputs:
-                for f in i.checkpoint.files:
-                    if _key(f.stamp) != self.files.get(abs_key(f.path)):
-                        err = CheckpointReadError(f"{f.path}: changed after it was judged complete; "
-                                                  "left for the next update")
-                        break
+            err = changed_since_judged(plan, self.files)
         super().prepare(targets, err, plan)
 
     def publish(self, writers: Any, err: BaseException | None, read: int) -> tuple[int, int]:
-        if err is None and self.stop.is_set():
+        if self.stop.is_set():  # also when the stop cancelled the run: a stop, not an error
             err = StopRequested()
         return super().publish(writers, err, read)
+
+    def stopping(self) -> bool:
+        return self.stop.is_set()
 
 
 class Watcher:
@@ -121,6 +129,7 @@ class Watcher:
         self.published = self._load_state()
         self.failed_set: dict[str, str] | None = None  # the selection whose last update failed
         self.result = WatchResult()
+        self.rank = 0  # the member that scans, decides, reports and keeps the state
 
     # ---- state ------------------------------------------------------------------------------
     def _options_key(self) -> str:
@@ -207,25 +216,30 @@ class Watcher:
         """Average the complete checkpoints into the outputs; True when published."""
         paths = list(complete)
         try:
-            report = merge_into(paths, self.output, self.opts, _Checked(files, self.stop))
+            report = merge_into(paths, self.output, self.opts, self._group(files))
         except CkptavgError as e:
             self.result.errors += 1
             self.failed_set = {os.fspath(p): k for p, k in complete.items()}
             self.emit(event("error", message=str(e), exit_code=e.exit_code, path=None))
-            if isinstance(e, OptionError):
+            if e.exit_code == OptionError.exit_code:  # the options are wrong: every update would fail alike
                 raise
             return False
         self.published = {os.fspath(p): k for p, k in complete.items()}
-        self._save_state(self.published)
+        if self.rank == 0:
+            self._save_state(self.published)
         d = report.to_dict()
         self.emit(event("published", outputs=[os.fspath(o) for o in self.outputs], inputs=d["inputs"],
                         method=d["method"], bytes_written=report.bytes_written, bytes_read=report.bytes_read,
                         seconds=round(report.seconds, 3)))
         self.result.updates += 1
         self.result.last = report
-        if self.prune:
+        if self.prune and self.rank == 0:
             self._prune(report, paths)
         return True
+
+    def _group(self, files: Mapping[str, str]) -> Any:
+        """The merge driver's group for one update (one process here; the ranks in :mod:`.ranks`)."""
+        return _Checked(files, self.stop)
 
     def _prune(self, report: MergeReport, paths: list[Path]) -> None:
         """Delete the complete checkpoints ordered before the first one selected: the selections
@@ -268,32 +282,49 @@ class Watcher:
         last_update = -math.inf
         try:
             while True:
-                complete, files, settling = self.scan()
-                if once and settling:
-                    self.stop.wait(self.settle)
-                    complete, files, settling = self.scan()
-                wait = self.interval
-                if self._due(complete):
-                    gap = self.interval - (time.monotonic() - last_update)
-                    if once or gap <= 0:  # at most one update per interval
-                        self.update(complete, files)
-                        last_update = time.monotonic()
-                    else:
-                        wait = gap
-                elif once:
-                    self.emit(event("unchanged", checkpoints=len(complete)))
+                todo, wait = self.next_update(once, last_update)
+                if todo is not None:
+                    self.update(*todo)
+                    last_update = time.monotonic()
                 if once or self.stop.is_set():
                     break
-                timeout = min(wait, self.settle) if settling else wait
-                waiter.wait(timeout, watched_folders(self.inputs, candidates(self.src, self.inputs)))
+                waiter.wait(wait, self.folders())
                 if self.stop.is_set():
                     break
         except StopRequested:
             pass
         finally:
             waiter.close()
-        self.emit(event("stopped", reason="once" if once else "stop", updates=self.result.updates))
+        self.emit(event("stopped", reason=self.stop_reason(once), updates=self.result.updates))
         return self.result
+
+    def next_update(self, once: bool, last_update: float
+                    ) -> tuple[tuple[dict[Path, str], dict[str, str]] | None, float]:
+        """Scan; the update due now (the complete checkpoints and their files' stamps), if any,
+        and the seconds to wait before the next scan (at most one update per interval)."""
+        complete, files, settling = self.scan()
+        if once and settling:
+            self.stop.wait(self.settle)
+            complete, files, settling = self.scan()
+        wait = self.interval
+        todo = None
+        if self._due(complete):
+            gap = self.interval - (time.monotonic() - last_update)
+            if once or gap <= 0:
+                todo = (complete, files)
+            else:
+                wait = gap
+        elif once:
+            self.emit(event("unchanged", checkpoints=len(complete)))
+        return todo, (min(wait, self.settle) if settling else wait)
+
+    def folders(self) -> list[Path]:
+        """The folders a change notification is asked for."""
+        return watched_folders(self.inputs, candidates(self.src, self.inputs))
+
+    def stop_reason(self, once: bool) -> str:
+        """The ``stopped`` event's reason: ``once``, ``signal`` (the CLI's handler set the stop) or ``stop``."""
+        return "once" if once and not self.stop.is_set() else getattr(self.stop, "reason", "stop")
 
 
 def _state_file(first: Path) -> Path:

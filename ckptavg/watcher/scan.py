@@ -121,9 +121,10 @@ class PollWaiter:
     def __init__(self, stop: threading.Event) -> None:
         self.stop = stop
 
-    def wait(self, timeout: float, folders: Sequence[Path]) -> None:
-        """Sleep ``timeout`` seconds, or until a stop is requested."""
+    def wait(self, timeout: float, folders: Sequence[Path]) -> bool:
+        """Sleep ``timeout`` seconds, or until a stop is requested; False (no change was seen)."""
         self.stop.wait(max(0.0, timeout))
+        return False
 
     def close(self) -> None:
         """Nothing to release."""
@@ -148,8 +149,9 @@ class InotifyWaiter:
             except OSError:
                 self.watched.pop(f, None)
 
-    def wait(self, timeout: float, folders: Sequence[Path]) -> None:
-        """Return when something changed in ``folders``, after ``timeout`` seconds, or on a stop."""
+    def wait(self, timeout: float, folders: Sequence[Path]) -> bool:
+        """Return when something changed in ``folders`` (True), after ``timeout`` seconds or on a
+        stop (False)."""
         import time
 
         self._refresh(folders)
@@ -157,11 +159,12 @@ class InotifyWaiter:
         while not self.stop.is_set():
             left = end - time.monotonic()
             if left <= 0:
-                return
+                return False
             if self.ino.read(timeout=int(min(left, 0.5) * 1000)):
                 self.stop.wait(0.05)  # let a burst of writes arrive; then drain what came meanwhile
                 self.ino.read(timeout=0)
-                return
+                return True
+        return False
 
     def close(self) -> None:
         """Release the inotify descriptor."""
