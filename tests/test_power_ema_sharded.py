@@ -94,3 +94,86 @@ def test_a_dcp_snapshot_with_a_bad_profile_is_an_error_naming_it(tmp_path: Path,
     with pytest.raises(CheckpointReadError, match=r"snap-00000010.*sigma_rel"):
         ckptavg.merge([folder], tmp_path / "out.safetensors")
     assert not (tmp_path / "out.safetensors").exists()
+
+
+# ---------------------------------------------------------------- Lightning's sharded strategies
+
+LIGHTNING_WORKER = Path(__file__).with_name("_lightning_mp_worker.py")
+
+
+def _single(folder: Path, out: Path) -> dict[str, torch.Tensor]:
+    ckptavg.merge([folder], out, progress=False)  # one DCP snapshot as a whole-model file
+    return load_file(out)
+
+
+def test_lightning_model_parallel_callback_keeps_shards_and_resumes_exactly(tmp_path: Path) -> None:
+    pytest.importorskip("lightning")
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--rdzv-backend", "c10d",
+           "--rdzv-endpoint", f"127.0.0.1:{_free_port()}", "--max-restarts", "0", str(LIGHTNING_WORKER),
+           str(tmp_path)]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=240)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 0, out[-3000:]
+    a, b, whole = tmp_path / "a", tmp_path / "b", tmp_path / "whole"
+    # every rank wrote its part of each snapshot (a DCP folder), nothing gathered
+    for s in ("0.050", "0.100"):
+        for t in (4, 8):
+            snap = a / f"ema-{s}-{t:08d}"
+            assert sorted(p.name for p in snap.iterdir()) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
+            got = _single(snap, tmp_path / "got.safetensors")
+            want = load_file(whole / f"ema-{s}-{t:08d}.safetensors")
+            assert got.keys() == want.keys()
+            for k in want:
+                torch.testing.assert_close(got[k], want[k], rtol=1e-6, atol=1e-7)
+        # resumed from the step-4 Lightning checkpoint: the EMAs continue exactly
+        resumed = _single(b / f"ema-{s}-00000008", tmp_path / "resumed.safetensors")
+        straight = _single(a / f"ema-{s}-00000008", tmp_path / "straight.safetensors")
+        assert all(torch.equal(resumed[k], straight[k]) for k in straight)
+    # the reconstruction from the sharded snapshots equals the one from the whole-model reference
+    ckptavg.merge([a], tmp_path / "ra.safetensors", method="power-ema", sigma_rel=0.07)
+    ckptavg.merge([whole], tmp_path / "rw.safetensors", method="power-ema", sigma_rel=0.07)
+    ra, rw = load_file(tmp_path / "ra.safetensors"), load_file(tmp_path / "rw.safetensors")
+    for k in rw:
+        torch.testing.assert_close(ra[k], rw[k], rtol=1e-6, atol=1e-7)
+
+
+def test_lightning_callback_refuses_flat_parameter_strategies_and_a_missing_sharded_state(tmp_path: Path) -> None:
+    pytest.importorskip("lightning")
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
+
+    from ckptavg.errors import OptionError
+    from ckptavg.lightning_callback import PowerEMACallback
+
+    model = torch.nn.Linear(3, 2)
+    for strategy in (FSDPStrategy, DeepSpeedStrategy):
+        fake = SimpleNamespace(strategy=object.__new__(strategy), is_global_zero=True, default_root_dir=tmp_path)
+        with pytest.raises(OptionError, match=f"{strategy.__name__}.*ModelParallelStrategy"):
+            PowerEMACallback().on_fit_start(fake, model)
+    cb = PowerEMACallback(dirpath=tmp_path)
+    cb.on_fit_start(SimpleNamespace(strategy=None, is_global_zero=True, default_root_dir=tmp_path), model)
+    state = {"step": 4, "gammas": list(cb.ema.gammas), "sharded_state": str(tmp_path / "gone"), "last_saved_step": 4}
+    with pytest.raises(OptionError, match="is sharded; this run's model is not"):
+        cb.load_state_dict(state)
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:  # a sharded model (DTensor parameters on a mesh of one) whose checkpoint names a state that is gone
+        fully_shard(model)
+        for fmt, match in (("safetensors", "would gather them"), (None, "gone: the sharded EMA state .* missing")):
+            cb = PowerEMACallback(dirpath=tmp_path, format=fmt)
+            cb.load_state_dict(state)
+            with pytest.raises(OptionError, match=match):
+                cb.on_fit_start(SimpleNamespace(strategy=None, is_global_zero=True, default_root_dir=tmp_path), model)
+    finally:
+        dist.destroy_process_group()
