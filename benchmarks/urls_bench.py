@@ -16,6 +16,12 @@ Usage::
     python benchmarks/urls_bench.py download-merge
     python benchmarks/urls_bench.py read-seq
 
+A store whose connections are bandwidth-limited, as real object stores are (the loopback of one
+machine is not): ``throttle`` is a TCP proxy limiting each connection to ``--mb-per-s``; point
+``AWS_ENDPOINT_URL`` at it instead of the server::
+
+    python benchmarks/urls_bench.py throttle --listen 4570 --target 127.0.0.1:4569 --mb-per-s 8 &
+
 ``read-seq`` and ``download-merge`` print their own timings (seconds spent reading / downloading) on
 stdout; ckptavg's ``--json`` report has its own ``seconds``.
 """
@@ -94,6 +100,51 @@ def read_seq() -> None:
     print(f"read {total / 2**20:.0f} MiB in {dt:.3f} s ({total / 2**20 / dt:.0f} MiB/s)")
 
 
+def throttle(listen: int, target: str, mb_per_s: float, burst_kib: int) -> None:
+    """A TCP proxy on 127.0.0.1:``listen`` in front of ``target`` (HOST:PORT) that limits every
+    connection's download to ``mb_per_s`` (a token bucket of ``burst_kib``): the per-connection
+    throughput limit of a real object store (S3 serves about 50-100 MB/s per connection; its
+    guidance is parallel range requests), on a machine whose loopback has no such limit."""
+    import asyncio
+
+    host, port = target.rsplit(":", 1)
+    rate = mb_per_s * 1e6
+    burst = burst_kib * 1024
+
+    async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, limited: bool) -> None:
+        tokens, last = float(burst), time.monotonic()
+        try:
+            while data := await reader.read(64 << 10):
+                writer.write(data)
+                await writer.drain()
+                if limited:
+                    now = time.monotonic()
+                    tokens = min(float(burst), tokens + (now - last) * rate) - len(data)
+                    last = now
+                    if tokens < 0:
+                        await asyncio.sleep(-tokens / rate)
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+
+    async def handle(cr: asyncio.StreamReader, cw: asyncio.StreamWriter) -> None:
+        try:
+            sr, sw = await asyncio.open_connection(host, int(port))
+        except OSError:
+            cw.close()
+            return
+        await asyncio.gather(pipe(cr, sw, False), pipe(sr, cw, True))
+
+    async def run() -> None:
+        server = await asyncio.start_server(handle, "127.0.0.1", listen)
+        print(f"export AWS_ENDPOINT_URL=http://127.0.0.1:{listen}  # {mb_per_s:g} MB/s per connection", flush=True)
+        async with server:
+            await server.serve_forever()
+
+    asyncio.run(run())
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -103,9 +154,16 @@ def main() -> None:
     d = sub.add_parser("download-merge")
     d.add_argument("-o", default="/tmp/bench-download-merge.safetensors")
     sub.add_parser("read-seq")
+    t = sub.add_parser("throttle", help="a per-connection bandwidth limit in front of the server")
+    t.add_argument("--listen", type=int, required=True)
+    t.add_argument("--target", required=True, help="HOST:PORT of the S3 server")
+    t.add_argument("--mb-per-s", type=float, default=8.0)
+    t.add_argument("--burst-kib", type=int, default=256)
     a = ap.parse_args()
     if a.cmd == "serve":
         serve(a.n, a.mib)
+    elif a.cmd == "throttle":
+        throttle(a.listen, a.target, a.mb_per_s, a.burst_kib)
     elif a.cmd == "download-merge":
         download_merge(a.o)
     else:

@@ -10,6 +10,7 @@ import resource
 import signal
 import struct
 import subprocess
+import sys
 import time
 import zipfile
 
@@ -224,6 +225,20 @@ def _tmp_files(folder):
     return [p for p in folder.iterdir() if p.name.endswith(".ckptavg-tmp")]
 
 
+# The command line with every chunk of the merge held up 5 ms: however fast the machine and however
+# late the test gets to send its signal (a loaded 2-core runner once let the whole merge finish first),
+# the merge is still running when the signal lands.
+_SLOW_CLI = """
+import sys, time
+from ckptavg.engine.worker import Worker
+process = Worker.process
+Worker.process = lambda self, job: (time.sleep(0.005), process(self, job))[1]
+from ckptavg.cli import main
+sys.argv = ["ckptavg"] + sys.argv[1:]
+main()
+"""
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 @pytest.mark.parametrize("existing", [False, True])
@@ -234,8 +249,8 @@ def test_interrupted_merge_leaves_nothing(tmp_path, sig, code, existing):
     dest = out_dir / "avg.pt"
     if existing:
         dest.write_bytes(b"previous result")
-    env = dict(os.environ, CKPTAVG_CHUNK_ELEMS="20000")  # many small chunks: a slow merge to interrupt
-    proc = subprocess.Popen(console_script() + ["merge", *map(str, files), "-o", str(dest)], env=env,
+    env = dict(os.environ, CKPTAVG_CHUNK_ELEMS="20000")  # many small chunks, each held up: a slow merge
+    proc = subprocess.Popen([sys.executable, "-c", _SLOW_CLI, "merge", *map(str, files), "-o", str(dest)], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and proc.poll() is None:
