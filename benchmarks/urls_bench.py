@@ -128,13 +128,22 @@ def throttle(listen: int, target: str, mb_per_s: float, burst_kib: int) -> None:
         finally:
             writer.close()
 
+    live = [0, 0]  # connections open now, the most at once (printed when it grows)
+
     async def handle(cr: asyncio.StreamReader, cw: asyncio.StreamWriter) -> None:
         try:
             sr, sw = await asyncio.open_connection(host, int(port))
         except OSError:
             cw.close()
             return
-        await asyncio.gather(pipe(cr, sw, False), pipe(sr, cw, True))
+        live[0] += 1
+        if live[0] > live[1]:
+            live[1] = live[0]
+            print(f"throttle: {live[1]} connections at once", file=sys.stderr, flush=True)
+        try:
+            await asyncio.gather(pipe(cr, sw, False), pipe(sr, cw, True))
+        finally:
+            live[0] -= 1
 
     async def run() -> None:
         server = await asyncio.start_server(handle, "127.0.0.1", listen)

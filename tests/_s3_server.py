@@ -73,6 +73,8 @@ class FaultyProxy:
         self.fail_every, self.delay, self.die_after = fail_every, delay, die_after
         self.count = 0
         self.failed = 0
+        self.active = 0  # requests being served now
+        self.peak = 0  # the most served at once
         self.dead = False
         self.lock = threading.Lock()
         proxy = self
@@ -84,6 +86,16 @@ class FaultyProxy:
                 pass
 
             def _any(self) -> None:
+                with proxy.lock:
+                    proxy.active += 1
+                    proxy.peak = max(proxy.peak, proxy.active)
+                try:
+                    self._serve()
+                finally:
+                    with proxy.lock:
+                        proxy.active -= 1
+
+            def _serve(self) -> None:
                 with proxy.lock:
                     proxy.count += 1
                     n = proxy.count

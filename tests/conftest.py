@@ -82,6 +82,15 @@ def run_script():
     return _run
 
 
+def sigint_default() -> None:
+    """For a child process a test sends SIGINT to: Ctrl-C's default effect, even when pytest itself
+    was started in the background by a non-interactive shell (which ignores SIGINT there, and an
+    ignored signal stays ignored in every child: Python then installs no KeyboardInterrupt handler)."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def fp64_mean(tensors, weights=None):
     ts = [t.double() for t in tensors]
     if weights is None:

@@ -18,7 +18,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from .conftest import console_script, make_state_dicts
+from .conftest import console_script, make_state_dicts, sigint_default
 
 
 def _good_run(folder, n=3, fmt="pt"):
@@ -225,9 +225,8 @@ def _tmp_files(folder):
     return [p for p in folder.iterdir() if p.name.endswith(".ckptavg-tmp")]
 
 
-# The command line with every chunk of the merge held up 5 ms: however fast the machine and however
-# late the test gets to send its signal (a loaded 2-core runner once let the whole merge finish first),
-# the merge is still running when the signal lands.
+# The command line with every chunk of the merge held up 5 ms: however fast the machine, the merge is
+# still running when the signal lands.
 _SLOW_CLI = """
 import sys, time
 from ckptavg.engine.worker import Worker
@@ -251,7 +250,7 @@ def test_interrupted_merge_leaves_nothing(tmp_path, sig, code, existing):
         dest.write_bytes(b"previous result")
     env = dict(os.environ, CKPTAVG_CHUNK_ELEMS="20000")  # many small chunks, each held up: a slow merge
     proc = subprocess.Popen([sys.executable, "-c", _SLOW_CLI, "merge", *map(str, files), "-o", str(dest)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=sigint_default)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and proc.poll() is None:
         tmps = _tmp_files(out_dir)

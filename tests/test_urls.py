@@ -161,6 +161,28 @@ def test_flaky_and_slow_server_still_gives_the_right_output(server, data, run_cl
         assert torch.equal(got[k], ref[k]), k
 
 
+def test_range_requests_in_flight_are_not_capped_by_the_connection_pool(server, run_cli, tmp_path, monkeypatch):
+    # botocore's pool holds 10 connections by default: without a larger one, 16 requests in flight queue
+    g = torch.Generator().manual_seed(7)
+    (tmp_path / "in").mkdir()
+    for i in range(3):  # 8 MiB each: 16 ranges of 512 KiB (the smallest range), each held up 0.1 s
+        save_file({"w": torch.randn(2 << 20, generator=g)}, tmp_path / "in" / f"step-{i}.safetensors")
+    server.fs().put(str(tmp_path / "in") + "/", f"{BUCKET}/pool/", recursive=True)
+    proxy = FaultyProxy(server.endpoint, delay=0.1)
+    monkeypatch.setenv("CKPTAVG_RANGE_BYTES", str(512 << 10))
+    try:
+        code, _o, err = run_cli("merge", f"s3://{BUCKET}/pool/", "-o", tmp_path / "avg.safetensors", "-q",
+                                "--storage-options", _options(server, proxy.endpoint))
+        assert code == 0, err
+        assert 10 < proxy.peak <= 16 + 2, proxy.peak  # the configured 16, never more than the pool
+    finally:
+        proxy.stop()
+        configure()
+    ckptavg.merge([tmp_path / "in"], tmp_path / "ref.safetensors")
+    got, ref = _tensors(tmp_path / "avg.safetensors"), _tensors(tmp_path / "ref.safetensors")
+    assert all(torch.equal(got[k], ref[k]) for k in ref)
+
+
 def test_server_dying_mid_merge_is_one_line_and_publishes_nothing(server, data, tmp_path):
     dest = f"s3://{BUCKET}/died/avg.safetensors"
     cmd = [sys.executable, "-m", "ckptavg", "merge", f"s3://{BUCKET}/in/st/", "-o", dest, "-q"]

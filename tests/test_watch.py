@@ -21,7 +21,7 @@ import ckptavg
 from ckptavg.events import SCHEMAS, schema_of, validate
 from ckptavg.watcher.complete import LocalSource, judge
 
-from .conftest import make_state_dicts
+from .conftest import make_state_dicts, sigint_default
 from .test_bn_cli import bn_setup  # noqa: F401  (fixture)
 
 SDS = make_state_dicts(8, seed=3)
@@ -303,7 +303,7 @@ def test_cli_watch_json_lines_and_signal_exit_0(tmp_path, sig):
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     proc = subprocess.Popen([sys.executable, "-m", "ckptavg", "watch", str(runs), "-o", str(out), "--json",
                              "--interval", "0.2", "--settle", "0.1"], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env)
+                            stderr=subprocess.PIPE, text=True, env=env, preexec_fn=sigint_default)
     try:
         import json
 

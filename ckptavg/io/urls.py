@@ -130,6 +130,19 @@ def as_path(text: str | os.PathLike[str]) -> Path:
     return cast(Path, RemotePath(s))
 
 
+def _options_for(protocol: str) -> dict[str, Any]:
+    """The configured options, and for S3 a connection pool as large as the requests in flight:
+    botocore's default pool holds 10 connections, so 16 concurrent range requests would otherwise
+    queue for a connection (a store's throughput is per connection). An explicit
+    ``config_kwargs.max_pool_connections`` is kept."""
+    opts = dict(CONFIG.options)
+    if protocol in ("s3", "s3a"):
+        config = dict(opts.get("config_kwargs") or {})
+        config.setdefault("max_pool_connections", max(10, CONFIG.max_requests + 2))  # + listing, head, upload
+        opts["config_kwargs"] = config
+    return opts
+
+
 def filesystem(protocol: str) -> Any:
     """The fsspec file system of a protocol, made once per process with the configured options."""
     with _FS_LOCK:
@@ -142,7 +155,7 @@ def filesystem(protocol: str) -> Any:
             raise OptionError(f"{protocol}:// URLs need fsspec: pip install 'ckptavg[s3]' (or fsspec and the "
                               "protocol's package)") from None
         try:
-            fs = fsspec.filesystem(protocol, **CONFIG.options)
+            fs = fsspec.filesystem(protocol, **_options_for(protocol))
         except (ImportError, ValueError) as e:
             hint = {"s3": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "az": "adlfs", "abfs": "adlfs"}.get(protocol)
             extra = f" (pip install {hint})" if hint else ""
