@@ -1,8 +1,8 @@
 """Reading checkpoints behind URLs by byte range, several ranges in flight at once.
 
 A :class:`RemoteInputFile` is an :class:`~ckptavg.io.files.InputFile` whose positioned reads are
-range requests: a read is split into ranges of at most ``range_bytes`` (8 MiB by default), fetched
-by a pool of ``max_requests`` threads shared by every file of the process (16 by default), each
+range requests: a read is split into ranges of at most ``range_bytes`` (4 MiB by default), fetched
+by a pool of ``max_requests`` threads shared by every file of the process (32 by default), each
 range copied straight into the caller's buffer. Memory is therefore bounded by the ranges in flight
 (``max_requests x range_bytes``), whatever the number and size of the checkpoints; nothing ever
 downloads a whole file.
@@ -118,7 +118,7 @@ class RemoteInputFile(InputFile):
     requests the rest itself (in parallel ranges); a range is dropped once a read has gone past it.
     """
 
-    __slots__ = ("_ahead", "_used", "_paid", "_lock", "__weakref__")
+    __slots__ = ("_ahead", "_used", "_paid", "_lock", "_window", "__weakref__")
 
     def __init__(self, path: Path, size: int) -> None:
         self.path = path
@@ -129,6 +129,7 @@ class RemoteInputFile(InputFile):
         self._used: dict[tuple[int, int], int] = {}  # bytes of each range the reads have taken
         self._paid: set[tuple[int, int]] = set()  # ranges counted in the read-ahead budget
         self._lock = threading.Lock()
+        self._window = MIN_RANGE  # the extension of the next read nothing was fetched ahead for
         _LIVE.add(self)
 
     def changed(self) -> bool:
@@ -173,18 +174,23 @@ class RemoteInputFile(InputFile):
         futures: list[Future[bytes]] = []
         try:
             if len(pieces) == 1 and not ahead:
-                # a read nothing was fetched ahead for: one range request, extended to a whole range
-                # since the next reads of this file follow on. The rest is kept outside the budget:
-                # one such range per file, and the range shrinks as files grow many (_piece)
+                # a read nothing was fetched ahead for (a header, a pickle read as a stream): one range
+                # request, extended since the next reads of this file follow on, by a window that
+                # starts at MIN_RANGE and doubles with each such read up to a whole range (a header
+                # costs one small request; a long sequential read soon gets whole ranges). The whole
+                # range fetched is kept, outside the budget (one such range per file), so that a
+                # re-read of its first bytes is not fetched again
                 a, b = pieces[0]
-                more = min(a + step, self.size) - b
-                data = fetch_range(self.path, a, b + max(more, 0))
+                hi = min(max(b, a + self._window), self.size)
+                self._window = min(2 * self._window, step)
+                data = fetch_range(self.path, a, hi)
                 self._copy(bufs, offset, a, b, data[: b - a])
-                if more > 0:
+                if hi > b:
                     done: Future[bytes] = Future()
-                    done.set_result(data[b - a:])
+                    done.set_result(data)
                     with self._lock:
-                        self._ahead[(b, b + more)] = done
+                        self._ahead[(a, hi)] = done
+                        self._used[(a, hi)] = b - a
             else:
                 futures = [_pool().submit(fetch_range, self.path, a, b) for a, b in pieces]
                 for (a, b), f in zip(pieces, futures):

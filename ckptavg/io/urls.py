@@ -48,8 +48,8 @@ class StorageConfig:
     largest single range request) and ``retries`` (attempts after the first, for transient errors)."""
 
     options: dict[str, Any] = field(default_factory=dict)
-    max_requests: int = 16
-    range_bytes: int = 8 << 20
+    max_requests: int = 32
+    range_bytes: int = 4 << 20
     retries: int = 5
 
 
@@ -66,7 +66,7 @@ def configure(storage_options: str | dict[str, Any] | None = None, *, max_reques
 
     Example::
 
-        configure('{"anon": true}', max_requests=32)  # then merge("s3://bucket/run/", ...)
+        configure('{"anon": true}', max_requests=64)  # then merge("s3://bucket/run/", ...)
     """
     raw = storage_options if storage_options is not None else os.environ.get(STORAGE_OPTIONS_ENV) or None
     if isinstance(raw, str):
@@ -79,8 +79,8 @@ def configure(storage_options: str | dict[str, Any] | None = None, *, max_reques
     if not isinstance(opts, dict):
         raise OptionError("--storage-options must be a JSON object, e.g. '{\"anon\": true}'")
     CONFIG.options = opts
-    CONFIG.max_requests = max_requests or env_int(MAX_REQUESTS_ENV) or 16
-    CONFIG.range_bytes = range_bytes or env_int(RANGE_BYTES_ENV, minimum=4096) or 8 << 20
+    CONFIG.max_requests = max_requests or env_int(MAX_REQUESTS_ENV) or 32
+    CONFIG.range_bytes = range_bytes or env_int(RANGE_BYTES_ENV, minimum=4096) or 4 << 20
     CONFIG.retries = retries if retries is not None else (env_int(RETRIES_ENV, minimum=0) if
                                                           os.environ.get(RETRIES_ENV) else 5) or 0
     with _FS_LOCK:
