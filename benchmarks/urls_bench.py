@@ -1,10 +1,11 @@
 """Checkpoints in object storage: ckptavg reading over the URL vs downloading first vs a plain read.
 
-Starts a local S3-compatible server (moto's, on 127.0.0.1), uploads N float32 safetensors inputs of
-M MiB each, and prints the commands to time (with any timer that runs whole commands several times,
-e.g. ``/usr/bin/time -v`` in a loop, or hyperfine):
+``serve`` starts a local S3-compatible server (moto's, on 127.0.0.1) and uploads N float32
+safetensors inputs of M MiB each (the figures in benchmarks/README.md use s3rver holding the same
+objects: moto reads a whole object for every range request); then time, with any timer that runs
+whole commands several times (``/usr/bin/time -v`` in a loop, hyperfine):
 
-  (a) ckptavg over the URL:      ckptavg merge s3://bench/in/ -o OUT.safetensors -q
+  (a) ckptavg over the URL:      ckptavg merge 's3://bench/in/*.safetensors' -o OUT.safetensors -q
   (b) download, then merge:      python benchmarks/urls_bench.py download-merge   (s3fs's own ``get``)
   (c) a plain sequential read:   python benchmarks/urls_bench.py read-seq          (fsspec, 8 MiB reads)
 
@@ -12,7 +13,7 @@ Usage::
 
     python benchmarks/urls_bench.py serve --n 8 --mib 64 &      # prints the environment to export
     export AWS_ENDPOINT_URL=... AWS_ACCESS_KEY_ID=testing AWS_SECRET_ACCESS_KEY=testing
-    ckptavg merge s3://bench/in/ -o /tmp/a.safetensors -q
+    ckptavg merge 's3://bench/in/*.safetensors' -o /tmp/a.safetensors -q
     python benchmarks/urls_bench.py download-merge
     python benchmarks/urls_bench.py read-seq
 
