@@ -175,7 +175,8 @@ def test_range_requests_in_flight_are_not_capped_by_the_connection_pool(server, 
         code, _o, err = run_cli("merge", f"s3://{BUCKET}/pool/", "-o", tmp_path / "avg.safetensors", "-q",
                                 "--storage-options", _options(server, proxy.endpoint))
         assert code == 0, err
-        assert 10 < proxy.peak <= 16, proxy.peak  # the configured 16 at once, no more
+        # the configured 16 at once, plus at most a read each of the engine's own threads (not fetched ahead)
+        assert 10 < proxy.peak <= 16 + 4, proxy.peak
     finally:
         proxy.stop()
         configure()
