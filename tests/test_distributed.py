@@ -57,9 +57,10 @@ def _torchrun_cmd(nproc: int, port: int, *args: str, nodes: tuple[int, int] | No
     return cmd + [str(a) for a in args]
 
 
-def _start(cmd: list[str], cwd: Path) -> subprocess.Popen:
+def _start(cmd: list[str], cwd: Path, extra_env: dict[str, str] | None = None) -> subprocess.Popen:
     # a session of its own, so that the finally clause can end torchrun and its workers together
-    return subprocess.Popen(cmd, cwd=cwd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    return subprocess.Popen(cmd, cwd=cwd, env={**_env(), **(extra_env or {})}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
 
 
@@ -109,7 +110,7 @@ def read_folder(folder: Path) -> dict[str, tuple[str, tuple, bytes]]:
         with safe_open(f, "pt") as fh:
             for k in fh.keys():
                 t = fh.get_tensor(k)
-                out[k] = (str(t.dtype), tuple(t.shape), t.contiguous().view(torch.uint8).numpy().tobytes())
+                out[k] = (str(t.dtype), tuple(t.shape), t.reshape(-1).view(torch.uint8).numpy().tobytes())
     return out
 
 
@@ -404,16 +405,9 @@ def test_killed_rank_nobody_publishes(tmp_path):
         p = tmp_path / f"big{i}.safetensors"
         save_file({f"w{k}": torch.randn(1 << 20, generator=g) for k in range(8)}, p)  # 32 MiB each
         inputs.append(p)
-    env_chunk = os.environ.get("CKPTAVG_CHUNK_ELEMS")
-    os.environ["CKPTAVG_CHUNK_ELEMS"] = "8192"  # many small steps: rank 1 is surely still at work when killed
-    try:
-        proc = _start(_torchrun_cmd(2, _free_port(), "-m", "ckptavg", "merge", *map(str, inputs), "-o",
-                                    str(tmp_path / "out/")), tmp_path)
-    finally:
-        if env_chunk is None:
-            os.environ.pop("CKPTAVG_CHUNK_ELEMS")
-        else:
-            os.environ["CKPTAVG_CHUNK_ELEMS"] = env_chunk
+    # many small steps: rank 1 is surely still at work when killed
+    proc = _start(_torchrun_cmd(2, _free_port(), "-m", "ckptavg", "merge", *map(str, inputs), "-o",
+                                str(tmp_path / "out/")), tmp_path, {"CKPTAVG_CHUNK_ELEMS": "8192"})
     try:
         victim = None
         deadline = time.monotonic() + TIMEOUT

@@ -31,20 +31,25 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_sharded_power_ema_equals_whole_model_snapshots(tmp_path: Path) -> None:
+def _run_on_two_ranks(worker: Path, out: Path) -> None:
+    """``torchrun --nproc-per-node 2 WORKER OUT`` (gloo on CPU), which must succeed."""
     env = {**os.environ, "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--rdzv-backend", "c10d",
-           "--rdzv-endpoint", f"127.0.0.1:{_free_port()}", "--max-restarts", "0", str(WORKER), str(tmp_path)]
+           "--rdzv-endpoint", f"127.0.0.1:{_free_port()}", "--max-restarts", "0", str(worker), str(out)]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
     try:
-        out, _ = proc.communicate(timeout=240)
+        text, _ = proc.communicate(timeout=240)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-    assert proc.returncode == 0, out[-3000:]
+    assert proc.returncode == 0, text[-3000:]
+
+
+def test_sharded_power_ema_equals_whole_model_snapshots(tmp_path: Path) -> None:
+    _run_on_two_ranks(WORKER, tmp_path)
     # each rank kept only its shard: the EMA is a DTensor whose local part has the parameter's local shape
     facts = json.loads((tmp_path / "facts.json").read_text())
     for name, (kind, ema_local, param_local) in facts.items():
@@ -108,20 +113,7 @@ def _single(folder: Path, out: Path) -> dict[str, torch.Tensor]:
 
 def test_lightning_model_parallel_callback_keeps_shards_and_resumes_exactly(tmp_path: Path) -> None:
     pytest.importorskip("lightning")
-    env = {**os.environ, "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--rdzv-backend", "c10d",
-           "--rdzv-endpoint", f"127.0.0.1:{_free_port()}", "--max-restarts", "0", str(LIGHTNING_WORKER),
-           str(tmp_path)]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-    try:
-        out, _ = proc.communicate(timeout=240)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    assert proc.returncode == 0, out[-3000:]
+    _run_on_two_ranks(LIGHTNING_WORKER, tmp_path)
     a, b, whole = tmp_path / "a", tmp_path / "b", tmp_path / "whole"
     # every rank wrote its part of each snapshot (a DCP folder), nothing gathered
     for s in ("0.050", "0.100"):

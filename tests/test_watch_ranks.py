@@ -27,7 +27,7 @@ from ckptavg.errors import OptionError
 from ckptavg.events import schema_of, validate
 
 from .conftest import make_state_dicts
-from .test_distributed import _children, _finish, _free_port, _signal, _start, _torchrun_cmd
+from .test_distributed import _children, _finish, _free_port, _signal, _start, _torchrun_cmd, read_folder
 
 SDS = make_state_dicts(4, seed=5)
 
@@ -39,19 +39,6 @@ def group_of_one():
         yield
     finally:
         dist.destroy_process_group()
-
-
-def read_folder(folder: Path) -> dict[str, tuple[str, tuple, bytes]]:
-    """Every tensor of a safetensors folder: name -> (dtype, shape, raw bytes)."""
-    from safetensors import safe_open
-
-    out = {}
-    for f in sorted(folder.glob("*.safetensors")):
-        with safe_open(f, "pt") as fh:
-            for k in fh.keys():
-                t = fh.get_tensor(k)
-                out[k] = (str(t.dtype), tuple(t.shape), t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return out
 
 
 def _same_as_merge(out: Path, inputs: list[Path], tmp: Path) -> None:
@@ -232,16 +219,8 @@ def test_torchrun_watch_interrupted_mid_update_publishes_nothing(tmp_path):
         save_file({f"w{k}": torch.randn(1 << 16, generator=g) for k in range(4)}, runs / f"step-{i}.safetensors")
     script = _worker_script(tmp_path)
     script.write_text(_SLOW + script.read_text())
-    env_chunk = os.environ.get("CKPTAVG_CHUNK_ELEMS")
-    os.environ["CKPTAVG_CHUNK_ELEMS"] = "1024"  # 256 chunks of 20 ms on each rank
-    try:
-        proc = _start(_torchrun_cmd(2, _free_port(), script, "watch", runs, "-o", f"{out}/", "--json",
-                                    "--settle", "0"), tmp_path)
-    finally:
-        if env_chunk is None:
-            os.environ.pop("CKPTAVG_CHUNK_ELEMS")
-        else:
-            os.environ["CKPTAVG_CHUNK_ELEMS"] = env_chunk
+    proc = _start(_torchrun_cmd(2, _free_port(), script, "watch", runs, "-o", f"{out}/", "--json", "--settle", "0"),
+                  tmp_path, {"CKPTAVG_CHUNK_ELEMS": "1024"})  # 256 chunks of 20 ms on each rank
     try:
         deadline = time.monotonic() + 60
         while not _temporaries(tmp_path) and time.monotonic() < deadline and proc.poll() is None:
