@@ -241,3 +241,19 @@ def test_torchrun_watch_interrupted_mid_update_publishes_nothing(tmp_path):
     assert [e["event"] for e in events if e["event"] in ("published", "error")] == [], events
     assert events[-1]["event"] == "stopped", events
     assert not out.exists() and _temporaries(tmp_path) == []
+
+
+def test_watch_in_a_group_polls_urls(tmp_path, group_of_one):
+    fsspec = pytest.importorskip("fsspec")
+    mem = fsspec.filesystem("memory")
+    for i in (1, 2):
+        mem.pipe(f"/watchranks/run/step-{i}.safetensors", save(SDS[i]))
+    events: list[dict] = []
+    res = ckptavg.watch("memory://watchranks/run/", f"{tmp_path / 'out'}/", once=True, settle=0,
+                        on_event=events.append)
+    assert res.updates == 1 and events[0]["mode"] == "poll", events
+    local = tmp_path / "local"
+    local.mkdir()
+    for i in (1, 2):
+        save_file(SDS[i], local / f"step-{i}.safetensors")
+    _same_as_merge(tmp_path / "out", sorted(local.iterdir()), tmp_path)
