@@ -25,6 +25,7 @@ from typing import Any
 from .discover import discover
 from .errors import CkptavgError
 from .io import Checkpoint, open_checkpoint
+from .io.snapshot_names import apply_indexed_profiles
 from .order import order_checkpoints
 from .units import fmt_epoch, human_bytes
 
@@ -317,6 +318,8 @@ def inspect(
                 opened.append(open_checkpoint(p, key=key, strip_prefix=strip_prefix, trust_pickle=trust_pickle))
             except CkptavgError as e:
                 failed.append(CheckpointInfo(path=p, error=str(e)))
+        # ema-pytorch snapshots (<index>.<step>.pt): their step, and their profile from the folder's sidecar
+        notes = [*notes, *apply_indexed_profiles(opened, None, "uniform", key)]
         ordered, rule = order_checkpoints(opened, order)
         infos = [_describe(c) for c in ordered]
     finally:

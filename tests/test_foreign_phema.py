@@ -139,6 +139,15 @@ def test_ema_pytorch_folder_with_the_sidecar(tmp_path, run_cli):
     assert not (tmp_path / "o.pt").exists()
 
 
+def test_inspect_shows_ema_pytorch_steps_and_profiles(tmp_path):
+    files, t_in, std_in = _ema_pytorch_folder(tmp_path / "snaps")
+    (tmp_path / "snaps" / "ckptavg-snapshots.json").write_text(json.dumps({"sigma_rels": list(SIGMAS)}))
+    report = ckptavg.inspect(tmp_path / "snaps")
+    got = {c.path: (c.step, c.sigma_rel) for c in report.checkpoints}
+    assert got == {f: (t, s) for f, t, s in zip(files, t_in, std_in)}
+    assert report.consistent and set(report.checkpoints[0].names) == set(SHAPES)  # KarrasEMA's counters left out
+
+
 def test_ema_pytorch_folder_without_profiles_is_one_line_error(tmp_path, run_cli):
     _ema_pytorch_folder(tmp_path / "snaps")
     out = tmp_path / "ema.pt"
@@ -217,6 +226,17 @@ def test_edm2_named_snapshots_take_profile_and_time_from_the_name(tmp_path, run_
     code, _, err = run_cli("merge", tmp_path / "snaps", "--method", "power-ema", "--sigma-rel", "0.15", "-o", out)
     assert code == 0, err
     _close(torch.load(out), _weighted(files, coeffs, torch.load))
+
+
+def test_watch_picks_up_edm2_snapshots(tmp_path):
+    files, _t, _s = _edm2_folder(tmp_path / "snaps")
+    events: list[dict] = []
+    res = ckptavg.watch(tmp_path / "snaps", tmp_path / "live.pt", once=True, settle=0, on_event=events.append,
+                        method="power-ema", sigma_rel=0.15)
+    assert res.updates == 1 and sum(e["event"] == "seen" for e in events) == len(files), events
+    ckptavg.merge(tmp_path / "snaps", tmp_path / "ref.pt", method="power-ema", sigma_rel=0.15)
+    got, ref = torch.load(tmp_path / "live.pt"), torch.load(tmp_path / "ref.pt")
+    assert got.keys() == ref.keys() and all(torch.equal(got[k], ref[k]) for k in ref)
 
 
 def test_edm2_network_pickles_need_trust_pickle(tmp_path, run_cli):

@@ -141,7 +141,7 @@ def apply_indexed_profiles(opened: Sequence[Checkpoint], given: str | Sequence[f
                 f"{c.path.parent / SIDECAR}")
         _set_profile(c, int(m.group(1)), int(m.group(2)), *profiles)
         stripped = (key is None and _strip_karras(c)) or stripped
-    return [f"ema-pytorch snapshots: writing the EMA model's own weights ('{_PREFIX}' removed from the names; "
+    return [f"ema-pytorch snapshots: the EMA model's own weights ('{_PREFIX}' removed from the names; "
             f"KarrasEMA's {' and '.join(_KEEP)} counters left out)"] if stripped else []
 
 

@@ -23,6 +23,7 @@ from typing import Any
 
 from ..discover import has_checkpoint_suffix, natural_key, skipped_in_folders
 from ..io.files import TMP_SUFFIX
+from ..io.snapshot_names import EDM2_NAME
 from ..io.urls import as_path, is_remote, is_url
 from .complete import Source, component_folders, looks_like_checkpoint_folder
 
@@ -44,7 +45,7 @@ def _children(src: Source, folder: Path) -> list[tuple[Path, bool]]:
         if is_dir:
             if _FOLDER_NAME_RE.match(name) or looks_like_checkpoint_folder(src, p):
                 out.append((p, True))
-        elif has_checkpoint_suffix(name) and not skipped_in_folders(name):
+        elif (has_checkpoint_suffix(name) or EDM2_NAME.match(name)) and not skipped_in_folders(name):
             out.append((p, False))
     # a diffusers training output: its checkpoint-N/ folders holding unet/... are its checkpoints,
     # never the final pipeline's unet/ beside them (as merge discovers it)
