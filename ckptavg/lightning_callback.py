@@ -110,6 +110,9 @@ class PowerEMACallback(Callback):
         if self.sharded and self.format not in (None, "dcp"):
             raise OptionError(f"PowerEMACallback: the model is sharded (DTensor parameters): snapshots are DCP "
                               f"folders each rank writes its part of; format={self.format!r} would gather them")
+        if not self.sharded and self.format == "dcp":  # rank 0 alone would enter DCP's collectives under DDP
+            raise OptionError("PowerEMACallback: format='dcp' is for sharded models (DTensor parameters); whole "
+                              "models are kept on rank 0 and saved as 'safetensors' or 'torch'")
         if not self.sharded and not trainer.is_global_zero:
             return
         self._state_folder = self._folder(trainer) / ".ckptavg-ema-state"

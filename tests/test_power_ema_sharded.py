@@ -151,6 +151,9 @@ def test_lightning_callback_refuses_flat_parameter_strategies_and_a_missing_shar
         fake = SimpleNamespace(strategy=object.__new__(strategy), is_global_zero=True, default_root_dir=tmp_path)
         with pytest.raises(OptionError, match=f"{strategy.__name__}.*ModelParallelStrategy"):
             PowerEMACallback().on_fit_start(fake, model)
+    with pytest.raises(OptionError, match="format='dcp' is for sharded models"):
+        PowerEMACallback(format="dcp").on_fit_start(SimpleNamespace(strategy=None, is_global_zero=True,
+                                                                    default_root_dir=tmp_path), model)
     cb = PowerEMACallback(dirpath=tmp_path)
     cb.on_fit_start(SimpleNamespace(strategy=None, is_global_zero=True, default_root_dir=tmp_path), model)
     state = {"step": 4, "gammas": list(cb.ema.gammas), "sharded_state": str(tmp_path / "gone"), "last_saved_step": 4}
