@@ -288,7 +288,7 @@ class Watcher:
                     last_update = time.monotonic()
                 if once or self.stop.is_set():
                     break
-                waiter.wait(wait, self.folders())
+                waiter.wait(wait, self.folders() if waiter.mode == "inotify" else [])  # polling lists nothing more
                 if self.stop.is_set():
                     break
         except StopRequested:

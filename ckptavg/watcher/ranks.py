@@ -152,7 +152,7 @@ class RankWatcher(Watcher):
                 woke = False
                 if waiter is not None and not self.stop.is_set():
                     left = max(0.0, min(TICK, next_scan - time.monotonic()))
-                    woke = waiter.wait(left, self.folders() if left > 0 else [])
+                    woke = waiter.wait(left, self.folders() if left > 0 and waiter.mode == "inotify" else [])
         except StopRequested:
             pass
         finally:
