@@ -106,7 +106,8 @@ def test_a_stop_during_an_update_abandons_it_within_a_second(tmp_path, monkeypat
     stopped_at: list[float] = []
 
     def stop_once_averaging() -> None:
-        while not _temporaries(tmp_path):  # the update's temporary output exists: it is averaging
+        deadline = time.monotonic() + 60  # (a watch that never starts averaging is stopped too, and fails below)
+        while not _temporaries(tmp_path) and time.monotonic() < deadline:  # its temporary output: averaging
             time.sleep(0.01)
         time.sleep(0.2)
         stopped_at.append(time.monotonic())
