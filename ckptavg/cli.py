@@ -406,7 +406,9 @@ def watch_cmd(inputs: tuple[str, ...], output: str, strip_prefix: tuple[str, ...
         elif not quiet:
             click.echo(f"ckptavg: watch: {describe(ev)}", err=True)
 
-    stop = _signal_stop() if _across_ranks(opts) else None
+    from . import distributed
+
+    stop = _signal_stop() if distributed.active(opts.get("distributed")) else None
     try:
         result = watch(list(inputs), output, once=once, every_new=every_new, interval=interval, settle=settle,
                        prune=prune, poll=poll, on_event=on_event, stop=stop,
@@ -416,13 +418,6 @@ def watch_cmd(inputs: tuple[str, ...], output: str, strip_prefix: tuple[str, ...
         return
     if once and result.errors:
         click.get_current_context().exit(1)  # the update failed (its error event says why)
-
-
-def _across_ranks(opts: dict[str, Any]) -> bool:
-    """Whether this command runs across ranks (torchrun), without importing torch otherwise."""
-    if opts.get("distributed") is not None:
-        return bool(opts["distributed"])
-    return all(k in os.environ for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
 
 
 def _signal_stop() -> Any:

@@ -179,8 +179,10 @@ class PowerEMACallback(Callback):
 
         flat = _flat(self.ema)
         dcp.load(flat, checkpoint_id=os.fspath(folder))
-        n = len(self.ema.gammas)
-        profiles = [{name: flat[f"{p}/{name}"] for name in self.ema.state_dict(p)} for p in range(n)]
+        profiles: list[dict[str, Any]] = [{} for _ in self.ema.gammas]
+        for key, t in flat.items():
+            p, name = key.split("/", 1)
+            profiles[int(p)][name] = t
         self.ema.load_training_state({"step": state["step"], "gammas": state["gammas"], "profiles": profiles})
 
 
