@@ -79,8 +79,8 @@ def configure(storage_options: str | dict[str, Any] | None = None, *, max_reques
     if not isinstance(opts, dict):
         raise OptionError("--storage-options must be a JSON object, e.g. '{\"anon\": true}'")
     CONFIG.options = opts
-    CONFIG.max_requests = max_requests or env_int(MAX_REQUESTS_ENV) or 32
-    CONFIG.range_bytes = range_bytes or env_int(RANGE_BYTES_ENV, minimum=4096) or 4 << 20
+    CONFIG.max_requests = max_requests or env_int(MAX_REQUESTS_ENV) or StorageConfig.max_requests
+    CONFIG.range_bytes = range_bytes or env_int(RANGE_BYTES_ENV, minimum=4096) or StorageConfig.range_bytes
     CONFIG.retries = retries if retries is not None else (env_int(RETRIES_ENV, minimum=0) if
                                                           os.environ.get(RETRIES_ENV) else 5) or 0
     with _FS_LOCK:
@@ -132,8 +132,8 @@ def as_path(text: str | os.PathLike[str]) -> Path:
 
 def _options_for(protocol: str) -> dict[str, Any]:
     """The configured options, and for S3 a connection pool as large as the requests in flight:
-    botocore's default pool holds 10 connections, so 16 concurrent range requests would otherwise
-    queue for a connection (a store's throughput is per connection). An explicit
+    botocore's default pool holds 10 connections, so the range requests in flight beyond 10 would
+    otherwise queue for a connection (a store's throughput is per connection). An explicit
     ``config_kwargs.max_pool_connections`` is kept."""
     opts = dict(CONFIG.options)
     if protocol in ("s3", "s3a"):
