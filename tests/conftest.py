@@ -82,6 +82,13 @@ def run_script():
     return _run
 
 
+def slow_chunks(seconds: float) -> str:
+    """Python source that holds every chunk of a merge up ``seconds`` (run before ckptavg's CLI in
+    a child process): a merge that is surely still running when a test signals or stops it."""
+    return ("import time\nfrom ckptavg.engine.worker import Worker\n_process = Worker.process\n"
+            f"Worker.process = lambda self, job: (time.sleep({seconds}), _process(self, job))[1]\n")
+
+
 def sigint_default() -> None:
     """For a child process a test sends SIGINT to: Ctrl-C's default effect, even when pytest itself
     was started in the background by a non-interactive shell (which ignores SIGINT there, and an

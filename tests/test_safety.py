@@ -18,7 +18,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from .conftest import console_script, make_state_dicts, sigint_default
+from .conftest import console_script, make_state_dicts, sigint_default, slow_chunks
 
 
 def _good_run(folder, n=3, fmt="pt"):
@@ -227,11 +227,8 @@ def _tmp_files(folder):
 
 # The command line with every chunk of the merge held up 5 ms: however fast the machine, the merge is
 # still running when the signal lands.
-_SLOW_CLI = """
-import sys, time
-from ckptavg.engine.worker import Worker
-process = Worker.process
-Worker.process = lambda self, job: (time.sleep(0.005), process(self, job))[1]
+_SLOW_CLI = slow_chunks(0.005) + """
+import sys
 from ckptavg.cli import main
 sys.argv = ["ckptavg"] + sys.argv[1:]
 main()

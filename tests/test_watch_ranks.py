@@ -26,7 +26,7 @@ from ckptavg.engine.worker import Worker
 from ckptavg.errors import OptionError
 from ckptavg.events import schema_of, validate
 
-from .conftest import make_state_dicts
+from .conftest import make_state_dicts, slow_chunks
 from .test_distributed import _children, _finish, _free_port, _signal, _start, _torchrun_cmd, read_folder
 
 SDS = make_state_dicts(4, seed=5)
@@ -201,16 +201,6 @@ def test_torchrun_watch_follows_a_writer_and_stops_when_one_rank_is_signalled(tm
     assert _temporaries(tmp_path) == []
 
 
-_SLOW = """
-import time
-from ckptavg.engine.worker import Worker
-slow = Worker.process
-def process(self, job):
-    time.sleep(0.02)
-    slow(self, job)
-Worker.process = process
-"""
-
 
 def test_torchrun_watch_interrupted_mid_update_publishes_nothing(tmp_path):
     runs, out = tmp_path / "runs", tmp_path / "out"
@@ -219,7 +209,7 @@ def test_torchrun_watch_interrupted_mid_update_publishes_nothing(tmp_path):
     for i in (1, 2):
         save_file({f"w{k}": torch.randn(1 << 16, generator=g) for k in range(4)}, runs / f"step-{i}.safetensors")
     script = _worker_script(tmp_path)
-    script.write_text(_SLOW + script.read_text())
+    script.write_text(slow_chunks(0.02) + script.read_text())
     proc = _start(_torchrun_cmd(2, _free_port(), script, "watch", runs, "-o", f"{out}/", "--json", "--settle", "0"),
                   tmp_path, {"CKPTAVG_CHUNK_ELEMS": "1024"})  # 256 chunks of 20 ms on each rank
     try:
