@@ -240,8 +240,11 @@ def test_each_byte_is_fetched_once_and_planning_costs_one_small_request_per_file
     mem = fsspec.filesystem("memory")
     g = torch.Generator().manual_seed(4)
     sizes = {}
+    sds = []
     for i in range(3):  # 6 MiB each: several ranges per file
-        data = save({"a": torch.randn(1 << 20, generator=g), "b": torch.randn(1 << 19, generator=g)})
+        sd = {"a": torch.randn(1 << 20, generator=g), "b": torch.randn(1 << 19, generator=g)}
+        sds.append(sd)
+        data = save(sd)
         mem.pipe(f"/once/run/step-{i}.safetensors", data)
         sizes[f"memory:///once/run/step-{i}.safetensors"] = len(data)
     fetched: list[tuple[str, int, int]] = []
@@ -262,6 +265,9 @@ def test_each_byte_is_fetched_once_and_planning_costs_one_small_request_per_file
         ckptavg.merge("memory://once/run/", tmp_path / "avg.safetensors")
     finally:
         configure()
+    got = load((tmp_path / "avg.safetensors").read_bytes())  # and what was read is right
+    for k in sds[0]:
+        torch.testing.assert_close(got[k].double(), sum(sd[k].double() for sd in sds) / 3, rtol=4e-6, atol=2e-6)
     for f, size in sizes.items():  # a merge (its planning included): every byte of every file once
         spans = sorted((a, b) for g_, a, b in fetched if g_ == f)
         assert spans[0][0] == 0 and spans[-1][1] == size
